@@ -1,0 +1,32 @@
+# Two commands on a fresh machine with only Python: `make demo` and `make test`.
+# Both create .venv and install through constraints.txt on first use (idempotent).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export DS_BUILD_OPS := 0
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python launch/train.py configs/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python tools/benchmark.py all
+
+clean:
+	rm -rf $(VENV) runs .cache

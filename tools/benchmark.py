@@ -1,0 +1,41 @@
+#!/usr/bin/env python
+"""Run a benchmark and write its table into docs/benchmarks.md.
+
+    python tools/benchmark.py attention            # one benchmark
+    python tools/benchmark.py all                  # every benchmark, CPU-sized defaults
+    python tools/benchmark.py attention --help     # its options
+"""
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from anchorformer.benchmarks import BENCHMARKS, load  # noqa: E402
+from anchorformer.benchmarks.report import write_section  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"),
+                        help="markdown file whose section for the benchmark is rewritten")
+    parser.add_argument("--no-write", action="store_true", help="print the table, leave --doc alone")
+    sub = parser.add_subparsers(dest="name", required=True)
+    sub.add_parser("all", help="every benchmark with its defaults")
+    for name in BENCHMARKS:
+        load(name).add_arguments(sub.add_parser(name, help=load(name).__doc__.splitlines()[0]))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    names = list(BENCHMARKS) if args.name == "all" else [args.name]
+    for name in names:
+        module = load(name)
+        bench_args = args if args.name == name else sub.choices[name].parse_args([])
+        section = module.run(bench_args)
+        print(section)
+        if not args.no_write:
+            write_section(args.doc, getattr(bench_args, "section", name), section)
+
+
+if __name__ == "__main__":
+    main()
