@@ -1,0 +1,16 @@
+"""Typed configuration: ``load(recipe, overrides)`` returns a validated, read-only RootConfig."""
+from anchorformer.config.load import (
+    check_world_size, describe, field_help, from_dict, load, to_dict, to_yaml,
+)
+from anchorformer.config.schema import (
+    AugmentConfig, CheckpointConfig, ConfigError, DataConfig, DeepSpeedConfig, EmaConfig,
+    LoggingConfig, LossConfig, MixupSection, ModelConfig, OptimConfig, RootConfig, ScheduleConfig,
+    SlurmConfig, TrainConfig,
+)
+
+__all__ = [
+    "load", "from_dict", "to_dict", "to_yaml", "check_world_size", "describe", "field_help",
+    "ConfigError", "RootConfig", "ModelConfig", "DataConfig", "AugmentConfig", "MixupSection",
+    "OptimConfig", "ScheduleConfig", "LossConfig", "TrainConfig", "EmaConfig", "DeepSpeedConfig",
+    "CheckpointConfig", "LoggingConfig", "SlurmConfig",
+]
