@@ -1,0 +1,139 @@
+"""Choose how anchor attention mixes its tokens: fused Triton kernels, torch.compile of the
+PyTorch path, or the PyTorch path itself (``anchorformer.models.anchor_attention.anchor_mix``).
+
+``auto`` (the default) picks Triton for CUDA tensors when triton imports and the shapes are
+supported, else the PyTorch path. Force a backend with :func:`set_backend` or the environment
+variable ``ANCHORFORMER_ANCHOR_MIX`` (``auto``, ``triton``, ``compile``, ``torch``); the function
+wins over the variable.
+
+Why these defaults (fwd+bwd of the mixing op, B=64, h=3, dh=64, m=30):
+- CPU: eager beats torch.compile, whose first call costs seconds per new shape and which is
+  not faster in steady state (numbers in docs/benchmarks.md, section ``anchor-mix-backends``).
+- CUDA: the fused kernels read each token tile twice per direction and never write the (n, m)
+  assignment; eager writes and rereads it in about ten kernels, and torch.compile still needs
+  separate reductions over tokens (numbers on an H100 in the same section).
+"""
+import functools
+import importlib.util
+import logging
+import os
+from typing import Callable, Optional
+
+import torch
+
+from anchorformer.models.anchor_attention import anchor_mix
+
+__all__ = ["BACKENDS", "ENV_VAR", "set_backend", "requested_backend", "select_backend", "anchor_mix_fast"]
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "triton", "compile", "torch")
+ENV_VAR = "ANCHORFORMER_ANCHOR_MIX"
+_forced_backend: Optional[str] = None
+
+
+def _check_backend(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown anchor-mix backend {name!r} from {source}; choose from {list(BACKENDS)}")
+    return name
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Force the backend of :func:`anchor_mix_fast` for this process; None returns to the
+    environment variable (or ``auto``).
+
+    Args:
+        name: one of ``BACKENDS`` or None.
+    """
+    global _forced_backend
+    _forced_backend = None if name is None else _check_backend(name, "set_backend()")
+
+
+def requested_backend() -> str:
+    """The backend asked for: :func:`set_backend`'s, else ``$ANCHORFORMER_ANCHOR_MIX``, else ``auto``."""
+    if _forced_backend is not None:
+        return _forced_backend
+    return _check_backend(os.environ.get(ENV_VAR, "auto"), f"${ENV_VAR}")
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _triton_unsupported_reason(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor) -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if not (qk.is_cuda or _triton_interpreted()):
+        return f"tensors are on {qk.device}, the kernels need CUDA (or TRITON_INTERPRET=1)"
+    from anchorformer.kernels import anchor_mix_triton
+
+    return anchor_mix_triton.unsupported_reason(qk, anchors.to(qk.dtype), v)
+
+
+def select_backend(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor) -> str:
+    """The backend that :func:`anchor_mix_fast` uses for these inputs: ``triton``, ``compile`` or ``torch``.
+
+    Args:
+        qk: (B, h, n, dh) tokens; anchors: (m, dh); v: (B, h, n, dh).
+
+    Returns:
+        The backend name. ``auto`` falls back to ``torch`` where the kernels cannot run; a
+        forced ``triton`` raises ValueError naming the reason there instead.
+    """
+    requested = requested_backend()
+    if requested in ("torch", "compile"):
+        return requested
+    reason = _triton_unsupported_reason(qk, anchors, v)
+    if reason is None:
+        return "triton"
+    if requested == "triton":
+        raise ValueError(f"anchor-mix backend 'triton' cannot run: {reason}; set {ENV_VAR}=auto to fall back to PyTorch")
+    logger.debug("anchor mix runs the PyTorch path: %s", reason)
+    return "torch"
+
+
+class _FusedAnchorMix(torch.autograd.Function):
+    """Autograd wrapper of the Triton forward and backward (anchors already in the dtype of qk)."""
+
+    @staticmethod
+    def forward(ctx, qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        from anchorformer.kernels import anchor_mix_triton
+
+        out, state = anchor_mix_triton.forward(qk, anchors, v, scale)
+        ctx.save_for_backward(qk, anchors, v, state.context, state.inv_degree)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        from anchorformer.kernels import anchor_mix_triton
+
+        qk, anchors, v, context, inv_degree = ctx.saved_tensors
+        state = anchor_mix_triton.ForwardState(context, inv_degree)
+        d_qk, d_anchors, d_v = anchor_mix_triton.backward(grad_out, qk, anchors, v, ctx.scale, state)
+        return d_qk, d_anchors, d_v, None
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_anchor_mix() -> Callable[..., torch.Tensor]:
+    return torch.compile(anchor_mix)
+
+
+def anchor_mix_fast(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """``anchor_mix`` through the backend :func:`select_backend` picks; same maths, same signature.
+
+    Args:
+        qk: (B, h, n, dh) tokens serving as queries and keys.
+        anchors: (m, dh) anchor weight, shared by the heads.
+        v: (B, h, n, dh) values.
+        scale: logit scale, dh ** -0.5 in the paper.
+
+    Returns:
+        (B, h, n, dh) tensor in the dtype of ``v``.
+    """
+    backend = select_backend(qk, anchors, v)
+    if backend == "triton":
+        return _FusedAnchorMix.apply(qk, anchors.to(qk.dtype), v, scale)
+    if backend == "compile":
+        return _compiled_anchor_mix()(qk, anchors, v, scale)
+    return anchor_mix(qk, anchors, v, scale)

@@ -1,0 +1,146 @@
+"""The fused anchor-mix kernels against the PyTorch path, and the dispatcher's choices.
+
+Without a GPU the kernels run through Triton's interpreter (TRITON_INTERPRET=1, set below before
+the kernels are imported); with one they are compiled and run on CUDA. The interpreter's
+``tl.dot`` mishandles bfloat16 operands, so bfloat16 is checked on CUDA only; float16 exercises
+the same low-precision roundings on CPU.
+"""
+import importlib
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+    # a kernel module imported earlier without the interpreter would hold compiled-only kernels
+    if "anchorformer.kernels.anchor_mix_triton" in sys.modules:
+        importlib.reload(sys.modules["anchorformer.kernels.anchor_mix_triton"])
+
+import pytest  # noqa: E402
+
+from anchorformer.kernels import dispatch  # noqa: E402
+from anchorformer.kernels.dispatch import anchor_mix_fast, select_backend, set_backend  # noqa: E402
+from anchorformer.models.anchor_attention import anchor_mix  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+LOW_PRECISION = [torch.float16, torch.bfloat16] if DEVICE.type == "cuda" else [torch.float16]
+# (batch, heads, tokens, head dim, anchors): several token blocks split across programs with a
+# ragged last block; fewer tokens than one block with non-power-of-two dh and m; exact blocks.
+SHAPES = [(2, 3, 150, 32, 30), (1, 2, 5, 24, 7), (1, 1, 128, 64, 16)]
+# max |kernel - float64 reference| / max |reference|, per input dtype: fp32 products are exact
+# ("ieee") up to summation order; 16-bit inputs round A, C and D to 8 (bf16) or 11 (fp16) bits.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(autouse=True)
+def _reset_backend():
+    set_backend(None)
+    yield
+    set_backend(None)
+
+
+def _inputs(shape, dtype, seed=0):
+    """Strided qk and v as the layer makes them (views of one projection), anchors, and a gradient."""
+    batch, heads, tokens, head_dim, n_anchors = shape
+    generator = torch.Generator().manual_seed(seed)
+    qk_v = torch.randn(batch, tokens, 2, heads, head_dim, generator=generator, dtype=torch.float64)
+    anchors = torch.randn(n_anchors, head_dim, generator=generator, dtype=torch.float64)
+    grad = torch.randn(batch, heads, tokens, head_dim, generator=generator, dtype=torch.float64)
+    qk, v = qk_v.to(DEVICE, dtype).permute(2, 0, 3, 1, 4)
+    return qk, anchors.to(DEVICE, dtype), v, grad.to(DEVICE, dtype)
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
+
+
+def _mix_with_grads(fn, qk, anchors, v, grad):
+    leaves = [t.detach().clone().requires_grad_() for t in (qk, anchors, v)]
+    out = fn(*leaves, leaves[0].shape[-1] ** -0.5)
+    out.backward(grad)
+    return [out] + [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + LOW_PRECISION)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_triton_forward_and_gradients_match_reference(shape, dtype):
+    set_backend("triton")
+    qk, anchors, v, grad = _inputs(shape, dtype)
+    fused = _mix_with_grads(anchor_mix_fast, qk, anchors, v, grad)
+    reference = _mix_with_grads(anchor_mix, qk.double(), anchors.double(), v.double(), grad.double())
+    for name, actual, expected in zip(["out", "d_qk", "d_anchors", "d_v"], fused, reference):
+        assert actual.dtype == dtype and actual.shape == expected.shape, name
+        error = _relative_error(actual, expected)
+        assert error <= TOLERANCE[dtype], f"{name}: relative error {error:.2e} > {TOLERANCE[dtype]:.0e}"
+
+
+def test_output_is_stored_token_major_so_merging_heads_is_free():
+    set_backend("triton")
+    qk, anchors, v, _ = _inputs(SHAPES[0], torch.float32)
+    out = anchor_mix_fast(qk, anchors, v, 0.5)
+    merged = out.transpose(1, 2)
+    assert merged.is_contiguous()
+    torch.testing.assert_close(out, anchor_mix(qk, anchors, v, 0.5), rtol=1e-5, atol=1e-5)
+
+
+def test_anchor_with_zero_degree_gives_zero_and_finite_gradients():
+    # every token points along +e0, anchor 0 along -e0 far away: its softmax weight underflows
+    # to exactly 0 for every token, so Lambda_0 = 0 and the 1/0 guard must hold in both directions.
+    set_backend("triton")
+    qk, anchors, v, grad = _inputs((1, 2, 70, 16, 5), torch.float32)
+    qk = qk.abs() + 1.0
+    anchors = anchors.clone()
+    anchors[0] = -1e4
+    assert anchor_mix(qk, anchors, v, 0.25).isfinite().all()
+    fused = _mix_with_grads(anchor_mix_fast, qk, anchors, v, grad)
+    reference = _mix_with_grads(anchor_mix, qk.double(), anchors.double(), v.double(), grad.double())
+    for name, actual, expected in zip(["out", "d_qk", "d_anchors", "d_v"], fused, reference):
+        assert actual.isfinite().all(), name
+        torch.testing.assert_close(actual.double(), expected, rtol=1e-4, atol=1e-5, msg=name)
+    assert fused[2][0].abs().max() == 0  # the dead anchor gets no gradient
+
+
+def test_auto_picks_pytorch_path_for_cpu_tensors(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    qk, anchors, v, _ = (t.cpu() for t in _inputs(SHAPES[0], torch.float32))
+    assert select_backend(qk, anchors, v) == "torch"
+    torch.testing.assert_close(anchor_mix_fast(qk, anchors, v, 0.5), anchor_mix(qk, anchors, v, 0.5), rtol=0, atol=0)
+    set_backend("triton")
+    with pytest.raises(ValueError, match="need CUDA"):
+        select_backend(qk, anchors, v)
+
+
+def test_auto_picks_triton_where_supported_and_falls_back_elsewhere():
+    qk, anchors, v, _ = _inputs(SHAPES[0], torch.float32)
+    assert select_backend(qk, anchors, v) == "triton"
+    assert select_backend(qk.double(), anchors.double(), v.double()) == "torch"
+    wide = torch.randn(200, qk.shape[-1], device=DEVICE)
+    assert select_backend(qk, wide, v) == "torch"
+    set_backend("triton")
+    with pytest.raises(ValueError, match="m=200"):
+        select_backend(qk, wide, v)
+
+
+def test_backend_from_environment_and_unknown_names(monkeypatch):
+    qk, anchors, v, _ = _inputs(SHAPES[0], torch.float32)
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    assert select_backend(qk, anchors, v) == "torch"
+    set_backend("triton")  # the function wins over the variable
+    assert select_backend(qk, anchors, v) == "triton"
+    monkeypatch.setenv(dispatch.ENV_VAR, "cuda-graphs")
+    set_backend(None)
+    with pytest.raises(ValueError, match=r"'cuda-graphs'.*ANCHORFORMER_ANCHOR_MIX.*'auto'"):
+        select_backend(qk, anchors, v)
+    with pytest.raises(ValueError, match="choose from"):
+        set_backend("fused")
+
+
+@pytest.mark.slow
+def test_compiled_pytorch_path_matches_eager():
+    set_backend("compile")
+    qk, anchors, v, grad = _inputs((1, 2, 20, 16, 5), torch.float32)
+    compiled = _mix_with_grads(anchor_mix_fast, qk, anchors, v, grad)
+    eager = _mix_with_grads(anchor_mix, qk, anchors, v, grad)
+    for name, actual, expected in zip(["out", "d_qk", "d_anchors", "d_v"], compiled, eager):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5, msg=name)
