@@ -30,9 +30,10 @@ def _safe_reciprocal(x: torch.Tensor) -> torch.Tensor:
 def anchor_mix(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Mix the values through the anchors: ``A @ ((A^T @ v) / Lambda)`` for every batch and head.
 
-    The anchor softmax and the token-sum Lambda run in float32 whatever the input dtype, so the
-    layer is safe under bf16/fp16 autocast; the two token-long products run in the input dtype
-    (tensor cores accumulate in fp32).
+    The anchor softmax and the token-sum Lambda run in (at least) float32 whatever the input dtype,
+    so the layer is safe under bf16/fp16 autocast; the products run in the input dtype (tensor
+    cores accumulate in fp32). The scale is applied to ``qk`` before the product so that the
+    low-precision logits never exceed the softmax's range.
 
     Args:
         qk: (B, h, n, dh) tokens serving as queries and keys.
@@ -43,12 +44,13 @@ def anchor_mix(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor, scale: 
     Returns:
         (B, h, n, dh) tensor in the dtype of ``v``.
     """
-    logits = torch.matmul(qk, anchors.to(qk.dtype).t())  # (B, h, n, m)
-    assign = torch.softmax(logits.float() * scale, dim=-1)  # token -> anchor, fp32
-    inv_degree = _safe_reciprocal(assign.sum(dim=-2))  # (B, h, m), fp32
+    logits = torch.matmul(qk * scale, anchors.to(qk.dtype).t())  # (B, h, n, m)
+    accum_dtype = torch.promote_types(logits.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+    assign = torch.softmax(logits.to(accum_dtype), dim=-1)  # token -> anchor
+    inv_degree = _safe_reciprocal(assign.sum(dim=-2))  # (B, h, m)
     assign_lp = assign.to(v.dtype)
     context = torch.matmul(assign_lp.transpose(-2, -1), v)  # (B, h, m, dh): anchors gather tokens
-    context = (context.float() * inv_degree.unsqueeze(-1)).to(v.dtype)
+    context = (context.to(accum_dtype) * inv_degree.unsqueeze(-1)).to(v.dtype)
     return torch.matmul(assign_lp, context)  # (B, h, n, dh): tokens read the anchors back
 
 

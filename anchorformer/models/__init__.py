@@ -1,0 +1,6 @@
+"""AnchorFormer models; importing this package registers them with timm."""
+from .anchor_attention import AnchorAttention, anchor_mix
+from .anchorformer import AnchorBlock, AnchorFormer, AnchorFormerDistilled, checkpoint_filter_fn, weights_dir
+
+__all__ = ["AnchorAttention", "anchor_mix", "AnchorBlock", "AnchorFormer", "AnchorFormerDistilled",
+           "checkpoint_filter_fn", "weights_dir"]
