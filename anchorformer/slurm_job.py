@@ -1,0 +1,137 @@
+"""The training job that ``launch/submit.py`` hands to submitit (SLURM or its local executor).
+
+Only ``launch/submit.py`` imports this module: it is the scheduler's side of training.
+
+A :class:`TrainingJob` is pickled by submitit and unpickled in every task of the job. Calling it
+runs the same trainer as ``launch/train.py``. When SLURM signals (USR1 ``signal_delay_s`` before
+the time limit, or SIGTERM on preemption) the trainer finishes its step, every rank writes one
+checkpoint, and the job requeues itself through submitit's own machinery: rank 0 dumps
+:meth:`TrainingJob.checkpoint` (a fresh copy that resumes from the run folder) over the job's
+pickle and runs ``scontrol requeue``; the requeued job (same id) resumes where it stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import subprocess
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import submitit
+
+from anchorformer.config import RootConfig
+
+__all__ = ["PREEMPT_SIGNAL", "STOP_SIGNALS", "TrainingJob", "JobSummary"]
+
+logger = logging.getLogger(__name__)
+
+PREEMPT_SIGNAL = "USR1"
+"""Signal SLURM sends ``signal_delay_s`` before the time limit (``#SBATCH --signal=USR1@N``);
+submitit must agree on it (``SUBMITIT_PREEMPT_SIGNAL``), both where it writes the sbatch script
+and inside the job."""
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+"""Signals that make the trainer stop at the next step boundary and checkpoint: USR1 before the
+time limit (or ``scancel --signal=USR1``), TERM on preemption or cancellation."""
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """What a finished job returns to the submitter (``job.result()``)."""
+
+    status: str
+    """Trainer status: 'completed' (or 'stopped' on a task that did not requeue)."""
+    requeues: int
+    """How many times this job was requeued before it finished."""
+    metrics: dict[str, Any]
+    """Final metrics reported by the trainer (e.g. validation top-1)."""
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """A picklable, checkpointable training run (submitit calls it in every task).
+
+    Args:
+        cfg: the resolved, validated configuration (frozen at submission, so a requeued job
+            trains with exactly the options it was submitted with).
+        requeues: how many times this run was requeued already.
+    """
+
+    cfg: RootConfig
+    requeues: int = 0
+
+    def __call__(self) -> JobSummary:
+        """Run training in this task; requeue the job when the trainer stopped on a signal.
+
+        Returns:
+            The trainer's summary when training completed.
+        """
+        from anchorformer.engine import run_training  # heavy import: only inside the job
+
+        if submitit.JobEnvironment.USR_SIG != PREEMPT_SIGNAL:
+            raise RuntimeError(f"submitit listens for SIG{submitit.JobEnvironment.USR_SIG}, not "
+                               f"SIG{PREEMPT_SIGNAL}; export SUBMITIT_PREEMPT_SIGNAL={PREEMPT_SIGNAL} "
+                               "in the job (launch/submit.py does)")
+        job_env = submitit.JobEnvironment()
+        # submitit installed its requeue handler on USR1; keep it to requeue after the
+        # checkpoint, while the trainer takes the signal over so that it only requests a stop.
+        submitit_handler = signal.getsignal(getattr(signal, f"SIG{PREEMPT_SIGNAL}"))
+        if job_env.cluster == "local":
+            _export_local_rendezvous(job_env)
+        logger.info("starting training in %s (requeued %d times before)", job_env, self.requeues)
+        result = run_training(self.cfg, stop_signals=STOP_SIGNALS)
+        if result.status == "stopped":
+            self._requeue(job_env, submitit_handler)
+        return JobSummary(status=result.status, requeues=self.requeues,
+                          metrics=dict(getattr(result, "metrics", {}) or {}))
+
+    def checkpoint(self) -> Optional[submitit.helpers.DelayedSubmission]:
+        """The submission that continues this run after a requeue (submitit calls it).
+
+        Returns:
+            A fresh copy that resumes from the run folder's latest checkpoint, or None (submitit
+            then gives up with an error) once ``slurm.max_requeues`` is reached.
+        """
+        if self.requeues >= self.cfg.slurm.max_requeues:
+            logger.error("not requeuing: the run was requeued %d times (slurm.max_requeues=%d)",
+                         self.requeues, self.cfg.slurm.max_requeues)
+            return None
+        resumed = dataclasses.replace(
+            self.cfg, train=dataclasses.replace(self.cfg.train, resume="auto"))
+        return submitit.helpers.DelayedSubmission(TrainingJob(resumed, self.requeues + 1))
+
+    def _requeue(self, job_env: submitit.JobEnvironment,
+                 submitit_handler: Callable[[int, Any], None] | int | None) -> None:
+        """Requeue through submitit (rank 0) after the checkpoint, then leave without a result.
+
+        Leaving with SystemExit keeps submitit from writing a result file, so the submitter
+        keeps waiting for the requeued job.
+        """
+        if job_env.global_rank != 0:
+            logger.info("stopped after the checkpoint; rank 0 requeues the job")
+            raise SystemExit(0)
+        if not callable(submitit_handler):
+            raise RuntimeError(f"training stopped on a signal but submitit's {PREEMPT_SIGNAL} "
+                               f"handler is not installed ({submitit_handler!r}); run this job "
+                               "through launch/submit.py")
+        try:
+            # Dumps self.checkpoint() over the job pickle, requeues, then exits (SystemExit).
+            submitit_handler(getattr(signal, f"SIG{PREEMPT_SIGNAL}"), None)
+        except subprocess.CalledProcessError as error:
+            # Cancelled jobs cannot be requeued, and SLURM requeues preempted ones itself.
+            logger.warning("could not requeue (%s); the checkpoint is saved and a resubmission "
+                           "with train.resume=auto continues from it", error)
+            raise SystemExit(1) from None
+
+
+def _export_local_rendezvous(job_env: submitit.JobEnvironment) -> None:
+    """Give the local executor's tasks the torchrun variables that ``dist.env.detect`` reads."""
+    from anchorformer.dist.env import slurm_port  # imports torch: only inside the job
+
+    port = slurm_port(int(job_env.job_id))  # the local job id is the controller's pid
+    os.environ.update(RANK=str(job_env.global_rank), WORLD_SIZE=str(job_env.num_tasks),
+                      LOCAL_RANK=str(job_env.local_rank),
+                      LOCAL_WORLD_SIZE=str(job_env.num_tasks // job_env.num_nodes),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

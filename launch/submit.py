@@ -1,0 +1,267 @@
+"""Submit a training run to SLURM through submitit (the only module that knows the scheduler).
+
+    python launch/submit.py [options] CONFIG [section.key=value ...]
+    python launch/submit.py --nodes 8 configs/in21k_base.yaml
+    python launch/submit.py --dry-run --nodes 8 --gpus-per-node 8 configs/in21k_base.yaml
+    python launch/submit.py --local configs/demo.yaml train.device=cpu
+
+Defaults come from the config's ``slurm`` section; the options below override them. One task
+per GPU (``slurm.gpus_per_node`` tasks per node); with ``train.device=cpu`` no GPU is requested
+and ``--gpus-per-node`` only sets the processes per node. The config is validated (including its
+batch split over nodes x tasks) before anything is submitted. The job runs the same trainer as
+``launch/train.py``; on USR1 (``--signal-delay`` seconds before ``--time`` runs out) or SIGTERM
+(preemption) every rank checkpoints, the job requeues itself and resumes from that checkpoint.
+See docs/slurm.md.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+# submitit reads the preemption signal's name when it is imported: agree with the trainer first.
+os.environ["SUBMITIT_PREEMPT_SIGNAL"] = "USR1"
+
+import submitit  # noqa: E402
+from submitit.slurm.slurm import SlurmExecutor  # noqa: E402
+
+from anchorformer.config import ConfigError, RootConfig, check_world_size, from_dict, load, to_dict, to_yaml  # noqa: E402
+from anchorformer.slurm_job import PREEMPT_SIGNAL, TrainingJob  # noqa: E402
+
+logger = logging.getLogger("anchorformer.submit")
+
+JOB_ID_FILE = "slurm_job_id.txt"
+"""File in the run folder holding the id of the last job submitted for it."""
+
+# Command-line option -> the slurm config field it overrides.
+OPTION_FIELDS = {
+    "nodes": "nodes", "gpus_per_node": "gpus_per_node", "cpus_per_task": "cpus_per_task",
+    "mem": "mem_gb", "partition": "partition", "account": "account", "qos": "qos",
+    "constraint": "constraint", "time": "time_min", "exclusive": "exclusive",
+    "job_name": "job_name", "comment": "comment", "mail": "mail", "signal_delay": "signal_delay_s",
+}
+
+
+class _ScriptOnlySlurmExecutor(SlurmExecutor):
+    """submitit's SLURM executor, used only to render the sbatch script (``--dry-run``), so a
+    dry run also works on a machine without ``srun``."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 1
+
+
+def _non_empty(value: str) -> str:
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``launch/submit.py``."""
+    parser = argparse.ArgumentParser(
+        prog="launch/submit.py", description=__doc__.split("\n\n")[0],
+        epilog="Defaults come from the config's slurm section (see docs/slurm.md).")
+    parser.add_argument("config", type=Path, help="recipe YAML (e.g. configs/in21k_base.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="config overrides, applied after the recipe")
+    resources = parser.add_argument_group("resources (override the config's slurm section)")
+    resources.add_argument("--nodes", type=int, help="nodes to allocate")
+    resources.add_argument("--gpus-per-node", type=int,
+                           help="GPUs per node = training processes per node")
+    resources.add_argument("--cpus-per-task", type=int, help="CPU cores per training process")
+    resources.add_argument("--mem", type=int, metavar="GB", help="memory per node in GB (0: default)")
+    resources.add_argument("--time", type=int, metavar="MINUTES",
+                           help="wall-clock limit of one job; the job requeues itself when it runs out")
+    resources.add_argument("--signal-delay", type=int, metavar="SECONDS",
+                           help=f"send SIG{PREEMPT_SIGNAL} this long before the time limit, to checkpoint")
+    resources.add_argument("--exclusive", action=argparse.BooleanOptionalAction,
+                           help="request whole nodes")
+    scheduling = parser.add_argument_group("scheduling")
+    for name, help_text in (("--partition", "SLURM partition"), ("--account", "account to charge"),
+                            ("--qos", "quality of service"),
+                            ("--constraint", "node feature constraint (e.g. h100)"),
+                            ("--job-name", "job name in squeue (default: the run name)"),
+                            ("--comment", "free-text job comment"),
+                            ("--mail", "address for SLURM mail on slurm.mail_type events")):
+        scheduling.add_argument(name, type=_non_empty, help=help_text)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true",
+                      help="print the sbatch script and the resolved config; submit nothing")
+    mode.add_argument("--local", action="store_true",
+                      help="run the same job on this machine through submitit's local executor "
+                           "and wait for it")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> RootConfig:
+    """Load the recipe, apply overrides and the command-line options, and check the launch.
+
+    Args:
+        args: parsed command line.
+
+    Returns:
+        The validated configuration the job will train with.
+
+    Raises:
+        ValueError: a ConfigError naming the config key, or a ValueError naming the
+            command-line option, that is wrong.
+    """
+    cfg = load(args.config, args.overrides)
+    changes = {field: getattr(args, option) for option, field in OPTION_FIELDS.items()
+               if getattr(args, option) is not None}
+    try:
+        if changes:
+            data = to_dict(cfg)
+            data["slurm"].update(changes)
+            cfg = from_dict(data)
+        _check_launch(cfg, args.local)
+    except ConfigError as error:
+        option = next((o for o, f in OPTION_FIELDS.items() if error.key == f"slurm.{f}"), None)
+        if option is None or getattr(args, option) is None:
+            raise
+        raise ValueError(f"option --{option.replace('_', '-')}: {error.detail}") from None
+    return cfg
+
+
+def _check_launch(cfg: RootConfig, local: bool) -> None:
+    """Checks that need the whole launch: signal timing, local node count, batch split."""
+    slurm = cfg.slurm
+    if slurm.signal_delay_s >= slurm.time_min * 60:
+        raise ConfigError("slurm.signal_delay_s",
+                          f"{slurm.signal_delay_s} s (--signal-delay) must be shorter than the "
+                          f"time limit slurm.time_min={slurm.time_min} min (--time)")
+    if local and slurm.nodes != 1:
+        raise ConfigError("slurm.nodes", f"--local runs on this machine: it needs 1 node, got {slurm.nodes}")
+    check_world_size(cfg, slurm.nodes * slurm.gpus_per_node)
+
+
+def run_folder(cfg: RootConfig) -> Path:
+    """The run folder: ``logging.output_dir / logging.run_name``, absolute."""
+    return (Path(cfg.logging.output_dir) / str(cfg.logging.run_name)).absolute()
+
+
+def submitit_folder(cfg: RootConfig) -> Path:
+    """Where submitit keeps the job's pickles and logs (``slurm.folder`` or ``{run}/slurm``)."""
+    return Path(cfg.slurm.folder).absolute() if cfg.slurm.folder else run_folder(cfg) / "slurm"
+
+
+def uses_gpus(cfg: RootConfig) -> bool:
+    """Whether the job asks SLURM for GPUs (not with ``train.device=cpu``)."""
+    return cfg.train.device != "cpu"
+
+
+def sbatch_parameters(cfg: RootConfig) -> dict[str, Any]:
+    """submitit SLURM parameters (sbatch vocabulary) for this config.
+
+    Args:
+        cfg: validated configuration.
+
+    Returns:
+        Keyword arguments for ``SlurmExecutor.update_parameters``.
+    """
+    slurm = cfg.slurm
+    params: dict[str, Any] = {
+        "job_name": slurm.job_name or str(cfg.logging.run_name),
+        "time": slurm.time_min,
+        "nodes": slurm.nodes,
+        "ntasks_per_node": slurm.gpus_per_node,
+        "cpus_per_task": slurm.cpus_per_task,
+        "signal_delay_s": slurm.signal_delay_s,
+        # The job's submitit must listen for the same signal as the one sbatch asks for.
+        "setup": [f"export SUBMITIT_PREEMPT_SIGNAL={PREEMPT_SIGNAL}", *slurm.setup],
+        # Requeue on preemption and let the job requeue itself.
+        "additional_parameters": {"requeue": True},
+    }
+    if uses_gpus(cfg):
+        params["gpus_per_node"] = slurm.gpus_per_node
+    if slurm.mem_gb:
+        params["mem"] = f"{slurm.mem_gb}GB"
+    if slurm.exclusive:
+        params["exclusive"] = True
+    for name in ("partition", "account", "qos", "constraint", "comment"):
+        if getattr(slurm, name):
+            params[name] = getattr(slurm, name)
+    if slurm.mail:
+        params["mail_user"] = slurm.mail
+        params["mail_type"] = slurm.mail_type
+    return params
+
+
+def render_sbatch_script(cfg: RootConfig) -> str:
+    """The sbatch script submitit would write for this config (nothing is written or submitted)."""
+    executor = _ScriptOnlySlurmExecutor(submitit_folder(cfg), max_num_timeout=cfg.slurm.max_requeues)
+    executor.update_parameters(**sbatch_parameters(cfg))
+    # submitit has no public "render" call; this is the text its submission writes.
+    return executor._make_submission_file_text(executor._submitit_command_str, uid="dry-run")
+
+
+def make_executor(cfg: RootConfig, local: bool) -> submitit.AutoExecutor:
+    """submitit's AutoExecutor for SLURM (or its local executor), configured from ``cfg``."""
+    folder = submitit_folder(cfg)
+    if local:
+        executor = submitit.AutoExecutor(folder, cluster="local")
+        executor.update_parameters(
+            timeout_min=cfg.slurm.time_min, tasks_per_node=cfg.slurm.gpus_per_node,
+            gpus_per_node=cfg.slurm.gpus_per_node if uses_gpus(cfg) else 0)
+        return executor
+    if shutil.which("sbatch") is None:
+        raise RuntimeError("sbatch is not on PATH: submit from a SLURM login node, or use --local "
+                           "(this machine) or --dry-run (print the script)")
+    executor = submitit.AutoExecutor(folder, cluster="slurm",
+                                     slurm_max_num_timeout=cfg.slurm.max_requeues)
+    executor.update_parameters(**{f"slurm_{k}": v for k, v in sbatch_parameters(cfg).items()})
+    return executor
+
+
+def _write_job_id(run_dir: Path, job_id: str) -> None:
+    """Record the job id in the run folder (temp file, then rename)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / (JOB_ID_FILE + ".tmp")
+    tmp.write_text(job_id + "\n")
+    tmp.replace(run_dir / JOB_ID_FILE)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        cfg = resolve_config(args)
+    except ValueError as error:  # ConfigError included
+        print(f"error: {error}\nnothing was submitted", file=sys.stderr)
+        return 2
+    slurm = cfg.slurm
+    tasks = slurm.nodes * slurm.gpus_per_node
+    layout = (f"{slurm.nodes} node(s) x {slurm.gpus_per_node} task(s) = {tasks} tasks"
+              f"{'' if uses_gpus(cfg) else ' on CPU'}")
+    if args.dry_run:
+        print(f"# sbatch script submitit would write to {submitit_folder(cfg)} ({layout}):")
+        print(render_sbatch_script(cfg))
+        print(f"# resolved config (run folder {run_folder(cfg)}):")
+        print(to_yaml(cfg), end="")
+        return 0
+    try:
+        executor = make_executor(cfg, args.local)
+    except RuntimeError as error:
+        print(f"error: {error}\nnothing was submitted", file=sys.stderr)
+        return 2
+    job = executor.submit(TrainingJob(cfg))
+    _write_job_id(run_folder(cfg), job.job_id)
+    print(f"submitted job {job.job_id} ({'local' if args.local else 'SLURM'}, {layout})")
+    print(f"logs: {job.paths.stdout} (rank 0 output), {job.paths.stderr} (rank 0 errors)")
+    print(f"run folder: {run_folder(cfg)}")
+    print(f"follow it: tensorboard --logdir {run_folder(cfg)}")
+    if args.local:
+        summary = job.results()[0]
+        print(f"finished: {summary.status}; metrics: {summary.metrics}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
