@@ -7,10 +7,14 @@ Only matrix products count as MACs (the convention of FlopCounterMode and of pap
 norms, activations and the 1/Lambda scaling are elementwise and left out.
 """
 from dataclasses import dataclass
+from typing import Any, Tuple
 
+import timm
+import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["VitShape", "shape_of", "param_count", "forward_macs"]
+__all__ = ["VitShape", "shape_of", "param_count", "forward_macs", "measure"]
 
 
 @dataclass(frozen=True)
@@ -79,3 +83,19 @@ def forward_macs(s: VitShape, img_size: int) -> int:
     mlp = 2 * n * d * s.hidden
     heads = (2 if s.distilled else 1) * d * s.num_classes
     return patch_embed + s.depth * (attention + mlp) + heads
+
+
+def measure(name: str, img_size: int, **kwargs: Any) -> Tuple[VitShape, int, int]:
+    """Build timm model ``name`` at ``img_size`` on the meta device (no memory, no compute) and
+    count its parameters and, with torch's FlopCounterMode, the MACs of one forward pass.
+
+    Returns:
+        (shape, parameters, forward MACs per image).
+    """
+    with torch.device("meta"):
+        model = timm.create_model(name, img_size=img_size, **kwargs)
+        image = torch.empty(1, 3, img_size, img_size)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(image)
+    return shape_of(model), sum(p.numel() for p in model.parameters()), counter.get_total_flops() // 2
