@@ -1,0 +1,226 @@
+"""Pipeline stages that run inside each DataLoader worker, between webdataset's tar reader and the
+batches the trainer receives: sample numbering and fast-forward (for exact resume), decoding with
+skip counting, seeded per-sample transforms, and batching that carries the worker's state.
+
+Every stage is a module-level callable (picklable) taking and returning an iterator."""
+import contextlib
+import hashlib
+import io
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from anchorformer.data.sources import IMAGE_EXTENSIONS
+
+__all__ = ["SKIP_REASONS", "SkipCounter", "BatchMeta", "derive_seed", "seeded_rngs", "number_samples",
+           "decode_samples", "transform_samples", "batch_samples", "mix_batches", "end_with_counts",
+           "add_skip_counts"]
+
+_logger = logging.getLogger(__name__)
+
+SKIP_REASONS = ("decode_error", "missing_image", "missing_label", "unreadable_shard", "unread")
+"""Why samples are skipped: image bytes PIL cannot decode, a sample without an image or without a
+valid ``cls``, a shard that could not be opened or read to its end (counted once per shard and
+pass), and (validation) samples the index promises that a damaged shard did not deliver."""
+
+_LOGGED_PER_REASON = 10
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from ``parts`` that is the same in every process (unlike ``hash``)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int) -> Iterator[None]:
+    """Seed Python's, NumPy's and torch's global RNGs (which timm's transforms and Mixup draw from)
+    for the block, then restore them, so the caller's random state is left as it was (with
+    ``num_workers=0`` the pipeline runs in the training process)."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+@dataclass
+class SkipCounter:
+    """Skipped samples of one worker by reason; also the webdataset error handler for shards."""
+    where: str
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
+    counting: bool = True
+    samples_read: int = 0
+    current_shard: str = ""
+    failed_shards: set[tuple[int, str]] = field(default_factory=set)
+    shard_pass: int = 0
+
+    def skip(self, reason: str, message: str) -> None:
+        """Count one skip (unless fast-forwarding over samples already counted) and log it, at
+        most ``_LOGGED_PER_REASON`` times per reason, then every 1000th."""
+        if not self.counting:
+            return
+        self.counts[reason] += 1
+        count = self.counts[reason]
+        if count <= _LOGGED_PER_REASON or count % 1000 == 0:
+            suffix = "; further ones are logged every 1000th" if count == _LOGGED_PER_REASON else ""
+            _logger.warning("%s: skipped (%s #%d) %s%s", self.where, reason, count, message, suffix)
+
+    def shard_error(self, exn: Exception) -> bool:
+        """webdataset handler: log and count a shard that cannot be opened or read, go on."""
+        if (self.shard_pass, self.current_shard) not in self.failed_shards:
+            self.failed_shards.add((self.shard_pass, self.current_shard))
+            self.skip("unreadable_shard", f"shard {self.current_shard}: {exn!r}; going on with the next shard")
+        return True
+
+
+@dataclass(frozen=True)
+class BatchMeta:
+    """What a worker sends with each batch: which logical worker made it, how many samples (after
+    the shuffle buffer) that worker has consumed, its cumulative skip counts, and (training) the
+    batch's number in the epoch."""
+    worker: int
+    position: int
+    skips: dict[str, int]
+    batch: int = -1
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    key: str
+    image: object
+    label: int
+    position: int
+
+
+def number_samples(samples: Iterable[dict], start: int, counter: SkipCounter) -> Iterator[dict]:
+    """Number the samples as they leave the shuffle buffer and drop the first ``start`` of them
+    without decoding (fast-forward on resume); counting skips resumes at ``start``."""
+    counter.counting = start == 0
+    for position, sample in enumerate(samples):
+        if position < start:
+            continue
+        counter.counting = True
+        sample["__position__"] = position
+        yield sample
+
+
+def _label(sample: dict) -> int | None:
+    raw = sample.get("cls")
+    if raw is None:
+        return None
+    try:
+        return int(raw.decode("ascii").strip() if isinstance(raw, bytes) else raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def decode_samples(samples: Iterable[dict], num_classes: int, counter: SkipCounter) -> Iterator[_Decoded]:
+    """Decode each sample's image with PIL (RGB) and parse its ``cls``; skip and count samples
+    without a valid label or image. A label outside ``[0, num_classes)`` stops the run."""
+    for sample in samples:
+        key, shard = sample["__key__"], sample.get("__url__", "?")
+        label = _label(sample)
+        if label is None:
+            counter.skip("missing_label", f"sample {key} in shard {shard} has no integer 'cls'")
+            continue
+        if not 0 <= label < num_classes:
+            raise ValueError(f"sample {key} in shard {shard} has label {label} outside [0, {num_classes}); "
+                             f"set num_classes to the dataset's class count or rewrite the shards")
+        ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+        if ext is None:
+            counter.skip("missing_image", f"sample {key} in shard {shard} has no image ({', '.join(IMAGE_EXTENSIONS)})")
+            continue
+        try:
+            with Image.open(io.BytesIO(sample[ext])) as opened:
+                image = opened.convert("RGB")
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exn:
+            counter.skip("decode_error", f"sample {key} in shard {shard}: {exn!r}")
+            continue
+        yield _Decoded(key, image, label, sample["__position__"])
+
+
+def transform_samples(samples: Iterable[_Decoded], transform: Callable,
+                      seed_parts: tuple | None) -> Iterator[_Decoded]:
+    """Apply ``transform`` to each image. With ``seed_parts`` the RNGs are seeded from them and the
+    sample's position, so an augmentation does not depend on what ran before it (exact resume);
+    ``None`` is for deterministic transforms."""
+    for sample in samples:
+        if seed_parts is None:
+            image = transform(sample.image)
+        else:
+            with seeded_rngs(derive_seed(*seed_parts, sample.position)):
+                image = transform(sample.image)
+        yield _Decoded(sample.key, image, sample.label, sample.position)
+
+
+def batch_samples(samples: Iterable[_Decoded], batch_size: int, batch_numbers: Iterable[int] | None,
+                  worker: int, counter: SkipCounter, partial: bool) -> Iterator[tuple]:
+    """Stack samples into ``(images, targets int64, keys, BatchMeta)`` batches.
+
+    Unlike webdataset's ``batched``, which reads one sample past a full batch before yielding it,
+    a batch is yielded as soon as it is full, so the position and skip counts sent with it cover
+    exactly the samples up to its last one.
+
+    Args:
+        samples: transformed samples.
+        batch_size: samples per batch.
+        batch_numbers: the epoch batch number of each batch this worker makes, in order; the
+            stream stops after the last one. ``None``: until the samples run out.
+        worker: the logical worker id sent in each BatchMeta.
+        counter: this worker's skip counter.
+        partial: yield a final smaller batch when the samples run out (validation).
+    """
+    numbers = iter(batch_numbers) if batch_numbers is not None else None
+    number = next(numbers, None) if numbers is not None else -1
+    if number is None:
+        return
+    batch: list[_Decoded] = []
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == batch_size:
+            yield _collate(batch, worker, counter, number)
+            batch = []
+            number = next(numbers, None) if numbers is not None else -1
+            if number is None:
+                return
+    if batch and partial:
+        yield _collate(batch, worker, counter, number)
+
+
+def _collate(batch: list[_Decoded], worker: int, counter: SkipCounter, number: int) -> tuple:
+    images = torch.stack([sample.image for sample in batch])
+    targets = torch.tensor([sample.label for sample in batch], dtype=torch.int64)
+    meta = BatchMeta(worker=worker, position=batch[-1].position + 1, skips=dict(counter.counts), batch=number)
+    return images, targets, [sample.key for sample in batch], meta
+
+
+def add_skip_counts(skips: dict[str, int], more: dict[str, int]) -> dict[str, int]:
+    """Sum two skip-count dicts reason by reason."""
+    return {reason: skips.get(reason, 0) + more.get(reason, 0) for reason in SKIP_REASONS}
+
+
+def mix_batches(batches: Iterable[tuple], mixup: Callable, seed_parts: tuple) -> Iterator[tuple]:
+    """Apply Mixup/CutMix to each batch with the RNGs seeded from ``seed_parts`` and the batch
+    number; targets become float (B, num_classes)."""
+    for images, targets, keys, meta in batches:
+        with seeded_rngs(derive_seed(*seed_parts, meta.batch)):
+            images, targets = mixup(images, targets)
+        yield images, targets, keys, meta
+
+
+def end_with_counts(batches: Iterable[tuple], worker: int, counter: SkipCounter) -> Iterator[tuple]:
+    """Pass the batches on, then send one item without images carrying the final skip counts
+    (skips after a worker's last batch would otherwise never reach the trainer)."""
+    yield from batches
+    yield None, None, [], BatchMeta(worker=worker, position=-1, skips=dict(counter.counts))

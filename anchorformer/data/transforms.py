@@ -1,0 +1,221 @@
+"""Image transforms, built with timm: the training transform (random resized crop, flip, color
+jitter, RandAugment or DeiT-III three-augment, random erasing), the evaluation transform (resize +
+center crop), and Mixup/CutMix with label smoothing. Configs are plain dataclasses whose defaults
+are the DeiT recipe's."""
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from PIL import Image, ImageOps
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.data.auto_augment import AugmentOp
+
+__all__ = ["TrainTransformConfig", "EvalTransformConfig", "MixupConfig", "build_train_transform",
+           "build_eval_transform", "build_mixup"]
+
+_INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "random")
+_ERASE_MODES = ("const", "rand", "pixel")
+_MIXUP_MODES = ("batch", "pair", "elem")
+
+
+def _check_probability(owner: str, name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{owner}.{name}={value} must be a probability in [0, 1]")
+
+
+def _check_normalization(owner: str, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"{owner}.mean and .std need 3 values (RGB), got {mean} and {std}")
+    if any(value <= 0 for value in std):
+        raise ValueError(f"{owner}.std={std} must be positive")
+
+
+def _check_interpolation(owner: str, interpolation: str) -> None:
+    if interpolation not in _INTERPOLATIONS:
+        raise ValueError(f"{owner}.interpolation={interpolation!r}; choose from {_INTERPOLATIONS}")
+
+
+@dataclass
+class TrainTransformConfig:
+    """Training augmentation (timm ``create_transform(is_training=True)``)."""
+    image_size: int = 224
+    """side of the square crop fed to the model, pixels"""
+    scale: tuple[float, float] = (0.08, 1.0)
+    """random-resized-crop area range, fraction of the image"""
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    """random-resized-crop aspect-ratio range"""
+    hflip: float = 0.5
+    """horizontal flip probability"""
+    color_jitter: float = 0.3
+    """color jitter strength (brightness/contrast/saturation); timm ignores it under RandAugment"""
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    """timm auto-augment policy string (e.g. ``rand-m9-mstd0.5-inc1``); None disables"""
+    interpolation: str = "bicubic"
+    """resize interpolation: bilinear, bicubic, nearest or random"""
+    re_prob: float = 0.25
+    """random erasing probability; 0 disables"""
+    re_mode: str = "pixel"
+    """random erasing fill: const, rand or pixel"""
+    re_count: int = 1
+    """random erasing: most regions erased per image"""
+    three_augment: bool = False
+    """DeiT-III three-augment (one of grayscale/solarize/blur + color jitter) instead of auto_augment"""
+    mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
+    """normalization mean (RGB, 0..1 scale)"""
+    std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
+    """normalization std (RGB, 0..1 scale)"""
+
+    def __post_init__(self) -> None:
+        owner = "TrainTransformConfig"
+        if self.image_size < 1:
+            raise ValueError(f"{owner}.image_size={self.image_size} must be a positive number of pixels")
+        self.scale, self.ratio = tuple(self.scale), tuple(self.ratio)
+        self.mean, self.std = tuple(self.mean), tuple(self.std)
+        if len(self.scale) != 2 or not 0.0 < self.scale[0] <= self.scale[1] <= 1.0:
+            raise ValueError(f"{owner}.scale={self.scale} must be (low, high) with 0 < low <= high <= 1")
+        if len(self.ratio) != 2 or not 0.0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"{owner}.ratio={self.ratio} must be (low, high) with 0 < low <= high")
+        _check_probability(owner, "hflip", self.hflip)
+        _check_probability(owner, "re_prob", self.re_prob)
+        if self.color_jitter < 0:
+            raise ValueError(f"{owner}.color_jitter={self.color_jitter} must be >= 0 (0 disables)")
+        _check_interpolation(owner, self.interpolation)
+        if self.re_mode not in _ERASE_MODES:
+            raise ValueError(f"{owner}.re_mode={self.re_mode!r}; choose from {_ERASE_MODES}")
+        if self.re_count < 1:
+            raise ValueError(f"{owner}.re_count={self.re_count} must be at least 1")
+        if self.three_augment and self.auto_augment:
+            raise ValueError(f"{owner}: three_augment=True replaces auto_augment={self.auto_augment!r}; "
+                             f"set auto_augment=None to use three-augment")
+        if self.auto_augment is not None and not self.auto_augment.startswith(
+                ("rand", "augmix", "original", "originalr", "v0", "v0r", "3a")):
+            raise ValueError(f"{owner}.auto_augment={self.auto_augment!r} is not a timm policy "
+                             f"(rand-..., augmix-..., original, v0, 3a) or None")
+        _check_normalization(owner, self.mean, self.std)
+
+
+@dataclass
+class EvalTransformConfig:
+    """Evaluation preprocessing: resize to ``image_size / crop_pct``, center crop ``image_size``."""
+    image_size: int = 224
+    """side of the square center crop, pixels"""
+    crop_pct: float = 0.875
+    """fraction of the resized image kept by the center crop"""
+    interpolation: str = "bicubic"
+    """resize interpolation: bilinear, bicubic or nearest"""
+    mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
+    """normalization mean (RGB, 0..1 scale)"""
+    std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
+    """normalization std (RGB, 0..1 scale)"""
+
+    def __post_init__(self) -> None:
+        owner = "EvalTransformConfig"
+        if self.image_size < 1:
+            raise ValueError(f"{owner}.image_size={self.image_size} must be a positive number of pixels")
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ValueError(f"{owner}.crop_pct={self.crop_pct} must be in (0, 1]")
+        _check_interpolation(owner, self.interpolation)
+        if self.interpolation == "random":
+            raise ValueError(f"{owner}.interpolation='random' would make evaluation random; pick bicubic")
+        self.mean, self.std = tuple(self.mean), tuple(self.std)
+        _check_normalization(owner, self.mean, self.std)
+
+
+@dataclass
+class MixupConfig:
+    """Mixup/CutMix on each training batch (timm ``Mixup``); targets become soft (B, num_classes)."""
+    mixup_alpha: float = 0.8
+    """mixup Beta(alpha, alpha); 0 disables mixup"""
+    cutmix_alpha: float = 1.0
+    """cutmix Beta(alpha, alpha); 0 disables cutmix"""
+    prob: float = 1.0
+    """probability of mixing a batch (or pair/element)"""
+    switch_prob: float = 0.5
+    """probability of cutmix instead of mixup when both are enabled"""
+    mode: str = "batch"
+    """one mixing per batch, per pair or per element"""
+    label_smoothing: float = 0.1
+    """label smoothing of the soft targets"""
+
+    def __post_init__(self) -> None:
+        owner = "MixupConfig"
+        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
+            raise ValueError(f"{owner}.mixup_alpha={self.mixup_alpha} and .cutmix_alpha={self.cutmix_alpha} "
+                             f"must be >= 0 (0 disables)")
+        if self.mixup_alpha == 0 and self.cutmix_alpha == 0:
+            raise ValueError(f"{owner}: mixup_alpha and cutmix_alpha are both 0; pass mixup=None to disable")
+        _check_probability(owner, "prob", self.prob)
+        _check_probability(owner, "switch_prob", self.switch_prob)
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"{owner}.label_smoothing={self.label_smoothing} must be in [0, 1)")
+        if self.mode not in _MIXUP_MODES:
+            raise ValueError(f"{owner}.mode={self.mode!r}; choose from {_MIXUP_MODES}")
+
+
+def _posterize(image: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
+    """Posterize that keeps 0 bits as a black image, as Pillow < 12 did (Pillow 12+ rejects 0,
+    which timm's RandAugment asks for at magnitude 10)."""
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return ImageOps.posterize(image, bits_to_keep)
+
+
+def _augment_ops(transform: object) -> list[AugmentOp]:
+    """The timm AugmentOps inside a transform (RandAugment/AugMix ``ops``, AutoAugment ``policy``)."""
+    found = []
+    children = list(getattr(transform, "transforms", [])) + list(getattr(transform, "ops", []))
+    for sub_policy in getattr(transform, "policy", []):
+        children += list(sub_policy)
+    for child in children:
+        found += [child] if isinstance(child, AugmentOp) else _augment_ops(child)
+    return found
+
+
+def build_train_transform(config: TrainTransformConfig) -> Callable:
+    """The timm training transform: PIL image -> normalized float tensor (3, size, size).
+
+    Args:
+        config: the augmentation options.
+
+    Returns:
+        A picklable callable.
+    """
+    transform = create_transform(
+        config.image_size, is_training=True, scale=config.scale, ratio=config.ratio, hflip=config.hflip,
+        color_jitter=config.color_jitter, auto_augment="3a" if config.three_augment else config.auto_augment,
+        interpolation=config.interpolation, re_prob=config.re_prob, re_mode=config.re_mode,
+        re_count=config.re_count, mean=config.mean, std=config.std)
+    for op in _augment_ops(transform):
+        if op.name.startswith("Posterize"):
+            op.aug_fn = _posterize
+    return transform
+
+
+def build_eval_transform(config: EvalTransformConfig) -> Callable:
+    """The timm evaluation transform: resize, center crop, normalize.
+
+    Args:
+        config: the preprocessing options.
+
+    Returns:
+        A picklable callable: PIL image -> float tensor (3, size, size).
+    """
+    return create_transform(config.image_size, is_training=False, crop_pct=config.crop_pct,
+                            interpolation=config.interpolation, mean=config.mean, std=config.std)
+
+
+def build_mixup(config: MixupConfig, num_classes: int) -> Callable[[torch.Tensor, torch.Tensor], tuple]:
+    """timm's Mixup/CutMix for ``num_classes``: ``(images, int targets) -> (images, soft targets)``.
+
+    Args:
+        config: mixing options.
+        num_classes: classes of the soft targets.
+
+    Returns:
+        The timm ``Mixup`` callable (needs an even batch size).
+    """
+    return Mixup(mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha, prob=config.prob,
+                 switch_prob=config.switch_prob, mode=config.mode, label_smoothing=config.label_smoothing,
+                 num_classes=num_classes)
