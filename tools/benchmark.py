@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
         section = module.run(bench_args)
         print(section)
         if not args.no_write:
-            write_section(args.doc, getattr(bench_args, "section", name), section)
+            device = str(getattr(bench_args, "device", "cpu")).split(":")[0]
+            write_section(args.doc, getattr(bench_args, "section", None) or f"{name}-{device}", section)
 
 
 if __name__ == "__main__":
