@@ -2,6 +2,7 @@
 
 ``anchor_mix_fast`` has ``anchor_mix``'s signature and maths; importing this package does not
 import triton (the kernels load on first use)."""
-from anchorformer.kernels.dispatch import BACKENDS, anchor_mix_fast, requested_backend, select_backend, set_backend
+from anchorformer.kernels.dispatch import (BACKENDS, anchor_mix_fast, backend_calls, requested_backend, select_backend,
+                                          set_backend)
 
-__all__ = ["BACKENDS", "anchor_mix_fast", "requested_backend", "select_backend", "set_backend"]
+__all__ = ["BACKENDS", "anchor_mix_fast", "backend_calls", "requested_backend", "select_backend", "set_backend"]

@@ -9,8 +9,9 @@ For one (batch, head) with tokens ``X = qk`` (n, d), anchors ``U`` (m, d), value
 It runs in two passes over the tokens, recomputing ``A`` (n x m, cheap) instead of storing it:
 
 1. ``_gather_kernel``: per token block, logits -> softmax over the anchors -> accumulate
-   ``Lambda`` and ``A^T V``. Tokens are split across programs; each writes a partial sum and the
-   host adds the partials (deterministic, no atomics), then forms ``C`` and ``inv``.
+   ``Lambda`` and ``A^T V``. Tokens are split across programs (enough to fill the GPU); each
+   writes its partial sums, and ``_finish_forward_kernel`` (one program per (b, h)) adds them
+   (deterministic, no atomics) and forms ``inv`` and ``C``.
 2. ``_scatter_kernel``: per token block, recompute ``A`` and write ``A C``.
 
 Backward, with ``G = dL/dO`` (n, d). Through ``O = A C``: ``dC = A^T G`` and ``dA = G C^T``.
@@ -23,9 +24,10 @@ Through ``C = diag(inv) P``: ``dP = diag(inv) dC =: D`` and ``dinv_j = <dC_j, P_
     dL = A * (dA - rowsum(A * dA))                  softmax backward, row-wise
     dX = s dL U;   dU = s sum_{batch, head} dL^T X;   dV = A D
 
-which is again two passes: ``_gather_kernel`` on ``G`` gives ``dC`` (then ``D`` and ``w`` on the
-host, all (m, d)-sized), and ``_backward_kernel`` recomputes ``A`` per token block and writes
-``dX`` and ``dV`` and a partial ``dU`` per program (summed on the host).
+which is again two passes: ``_gather_kernel`` on ``G`` gives partial ``dC`` sums, from which
+``_finish_backward_kernel`` forms ``D`` and ``w`` ((m, d)-sized), and ``_backward_kernel``
+recomputes ``A`` per token block, writes ``dX`` and ``dV`` and a partial ``dU`` per program
+(summed over programs, batch and heads by one torch reduction).
 
 Precision: inputs in bf16/fp16/fp32; logits, softmax, ``Lambda``, ``C``, ``D`` and all
 accumulators in fp32. As in the reference, ``A``, ``C`` and ``D`` are rounded to the input dtype
@@ -102,6 +104,45 @@ def _gather_kernel(
     out = (pid_bh * tl.num_programs(1) + pid_split).to(tl.int64)
     tl.store(partial_ptr + out * BLOCK_M * BLOCK_D + offs_m[:, None] * BLOCK_D + offs_d[None, :], gathered)
     tl.store(degree_ptr + out * BLOCK_M + offs_m, degree)
+
+
+@triton.jit
+def _sum_splits(partial_ptr, bh, splits, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Sum of the ``splits`` partial (BLOCK_M, BLOCK_D) tiles that ``_gather_kernel`` wrote for ``bh``."""
+    tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
+    total = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for split in range(splits):
+        total += tl.load(partial_ptr + (bh * splits + split) * BLOCK_M * BLOCK_D + tile)
+    return total
+
+
+@triton.jit
+def _finish_forward_kernel(partial_ptr, degree_ptr, context_ptr, inv_degree_ptr, splits,
+                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per (b, h): Lambda = sum of the partial degrees, inv = 1/Lambda (0 where 0), C = diag(inv) A^T V."""
+    bh = tl.program_id(0).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    degree = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for split in range(splits):
+        degree += tl.load(degree_ptr + (bh * splits + split) * BLOCK_M + offs_m)
+    positive = degree > 0
+    inv_degree = tl.where(positive, 1.0 / tl.where(positive, degree, 1.0), 0.0)
+    context = _sum_splits(partial_ptr, bh, splits, BLOCK_M, BLOCK_D) * inv_degree[:, None]
+    tl.store(context_ptr + bh * BLOCK_M * BLOCK_D + offs_m[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :], context)
+    tl.store(inv_degree_ptr + bh * BLOCK_M + offs_m, inv_degree)
+
+
+@triton.jit
+def _finish_backward_kernel(partial_ptr, inv_degree_ptr, context_ptr, dpartial_ptr, weight_ptr, splits,
+                            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per (b, h): D = diag(inv) A^T G from the partial sums, and w_j = <D_j, C_j>."""
+    bh = tl.program_id(0).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    tile = bh * BLOCK_M * BLOCK_D + offs_m[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
+    inv_degree = tl.load(inv_degree_ptr + bh * BLOCK_M + offs_m)
+    dpartial = _sum_splits(partial_ptr, bh, splits, BLOCK_M, BLOCK_D) * inv_degree[:, None]
+    tl.store(dpartial_ptr + tile, dpartial)
+    tl.store(weight_ptr + bh * BLOCK_M + offs_m, tl.sum(dpartial * tl.load(context_ptr + tile), axis=1))
 
 
 @triton.jit
@@ -260,7 +301,8 @@ def _plan(qk: torch.Tensor, anchors: torch.Tensor) -> _Launch:
 
 
 def _gather(x: torch.Tensor, y: torch.Tensor, anchors: torch.Tensor, scale: float, plan: _Launch):
-    """Sum over tokens of ``A^T Y`` and of ``A``: (B*h, BLOCK_M, BLOCK_D) and (B*h, BLOCK_M), fp32."""
+    """Partial sums over each split's tokens of ``A^T Y`` and of ``A``, fp32:
+    (B*h, splits, BLOCK_M, BLOCK_D) and (B*h, splits, BLOCK_M)."""
     batch, heads, tokens, head_dim = x.shape
     partial = x.new_empty(batch * heads, plan.splits, plan.block_m, plan.block_d, dtype=torch.float32)
     degree = x.new_empty(batch * heads, plan.splits, plan.block_m, dtype=torch.float32)
@@ -271,7 +313,7 @@ def _gather(x: torch.Tensor, y: torch.Tensor, anchors: torch.Tensor, scale: floa
         BLOCK_N=_BLOCK_TOKENS, BLOCK_M=plan.block_m, BLOCK_D=plan.block_d, DOT_PRECISION=plan.dot_precision,
         num_warps=_NUM_WARPS,
     )
-    return partial.sum(dim=1), degree.sum(dim=1)
+    return partial, degree
 
 
 def _token_major_like(x: torch.Tensor) -> torch.Tensor:
@@ -294,12 +336,13 @@ def forward(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor, scale: flo
         The (B, h, n, dh) output in the input dtype and a :class:`ForwardState`.
     """
     plan = _plan(qk, anchors)
-    gathered, degree = _gather(qk, v, anchors, scale, plan)
-    inv_degree = torch.where(degree > 0, 1.0 / torch.where(degree > 0, degree, torch.ones_like(degree)),
-                             torch.zeros_like(degree))
-    context = (gathered * inv_degree.unsqueeze(-1)).contiguous()
-    out = _token_major_like(qk)
     batch, heads, tokens, head_dim = qk.shape
+    partial, degree = _gather(qk, v, anchors, scale, plan)
+    context = qk.new_empty(batch * heads, plan.block_m, plan.block_d, dtype=torch.float32)
+    inv_degree = qk.new_empty(batch * heads, plan.block_m, dtype=torch.float32)
+    _finish_forward_kernel[(batch * heads,)](partial, degree, context, inv_degree, plan.splits,
+                                             BLOCK_M=plan.block_m, BLOCK_D=plan.block_d)
+    out = _token_major_like(qk)
     _scatter_kernel[(batch * heads, plan.n_blocks)](
         qk, anchors, context, out,
         heads, tokens, anchors.shape[0], head_dim, scale,
@@ -324,10 +367,12 @@ def backward(grad_out: torch.Tensor, qk: torch.Tensor, anchors: torch.Tensor, v:
     """
     plan = _plan(qk, anchors)
     grad_out = grad_out.to(qk.dtype)
-    gathered_grad, _ = _gather(qk, grad_out, anchors, scale, plan)
-    dpartial = (gathered_grad * state.inv_degree.unsqueeze(-1)).contiguous()  # D = diag(inv) A^T G
-    weight = (dpartial * state.context).sum(dim=-1).contiguous()  # w_j = <D_j, C_j>
     batch, heads, tokens, head_dim = qk.shape
+    partial, _ = _gather(qk, grad_out, anchors, scale, plan)
+    dpartial = torch.empty_like(state.context)  # D = diag(inv) A^T G
+    weight = torch.empty_like(state.inv_degree)  # w_j = <D_j, C_j>
+    _finish_backward_kernel[(batch * heads,)](partial, state.inv_degree, state.context, dpartial, weight, plan.splits,
+                                              BLOCK_M=plan.block_m, BLOCK_D=plan.block_d)
     d_qk = _token_major_like(qk)
     d_v = _token_major_like(v)
     d_anchors_partial = qk.new_empty(batch * heads, plan.splits, plan.block_m, plan.block_d, dtype=torch.float32)

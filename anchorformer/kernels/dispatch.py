@@ -13,6 +13,7 @@ Why these defaults (fwd+bwd of the mixing op, B=64, h=3, dh=64, m=30):
   assignment; eager writes and rereads it in about ten kernels, and torch.compile still needs
   separate reductions over tokens (numbers on an H100 in the same section).
 """
+import collections
 import functools
 import importlib.util
 import logging
@@ -23,13 +24,14 @@ import torch
 
 from anchorformer.models.anchor_attention import anchor_mix
 
-__all__ = ["BACKENDS", "ENV_VAR", "set_backend", "requested_backend", "select_backend", "anchor_mix_fast"]
+__all__ = ["BACKENDS", "ENV_VAR", "set_backend", "requested_backend", "select_backend", "anchor_mix_fast", "backend_calls"]
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "triton", "compile", "torch")
 ENV_VAR = "ANCHORFORMER_ANCHOR_MIX"
 _forced_backend: Optional[str] = None
+_calls_per_backend: collections.Counter = collections.Counter()
 
 
 def _check_backend(name: str, source: str) -> str:
@@ -54,6 +56,12 @@ def requested_backend() -> str:
     if _forced_backend is not None:
         return _forced_backend
     return _check_backend(os.environ.get(ENV_VAR, "auto"), f"${ENV_VAR}")
+
+
+def backend_calls() -> dict[str, int]:
+    """How many times :func:`anchor_mix_fast` ran each backend in this process (benchmarks and
+    logs use it to show which path a model really took)."""
+    return dict(_calls_per_backend)
 
 
 def _triton_interpreted() -> bool:
@@ -132,6 +140,7 @@ def anchor_mix_fast(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor, sc
         (B, h, n, dh) tensor in the dtype of ``v``.
     """
     backend = select_backend(qk, anchors, v)
+    _calls_per_backend[backend] += 1
     if backend == "triton":
         return _FusedAnchorMix.apply(qk, anchors.to(qk.dtype), v, scale)
     if backend == "compile":

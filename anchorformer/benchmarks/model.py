@@ -1,0 +1,190 @@
+"""Training throughput and MFU: AnchorFormer vs DeiT (timm ViT, SDPA attention), same size and batch.
+
+One training step is forward + backward + AdamW step under bf16 autocast (fp32 weights), on
+random images: classification (cross-entropy on 1000 classes) at each ``--resolutions``, and the
+backbone alone (mean square of all token features, no head) at ``--backbone-resolution``, as a
+detection model uses it. MFU = FLOPs of one forward+backward per image, counted by
+``torch.utils.flop_counter`` on the PyTorch paths (fused kernels are invisible to the counter;
+the maths is the same) x images/s / the device's peak.
+"""
+import argparse
+import logging
+from typing import Optional, Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import anchorformer.models  # noqa: F401  (registers the anchorformer_* models with timm)
+from anchorformer.benchmarks.report import machine_description, markdown_table, time_call
+from anchorformer.kernels import BACKENDS, backend_calls, set_backend
+
+__all__ = ["add_arguments", "run"]
+
+logger = logging.getLogger(__name__)
+
+SIZES = ("tiny", "small", "base")
+# Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment, most specific first.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
+# Issue 7's targets for AnchorFormer / DeiT training img/s, by resolution.
+TARGET_SPEEDUP = {224: 1.1, 384: 1.4, 1024: 3.0}
+
+
+def _csv(kind, choices: Optional[Sequence[str]] = None):
+    """An argparse type: a comma-separated list of ``kind`` values, each from ``choices`` if given."""
+    def parse(text: str) -> list:
+        try:
+            values = [kind(item) for item in text.split(",") if item]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from None
+        bad = [value for value in values if choices is not None and value not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{bad} not in {list(choices)}")
+        return values
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the ``model`` benchmark; defaults are sized for the device that runs it."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device to train on (default: cuda when available)")
+    parser.add_argument("--sizes", type=_csv(str, SIZES), default=None,
+                        help="model sizes, comma-separated (default: tiny,small,base on CUDA, tiny on CPU)")
+    parser.add_argument("--resolutions", type=_csv(int), default=[224, 384],
+                        help="classification image sizes, comma-separated (\"\" for none)")
+    parser.add_argument("--backbone-resolution", type=int, default=1024,
+                        help="image size of the backbone-only rows (0 disables them)")
+    parser.add_argument("--backbone-sizes", type=_csv(str, SIZES), default=None,
+                        help="sizes of the backbone rows (default: base on CUDA, tiny on CPU)")
+    parser.add_argument("--tokens-per-step", type=int, default=None,
+                        help="batch = this // tokens per image, at least 1; both models get the same "
+                             "batch (default: 128 images at 224 on CUDA, 2 on CPU)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="anchor-mix backend of the AnchorFormer layers (see anchorformer.kernels)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="device peak for MFU in TFLOP/s (default: known bf16 dense peak of the GPU, "
+                             "e.g. 989 for an H100 SXM; MFU is left out when unknown)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed steps per model (median reported)")
+    parser.add_argument("--section", default="model", help="name of the docs/benchmarks.md section")
+
+
+def _peak_flops(device: torch.device, peak_tflops: Optional[float]) -> Optional[float]:
+    if peak_tflops is not None:
+        if peak_tflops <= 0:
+            raise ValueError(f"--peak-tflops must be > 0, got {peak_tflops}")
+        return peak_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for fragment, tflops in PEAK_BF16_TFLOPS if fragment in name), None)
+
+
+def _build(family: str, size: str, resolution: int, backbone: bool, device: torch.device) -> torch.nn.Module:
+    name = f"{family}_{size}_patch16_224"
+    model = timm.create_model(name, img_size=resolution, num_classes=0 if backbone else 1000)
+    return model.to(device).train()
+
+
+def _loss(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, backbone: bool) -> torch.Tensor:
+    if backbone:
+        return model.forward_features(images).float().square().mean()
+    return F.cross_entropy(model(images).float(), labels)
+
+
+def _flops_per_image(model: torch.nn.Module, resolution: int, backbone: bool, device: torch.device) -> float:
+    """Forward + backward FLOPs for one image, on the PyTorch paths (math SDPA, torch anchor mix)."""
+    images = torch.randn(1, 3, resolution, resolution, device=device)
+    labels = torch.zeros(1, dtype=torch.long, device=device)
+    counter = FlopCounterMode(display=False)
+    set_backend("torch")
+    try:
+        with counter, sdpa_kernel(SDPBackend.MATH), torch.autocast(device.type, dtype=torch.bfloat16):
+            _loss(model, images, labels, backbone).backward()
+    finally:
+        set_backend(None)
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def _measure(family: str, size: str, resolution: int, batch: int, backbone: bool, args, device: torch.device) -> dict:
+    """img/s of full training steps, FLOPs per image and the anchor-mix backend the layers ran."""
+    model = _build(family, size, resolution, backbone, device)
+    flops = _flops_per_image(model, resolution, backbone, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    images = torch.randn(batch, 3, resolution, resolution, device=device)
+    labels = torch.randint(0, 1000, (batch,), device=device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = _loss(model, images, labels, backbone)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    set_backend(args.backend)
+    try:
+        calls_before = backend_calls()
+        step()
+        used = {name: count - calls_before.get(name, 0) for name, count in backend_calls().items()}
+        seconds = time_call(step, device, warmup=2, repeats=args.repeats)
+    finally:
+        set_backend(None)
+    ran = sorted(name for name, count in used.items() if count > 0)
+    del model, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"img_s": batch / seconds, "flops": flops, "backends": "+".join(ran) or "-"}
+
+
+def _mfu(result: dict, peak: Optional[float]) -> str:
+    return f"{100 * result['flops'] * result['img_s'] / peak:.1f} %" if peak else "n/a"
+
+
+def run(args: argparse.Namespace) -> str:
+    """Measure every (size, resolution) pair for both families; return the markdown section."""
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    sizes = args.sizes or (list(SIZES) if on_gpu else ["tiny"])
+    backbone_sizes = args.backbone_sizes or (["base"] if on_gpu else ["tiny"])
+    tokens_per_step = args.tokens_per_step or (128 if on_gpu else 2) * 197
+    if tokens_per_step < 1 or args.repeats < 1 or args.backbone_resolution < 0:
+        raise ValueError("--tokens-per-step and --repeats must be >= 1, --backbone-resolution >= 0")
+    if any(res % 16 for res in args.resolutions + [args.backbone_resolution]):
+        raise ValueError(f"resolutions must be multiples of the patch size 16, got {args.resolutions} "
+                         f"and --backbone-resolution {args.backbone_resolution}")
+    peak = _peak_flops(device, args.peak_tflops)
+    cases = [(size, res, False) for res in args.resolutions for size in sizes]
+    if args.backbone_resolution:
+        cases += [(size, args.backbone_resolution, True) for size in backbone_sizes]
+    if not cases:
+        raise ValueError("nothing to measure: give --resolutions or a --backbone-resolution > 0")
+    rows = []
+    for size, resolution, backbone in cases:
+        batch = max(1, tokens_per_step // ((resolution // 16) ** 2 + 1))
+        logger.info("model benchmark: %s at %d px, batch %d%s", size, resolution, batch, " (backbone)" if backbone else "")
+        deit = _measure("deit", size, resolution, batch, backbone, args, device)
+        anchor = _measure("anchorformer", size, resolution, batch, backbone, args, device)
+        ratio = anchor["img_s"] / deit["img_s"]
+        target = TARGET_SPEEDUP.get(resolution)
+        rows.append([
+            size + (" backbone" if backbone else ""), resolution, batch,
+            f"{deit['img_s']:.1f}", f"{anchor['img_s']:.1f}", f"{ratio:.2f}x",
+            f">= {target}x ({'met' if ratio >= target else 'missed'})" if target else "-",
+            f"{deit['flops'] / 1e9:.1f}", f"{anchor['flops'] / 1e9:.1f}", _mfu(deit, peak), _mfu(anchor, peak),
+            anchor["backends"],
+        ])
+    header = ["model", "px", "batch", "DeiT img/s", "AnchorFormer img/s", "ratio", "target",
+              "DeiT GFLOP/img", "AF GFLOP/img", "DeiT MFU", "AF MFU", "AF anchor mix"]
+    peak_note = f"peak {peak / 1e12:.0f} TFLOP/s bf16" if peak else "no peak known (MFU n/a; pass --peak-tflops)"
+    return "\n".join([
+        f"## Training throughput: AnchorFormer vs DeiT ({args.section})",
+        "",
+        f"Device: {machine_description(device)}; {peak_note}. One step = forward + backward + AdamW "
+        f"under bf16 autocast, median of {args.repeats} steps; GFLOP/img = forward + backward; "
+        f"'AF anchor mix' = the backend(s) the anchor layers ran through anchorformer.kernels "
+        f"(requested: {args.backend}; '-': they called the PyTorch anchor_mix directly).",
+        "",
+        markdown_table(header, rows),
+    ])

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# GPU check (issue 7): on a machine with one GPU and no internet, from the project root:
+#     bash ../shared/tools/gpu_wheels.sh     # beforehand, on a machine with internet: fills .whl/
+#     bash tools/gpu_check.sh                # on the GPU machine; about 6-8 minutes on one H100
+# Installs the wheels in .whl/ into a temporary site dir, then runs, each under its own time
+# limit and whatever the others do: nvidia-smi, the kernel tests on the GPU, the anchor-mix
+# backend, attention and model benchmarks (each writes its section of docs/benchmarks.md).
+# Logs go to $GPU_CHECK_LOGS (default: a temporary folder); docs/benchmarks.md and the logs are
+# copied to $OUT when it is set. Exits non-zero when any step failed; summary.txt lists them.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+logs=${GPU_CHECK_LOGS:-$(mktemp -d)}
+mkdir -p "$logs"
+summary="$logs/summary.txt"
+: > "$summary"
+failed=0
+
+# run_step NAME SECONDS COMMAND...: run with a time limit, log its output, record the outcome;
+# returns the command's exit status
+run_step() {
+  local name=$1 limit=$2 start rc
+  shift 2
+  start=$(date +%s)
+  echo "== $name (limit ${limit}s): $*"
+  timeout --kill-after=5 "$limit" "$@" > "$logs/$name.log" 2>&1
+  rc=$?
+  tail -n 25 "$logs/$name.log"
+  if [ "$rc" -eq 0 ]; then
+    echo "ok      $name $(( $(date +%s) - start ))s" | tee -a "$summary"
+  else
+    failed=$((failed + 1))
+    echo "FAILED  $name rc=$rc$([ "$rc" -eq 124 ] && echo ' (timed out)') $(( $(date +%s) - start ))s, see $name.log" \
+      | tee -a "$summary"
+  fi
+  return "$rc"
+}
+
+# step budgets add up to 465 s, under the 8 minutes the check may take on one H100
+export PYTHONPATH="$PWD"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  site=$(mktemp -d)
+  run_step install-wheels 60 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$site" .whl/*.whl && export PYTHONPATH="$site:$PWD"
+else
+  echo "no .whl/*.whl: run 'bash ../shared/tools/gpu_wheels.sh' on a machine with internet first" | tee -a "$summary"
+fi
+
+run_step nvidia-smi 20 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+run_step kernel-tests 90 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_kernels.py
+run_step anchor-mix-backends 75 "$PYTHON" tools/benchmark.py anchor-mix --device cuda
+run_step attention 50 "$PYTHON" tools/benchmark.py attention --device cuda
+run_step model-224 80 "$PYTHON" tools/benchmark.py model --device cuda --resolutions 224 --backbone-resolution 0 --section model-224
+run_step model-384 50 "$PYTHON" tools/benchmark.py model --device cuda --resolutions 384 --backbone-resolution 0 --section model-384
+run_step model-1024 40 "$PYTHON" tools/benchmark.py model --device cuda --resolutions "" --backbone-resolution 1024 --section model-1024
+
+echo "== summary ($failed failed)"
+cat "$summary"
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT/gpu_check_logs"
+  cp "$logs"/*.log "$summary" "$OUT/gpu_check_logs/"
+  [ -f docs/benchmarks.md ] && cp docs/benchmarks.md "$OUT/"
+fi
+exit $((failed > 0))
