@@ -180,7 +180,7 @@ def write_shards(listing: SourceListing, out_dir: str | Path, name: str, *, max_
                 entries[entry.name] = entry
                 bar.update(entry.samples)
         else:
-            with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+            with multiprocessing.Pool(min(workers, len(jobs))) as pool:
                 for entry in pool.imap_unordered(_write_one_shard, jobs):
                     entries[entry.name] = entry
                     bar.update(entry.samples)
