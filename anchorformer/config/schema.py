@@ -76,7 +76,7 @@ class AugmentConfig:
     auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
     """timm auto-augment policy string (e.g. rand-m9-mstd0.5-inc1); null disables."""
     interpolation: str = "bicubic"
-    """Resize interpolation: bilinear, bicubic or random."""
+    """Resize interpolation: bilinear, bicubic, nearest or random."""
     re_prob: float = 0.25
     """Random erasing probability, in [0, 1]; 0 disables."""
     re_mode: Literal["const", "rand", "pixel"] = "pixel"
@@ -101,8 +101,8 @@ class AugmentConfig:
             value = getattr(self, name)
             _require(0.0 <= value <= 1.0, name, f"is a probability in [0, 1], got {value}")
         _require(self.color_jitter >= 0.0, "color_jitter", f"must be >= 0, got {self.color_jitter}")
-        _require(self.interpolation in ("bilinear", "bicubic", "random"), "interpolation",
-                 f"must be one of bilinear, bicubic, random; got {self.interpolation!r}")
+        _require(self.interpolation in ("bilinear", "bicubic", "nearest", "random"), "interpolation",
+                 f"must be one of bilinear, bicubic, nearest, random; got {self.interpolation!r}")
         _require(self.re_count >= 1, "re_count", f"must be >= 1, got {self.re_count}")
         _require(0.0 < self.crop_pct <= 1.0, "crop_pct", f"must be in (0, 1], got {self.crop_pct}")
         _require(all(s > 0 for s in self.std), "std", f"every entry must be > 0, got {self.std}")

@@ -1,13 +1,13 @@
 """Distributed plumbing: launcher detection, process group lifetime and the collectives the
 trainer needs. Nothing outside this package calls torch.distributed directly."""
 from anchorformer.dist.collectives import (
-    all_gather_objects, barrier, broadcast_object, in_lockstep, is_distributed, rank, rng_state,
-    seed_everything, set_rng_state, sum_across_ranks, world_size,
+    all_gather_objects, all_gather_tensor, barrier, broadcast_object, in_lockstep, is_distributed, rank, rng_state,
+    seed_everything, seed_for_step, set_rng_state, sum_across_ranks, world_size,
 )
 from anchorformer.dist.env import DistEnv, detect, init, shutdown, slurm_first_host, slurm_port
 
 __all__ = [
     "DistEnv", "detect", "init", "shutdown", "slurm_first_host", "slurm_port",
-    "is_distributed", "rank", "world_size", "sum_across_ranks", "barrier", "all_gather_objects",
-    "broadcast_object", "in_lockstep", "seed_everything", "rng_state", "set_rng_state",
+    "is_distributed", "rank", "world_size", "sum_across_ranks", "barrier", "all_gather_objects", "all_gather_tensor",
+    "broadcast_object", "in_lockstep", "seed_everything", "seed_for_step", "rng_state", "set_rng_state",
 ]

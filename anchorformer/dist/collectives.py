@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["is_distributed", "rank", "world_size", "sum_across_ranks", "barrier",
-           "all_gather_objects", "broadcast_object", "in_lockstep", "seed_everything",
+           "all_gather_objects", "all_gather_tensor", "broadcast_object", "in_lockstep", "seed_everything", "seed_for_step",
            "rng_state", "set_rng_state"]
 
 T = TypeVar("T")
@@ -88,6 +88,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_for_step(seed: int, step: int) -> None:
+    """Seed torch's generators from (seed, step, rank): dropout and drop-path of a step do not
+    depend on what ran before (data loader start-up draws from the same generator), so a resumed
+    run repeats them exactly; ranks draw differently."""
+    torch.manual_seed((seed * 1_000_003 + step) * 4099 + rank())
+
+
 def rng_state() -> dict[str, Any]:
     """This process's random generator states (for exact resume)."""
     state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
@@ -104,3 +111,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def all_gather_tensor(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """``tensor`` (same shape on every rank) from every rank, in rank order."""
+    if not is_distributed():
+        return [tensor]
+    gathered = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return gathered

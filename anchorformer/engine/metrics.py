@@ -1,0 +1,124 @@
+"""Observability: TensorBoard scalars and text on rank 0, throughput / TFLOP/s / MFU from the
+model's measured FLOPs, device memory."""
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["measure_forward_flops", "peak_memory_gb", "Throughput", "TensorBoardLogger"]
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def measure_forward_flops(model: nn.Module, example: torch.Tensor) -> float:
+    """FLOPs of one forward pass for one sample, counted by torch's FlopCounterMode.
+
+    Args:
+        model: the network (whole, before DeepSpeed partitions it).
+        example: one input sample with its batch dimension (batch size 1).
+
+    Returns:
+        Forward FLOPs per sample (a multiply-add counts 2).
+    """
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(example)
+    model.train(was_training)
+    return float(counter.get_total_flops()) / example.shape[0]
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: allocated CUDA memory on GPU, resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+@dataclass
+class Throughput:
+    """Accumulates step and data-wait time between two log points.
+
+    Args:
+        samples_per_step: global samples per optimizer step (all ranks).
+        flops_per_sample: forward FLOPs of one sample (training counts 3x: forward + backward).
+        world_size: devices sharing the work.
+        peak_tflops: one device's peak TFLOP/s; 0 omits MFU.
+    """
+
+    samples_per_step: int
+    flops_per_sample: float
+    world_size: int
+    peak_tflops: float = 0.0
+    _steps: int = field(default=0, init=False)
+    _data_wait: float = field(default=0.0, init=False)
+    _start: float = field(default_factory=time.perf_counter, init=False)
+
+    def add_step(self, data_wait_s: float) -> None:
+        """Record one optimizer step and the time it waited for data."""
+        self._steps += 1
+        self._data_wait += data_wait_s
+
+    def summary(self) -> dict[str, float]:
+        """Rates since the last summary (then restart the interval)."""
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        steps = max(self._steps, 1)
+        samples_per_s = self._steps * self.samples_per_step / elapsed
+        tflops = 3.0 * self.flops_per_sample * samples_per_s / self.world_size / 1e12
+        result = {"perf/samples_per_s": samples_per_s, "perf/step_time_s": elapsed / steps,
+                  "perf/data_wait_s": self._data_wait / steps, "perf/tflops_per_device": tflops}
+        if self.peak_tflops > 0:
+            result["perf/mfu"] = tflops / self.peak_tflops
+        self._steps, self._data_wait, self._start = 0, 0.0, time.perf_counter()
+        return result
+
+
+class TensorBoardLogger:
+    """TensorBoard event writer of the main rank; a no-op elsewhere or when disabled.
+
+    Args:
+        log_dir: folder for the event files.
+        enabled: write (true on rank 0 with logging.tensorboard).
+    """
+
+    def __init__(self, log_dir: Path, enabled: bool):
+        self._writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only on rank 0
+
+            self._writer = SummaryWriter(log_dir=str(log_dir))
+
+    def scalars(self, values: Mapping[str, float], step: int) -> None:
+        """Write each ``tag: value`` at ``step``."""
+        if self._writer is not None:
+            for tag, value in values.items():
+                self._writer.add_scalar(tag, value, step)
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        """Write a markdown text entry (e.g. the resolved config)."""
+        if self._writer is not None:
+            self._writer.add_text(tag, text, step)
+
+    def flush(self) -> None:
+        """Push buffered events to disk."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+

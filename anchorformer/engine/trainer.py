@@ -1,0 +1,357 @@
+"""The DeepSpeed training loop: build -> (resume) -> train epoch by epoch -> evaluate -> checkpoint.
+
+One optimizer step reads: set lr, then per micro-batch forward / backward / engine.step; at the
+accumulation boundary all ranks agree in one all-reduce on (non-finite loss?, loss sum, stop
+requested?) before the update, so a NaN step is skipped everywhere and a stop request ends every
+rank at the same step.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional
+
+import deepspeed
+import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from anchorformer import dist
+from anchorformer.config import RootConfig, check_world_size, to_dict, to_yaml
+from anchorformer.engine import deepspeed_config
+from anchorformer.engine.checkpoint import Checkpointer, atomic_write_bytes, model_signature
+from anchorformer.engine.ema import ShardedEma
+from anchorformer.engine.metrics import (
+    TensorBoardLogger, Throughput, measure_forward_flops, peak_memory_gb,
+)
+from anchorformer.engine.optim import LrSchedule, build_optimizer, peak_lr, set_lr
+from anchorformer.tasks import Runtime, Task, build_task
+
+__all__ = ["FitResult", "TrainingDiverged", "Trainer"]
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class FitResult:
+    """How :meth:`Trainer.fit` ended."""
+
+    status: Literal["completed", "stopped"]
+    """'completed' (all epochs or train.max_steps) or 'stopped' (request_stop, checkpoint written)."""
+    epoch: int
+    """Epochs fully done."""
+    step: int
+    """Optimizer steps done (skipped non-finite steps included)."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Last evaluation (``eval/top1``, ``eval_ema/top1``, ...) and run totals."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss was NaN/inf for ``train.nonfinite_patience`` optimizer steps in a row."""
+
+
+def resolve_device(choice: str, env: dist.DistEnv) -> torch.device:
+    """The device of this rank: its local GPU under ``cuda`` (or ``auto`` with CUDA), else CPU."""
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=auto")
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
+class Trainer:
+    """Trains ``cfg`` on this rank; every rank of the job builds one.
+
+    Args:
+        cfg: validated configuration.
+        env: this process's place in the job (the process group must be up, see ``dist.init``).
+        task: the task to train; default ``tasks.build_task(cfg, ...)``.
+    """
+
+    def __init__(self, cfg: RootConfig, env: dist.DistEnv, task: Optional[Task] = None):
+        # Order: checks, device, run folder, seed, task + model, engine, EMA, data, resume, loggers.
+        self.cfg, self.env = cfg, env
+        self.accumulation = check_world_size(cfg, env.world_size)
+        self.device = resolve_device(cfg.train.device, env)
+        self.dtype = _DTYPES[cfg.train.precision]
+        self.run_dir = Path(cfg.logging.output_dir) / (cfg.logging.run_name or "run")
+        self._stop_requested = False
+        self._start_time = time.perf_counter()
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.run_dir / "config.yaml", to_yaml(cfg).encode())
+        dist.barrier()
+
+        dist.seed_everything(cfg.train.seed)  # identical initial weights on every rank
+        runtime = Runtime(env=env, device=self.device, dtype=self.dtype)
+        self.task = task if task is not None else build_task(cfg, runtime)
+        model = self.task.build_model()
+        if cfg.train.activation_checkpointing:
+            if not hasattr(model, "set_grad_checkpointing"):
+                raise ValueError(f"train.activation_checkpointing=true but {type(model).__name__} has "
+                                 f"no set_grad_checkpointing(); turn it off for this model")
+            model.set_grad_checkpointing(True)
+        model.to(self.device)  # fp32: DeepSpeed makes the bf16/fp16 copies from these masters
+        self.flops_per_sample = measure_forward_flops(model, self.task.example_input().float())
+        self.signature = model_signature(model, cfg.model.name)
+
+        self.optimizer = build_optimizer(model, cfg.optim)  # the basic optimizer, wrapped per ZeRO stage
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=self.optimizer, dist_init_required=False,
+            config=deepspeed_config.build(cfg, env.world_size))
+        self.ema = ShardedEma(self.engine.module, cfg.train.ema.decay) if cfg.train.ema.enabled else None
+
+        data = self.task.build_data()
+        self.train_stream, self.val_stream = data["train"], data["val"]
+        self.steps_per_epoch = self.train_stream.steps_per_epoch // self.accumulation
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"one epoch has {self.train_stream.steps_per_epoch} micro-batches per rank, fewer than "
+                f"the {self.accumulation} accumulated per step; lower train.global_batch_size")
+        epochs_steps = cfg.schedule.epochs * self.steps_per_epoch
+        self.total_steps = min(epochs_steps, cfg.train.max_steps) if cfg.train.max_steps else epochs_steps
+        self.schedule = LrSchedule.from_config(cfg.schedule, peak_lr(cfg), self.steps_per_epoch,
+                                               epochs_steps)
+
+        self.epoch, self.step = 0, 0
+        self.best_metric: Optional[float] = None
+        self.nonfinite_steps = 0
+        self._nonfinite_in_a_row = 0
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint, env.is_main)
+        self.resumed_from = self._resume()
+
+        self.tensorboard = TensorBoardLogger(self.run_dir / "tensorboard",
+                                             env.is_main and cfg.logging.tensorboard)
+        self.tensorboard.text("config", "```yaml\n" + to_yaml(cfg) + "\n```", self.step)
+        self.throughput = Throughput(cfg.train.global_batch_size, self.flops_per_sample,
+                                     env.world_size, cfg.logging.peak_tflops)
+        logger.info("%s: %.2f M parameters, %.3f GFLOPs/sample forward, %d steps/epoch, %d steps, "
+                    "ZeRO %d, %s, %d x %d x %d accumulation", cfg.model.name,
+                    self.signature["num_params"] / 1e6, self.flops_per_sample / 1e9,
+                    self.steps_per_epoch, self.total_steps, cfg.deepspeed.zero_stage,
+                    cfg.train.precision, cfg.train.micro_batch_size, env.world_size, self.accumulation)
+
+    # ------------------------------------------------------------------ public API
+    def request_stop(self) -> None:
+        """Ask the run to checkpoint and return at the next step boundary (async-signal-safe)."""
+        self._stop_requested = True
+
+    def fit(self) -> FitResult:
+        """Train until all epochs (or ``train.max_steps``) are done, or a stop is requested.
+
+        Returns:
+            How it ended, with the last evaluation.
+
+        Raises:
+            TrainingDiverged: after ``train.nonfinite_patience`` non-finite steps in a row (the last
+                good checkpoint is left as it is).
+        """
+        bar = self.env.is_main and self.cfg.logging.progress_bar
+        with logging_redirect_tqdm() if bar else nullcontext():
+            status, metrics = self._train()
+        result = FitResult(status, self.epoch, self.step, {**metrics, **self._totals()})
+        self._write_summary(result)
+        return result
+
+    def close(self) -> None:
+        """Release the TensorBoard writer and the engine's hooks (the process group stays up)."""
+        self.tensorboard.close()
+        destroy = getattr(self.engine, "destroy", None)
+        if destroy is not None:
+            destroy()
+
+    def evaluate(self) -> dict[str, float]:
+        """Evaluate the model (and its EMA) on the validation stream; log and return the metrics."""
+        metrics = {f"eval/{k}": v for k, v in self.task.evaluate(self.engine, self.val_stream).items()}
+        if self.ema is not None:
+            with self.ema.swapped_in():
+                ema = self.task.evaluate(self.engine, self.val_stream)
+            metrics.update({f"eval_ema/{k}": v for k, v in ema.items()})
+        skipped = self.val_stream.skip_counts() if hasattr(self.val_stream, "skip_counts") else {}
+        metrics.update({f"data/val_skipped_{k}": float(v) for k, v in skipped.items()})
+        main = metrics[f"eval/{self.task.main_metric}"]
+        if self.best_metric is None or main > self.best_metric:
+            self.best_metric = main
+        metrics[f"eval/best_{self.task.main_metric}"] = self.best_metric
+        self.tensorboard.scalars(metrics, self.step)
+        self.tensorboard.flush()
+        logger.info("epoch %d step %d: %s", self.epoch, self.step,
+                    ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("eval")))
+        return metrics
+
+    # ------------------------------------------------------------------ loop
+    def _train(self) -> tuple[Literal["completed", "stopped"], dict[str, float]]:
+        metrics: dict[str, float] = {}
+        epochs = self.cfg.schedule.epochs
+        while self.epoch < epochs and self.step < self.total_steps:
+            if not self._train_epoch():
+                break
+            self.epoch += 1
+            if self.epoch % self.cfg.train.eval_every_epochs == 0 or self.epoch == epochs:
+                metrics = self.evaluate()
+            if self.cfg.checkpoint.at_epoch_end:
+                self._save()
+        if self._stop_requested:
+            self._save()
+            logger.info("stopped at step %d on request; checkpoint in %s", self.step,
+                        self.checkpointer.directory)
+            return "stopped", metrics
+        if not metrics or self.step % self.steps_per_epoch:
+            metrics = self.evaluate()  # ended mid-epoch by train.max_steps, or resumed at the end
+        if not (self.cfg.checkpoint.at_epoch_end and self.step % self.steps_per_epoch == 0):
+            self._save()
+        return "completed", metrics
+
+    def _train_epoch(self) -> bool:
+        """Run the rest of the current epoch; False when a stop or max_steps interrupted it."""
+        self.train_stream.set_epoch(self.epoch)
+        done = self.step - self.epoch * self.steps_per_epoch
+        remaining = min(self.steps_per_epoch - done, self.total_steps - self.step)
+        batches = iter(self.train_stream)
+        bar = tqdm(total=self.steps_per_epoch, initial=done, desc=f"epoch {self.epoch}",
+                   disable=not (self.env.is_main and self.cfg.logging.progress_bar),
+                   dynamic_ncols=True, leave=False)
+        losses: list[float] = []
+        try:
+            for _ in range(remaining):
+                loss, stop = self._train_step(batches)
+                losses.append(loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.3g}")
+                if self.step % self.cfg.logging.every_steps == 0:
+                    self._log_train(losses)
+                    losses = []
+                if stop:
+                    return False
+                if self.checkpointer.due(self.step):
+                    self._save()
+        finally:
+            bar.close()
+        return self.step - self.epoch * self.steps_per_epoch == self.steps_per_epoch
+
+    def _train_step(self, batches: Iterator[Any]) -> tuple[float, bool]:
+        """One optimizer step over ``accumulation`` micro-batches; returns (mean loss, stop?)."""
+        dist.seed_for_step(self.cfg.train.seed, self.step)  # dropout / drop-path resume exactly
+        set_lr(self.optimizer, self.schedule(self.step))
+        self.engine.train()
+        nonfinite = torch.zeros((), device=self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        data_wait = 0.0
+        for micro in range(self.accumulation):
+            start = time.perf_counter()
+            batch = next(batches)
+            data_wait += time.perf_counter() - start
+            loss, _ = self.task.training_loss(self.engine, batch)
+            finite = torch.isfinite(loss.detach())
+            nonfinite += (~finite).float()
+            loss_sum += torch.where(finite, loss.detach().float(), torch.zeros_like(loss_sum))
+            self.engine.backward(loss)
+            if micro == self.accumulation - 1:
+                # One all-reduce: did any rank see a non-finite loss, the loss sum, a stop request.
+                stop = torch.tensor(float(self._stop_requested), device=self.device)
+                agreed = dist.sum_across_ranks(torch.stack([nonfinite, loss_sum, stop])).tolist()
+                self.optimizer.skip_step = agreed[0] > 0
+            self.engine.step()
+        skipped = self.optimizer.skip_step
+        self.optimizer.skip_step = False
+        self.step += 1
+        self.throughput.add_step(data_wait)
+        if skipped:
+            self._count_nonfinite()
+        else:
+            self._nonfinite_in_a_row = 0
+            if self.ema is not None and self.step % self.cfg.train.ema.every_steps == 0:
+                self.ema.update()
+        mean_loss = float("nan") if skipped else agreed[1] / (self.accumulation * self.env.world_size)
+        return mean_loss, agreed[2] > 0
+
+    def _count_nonfinite(self) -> None:
+        self.nonfinite_steps += 1
+        self._nonfinite_in_a_row += 1
+        logger.warning("step %d: non-finite loss on some rank; update skipped (%d in a row, %d total)",
+                       self.step, self._nonfinite_in_a_row, self.nonfinite_steps)
+        if self._nonfinite_in_a_row >= self.cfg.train.nonfinite_patience:
+            raise TrainingDiverged(
+                f"the loss was NaN/inf for {self._nonfinite_in_a_row} steps in a row (up to step "
+                f"{self.step}); stopping with the last good checkpoint in {self.checkpointer.directory} "
+                f"untouched. Lower optim.lr, set train.grad_clip, or raise train.nonfinite_patience")
+
+    def _log_train(self, losses: list[float]) -> None:
+        finite = [x for x in losses if x == x]
+        values = {
+            "train/loss": sum(finite) / len(finite) if finite else float("nan"),
+            "train/lr": self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_scale", 1.0),
+            "train/epoch": self.epoch + (self.step - self.epoch * self.steps_per_epoch) / self.steps_per_epoch,
+            "train/nonfinite_steps": float(self.nonfinite_steps),
+            "memory/peak_gb": peak_memory_gb(self.device),
+            **self.throughput.summary(),
+        }
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            values["train/grad_norm"] = float(grad_norm)
+        skips = self.train_stream.skip_counts()
+        values.update({f"data/skipped_{reason}": float(n) for reason, n in skips.items()})
+        self.tensorboard.scalars(values, self.step)
+        if self.env.is_main:
+            logger.info("step %d/%d loss %.4f lr %.3g %.0f samples/s %.2f TFLOP/s/device data wait %.3fs",
+                        self.step, self.total_steps, values["train/loss"], values["train/lr"],
+                        values["perf/samples_per_s"], values["perf/tflops_per_device"],
+                        values["perf/data_wait_s"])
+
+    # ------------------------------------------------------------------ checkpoints
+    def _meta(self) -> dict[str, Any]:
+        return {**self.signature, "zero_stage": self.cfg.deepspeed.zero_stage,
+                "world_size": self.env.world_size, "step": self.step, "epoch": self.epoch}
+
+    def _save(self) -> None:
+        client_state = {"epoch": self.epoch, "step": self.step, "best_metric": self.best_metric,
+                        "nonfinite_steps": self.nonfinite_steps, "config": to_dict(self.cfg)}
+        rank_state = {"data": self.train_stream.state_dict(), "rng": dist.rng_state(),
+                      "ema": self.ema.state_dict(is_main=False) if self.ema is not None else None}
+        shared_state = {"ema": self.ema.state_dict(is_main=True) if self.ema is not None else None}
+        self.checkpointer.save(self.engine, self.step, client_state, self._meta(), rank_state,
+                               shared_state if self.env.is_main else {})
+
+    def _resume(self) -> Optional[Path]:
+        tag_dir = self.checkpointer.find(self.cfg.train.resume)
+        if tag_dir is None:
+            return None
+        self.checkpointer.check(tag_dir, self._meta())
+        client, own, shared = self.checkpointer.load(self.engine, tag_dir)
+        self.epoch, self.step = int(client["epoch"]), int(client["step"])
+        self.best_metric = client["best_metric"]
+        self.nonfinite_steps = int(client["nonfinite_steps"])
+        self.train_stream.load_state_dict(own["data"])
+        dist.set_rng_state(own["rng"])
+        if self.ema is not None:
+            if own.get("ema") is None or shared.get("ema") is None:
+                raise ValueError(f"{tag_dir} has no EMA state but train.ema.enabled=true; resume "
+                                 f"with train.ema.enabled=false or from a run that kept an EMA")
+            self.ema.load_state_dict(own["ema"], shared["ema"])
+        return tag_dir
+
+    # ------------------------------------------------------------------ summary
+    def _totals(self) -> dict[str, float]:
+        totals = {"run/nonfinite_steps": float(self.nonfinite_steps),
+                  "run/elapsed_s": time.perf_counter() - self._start_time,
+                  "run/flops_per_sample": self.flops_per_sample}
+        if self.best_metric is not None:
+            totals[f"run/best_{self.task.main_metric}"] = self.best_metric
+        totals.update({f"data/skipped_{k}": float(v) for k, v in self.train_stream.skip_counts().items()})
+        return totals
+
+    def _write_summary(self, result: FitResult) -> None:
+        if not self.env.is_main:
+            return
+        summary = {**asdict(result), "run_dir": str(self.run_dir),
+                   "tensorboard": str(self.run_dir / "tensorboard"),
+                   "checkpoints": str(self.checkpointer.directory),
+                   "resumed_from": str(self.resumed_from) if self.resumed_from else None}
+        atomic_write_bytes(self.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
+

@@ -1,0 +1,166 @@
+"""Image classification (ImageNet-style pre-training and fine-tuning): a timm model, the shard
+streams of ``anchorformer.data``, cross-entropy with mixup / label smoothing / distillation, and
+top-1 / top-5 evaluation."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import anchorformer.models  # noqa: F401  (registers the anchorformer_* models with timm)
+from anchorformer import data as shards
+from anchorformer.config import RootConfig
+from anchorformer.dist import in_lockstep, sum_across_ranks
+from anchorformer.engine.losses import ClassificationLoss, load_teacher
+from anchorformer.tasks.base import Runtime
+
+__all__ = ["ClassificationTask", "load_pretrained"]
+
+logger = logging.getLogger(__name__)
+
+
+def load_pretrained(model: nn.Module, path: str) -> None:
+    """Load weights from ``path`` (safetensors, .pt, .pth, DeepSpeed fp32 export) into ``model``
+    through its family's ``checkpoint_filter_fn`` (pos_embed resized). A classifier of another
+    shape (e.g. 21k -> 1k classes) is left at its fresh initialisation.
+
+    Raises:
+        ValueError: when the file is missing or holds another architecture.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"model.pretrained_checkpoint={path!r} does not exist")
+    state = timm.models.load_state_dict(str(file))
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state = filter_fn(state, model)
+    expected = model.state_dict()
+    fresh = [k for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    for key in fresh:
+        del state[key]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    not_classifier = [k for k in missing if k not in fresh]
+    if not_classifier or unexpected:
+        raise ValueError(f"model.pretrained_checkpoint={path!r} does not fit {type(model).__name__}: "
+                         f"missing {not_classifier}, unexpected {unexpected}")
+    logger.info("loaded %s (%d tensors; re-initialised: %s)", path, len(state), fresh or "none")
+
+
+class ClassificationTask:
+    """Classification on webdataset shards (or the embedded digits).
+
+    Args:
+        cfg: the run's configuration.
+        runtime: device, dtype and distributed environment.
+    """
+
+    main_metric = "top1"
+
+    def __init__(self, cfg: RootConfig, runtime: Runtime):
+        self.cfg = cfg
+        self.runtime = runtime
+        teacher = load_teacher(cfg.loss, cfg.model.num_classes, runtime.device, runtime.dtype)
+        self.loss = ClassificationLoss(cfg.loss, teacher)
+
+    def build_model(self) -> nn.Module:
+        """``timm.create_model(model.name, ...)`` with the config's overrides."""
+        m = self.cfg.model
+        try:
+            model = timm.create_model(m.name, num_classes=m.num_classes, img_size=m.img_size,
+                                      drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate,
+                                      **m.kwargs)
+        except RuntimeError as err:
+            if "Unknown model" not in str(err):
+                raise
+            raise ValueError(f"model.name={m.name!r} is not a timm model; e.g. "
+                             f"{timm.list_models('anchorformer*')[:4]}") from err
+        if m.pretrained_checkpoint:
+            load_pretrained(model, m.pretrained_checkpoint)
+        if self.cfg.loss.distillation != "none":
+            if not hasattr(model, "set_distilled_training"):
+                raise ValueError(f"loss.distillation={self.cfg.loss.distillation} needs a model with a "
+                                 f"distillation token (e.g. anchorformer_tiny_distilled_patch16_224), "
+                                 f"not {m.name}")
+            model.set_distilled_training(True)
+        return model
+
+    def example_input(self) -> torch.Tensor:
+        size = self.cfg.model.img_size
+        channels = self.cfg.model.kwargs.get("in_chans", 3)
+        return torch.zeros(1, channels, size, size, device=self.runtime.device, dtype=self.runtime.dtype)
+
+    def build_data(self) -> dict[str, Any]:
+        """Train and validation streams of this rank (the embedded digits are built on first use)."""
+        d, env = self.cfg.data, self.runtime.env
+        if d.source == "embedded":
+            embedded = shards.prepare_embedded_dataset(d.cache_dir, image_size=d.image_size)
+            train, val = embedded.train_shards, embedded.val_shards
+            train_index, val_index = embedded.train_index, embedded.val_index
+        else:
+            train, val, train_index, val_index = d.train_shards, d.val_shards, d.train_index, d.val_index
+        a = d.augment
+        common = dict(num_classes=self.cfg.model.num_classes, rank=env.rank, world_size=env.world_size,
+                      micro_batch_size=self.cfg.train.micro_batch_size, num_workers=d.num_workers,
+                      pin_memory=self.runtime.device.type == "cuda")
+        mixup = None
+        if d.mixup.enabled:
+            mixup = shards.MixupConfig(mixup_alpha=d.mixup.mixup_alpha, cutmix_alpha=d.mixup.cutmix_alpha,
+                                       prob=d.mixup.prob, switch_prob=d.mixup.switch_prob,
+                                       mode=d.mixup.mode, label_smoothing=self.cfg.loss.label_smoothing)
+        train_stream = shards.build_train_stream(
+            train, index=train_index, seed=self.cfg.train.seed, mixup=mixup,
+            shuffle_buffer=d.shuffle_buffer, repeated_aug=d.repeated_aug,
+            transform=shards.TrainTransformConfig(
+                image_size=d.image_size, scale=a.scale, ratio=a.ratio, hflip=a.hflip,
+                color_jitter=a.color_jitter, auto_augment=a.auto_augment,
+                interpolation=a.interpolation, re_prob=a.re_prob, re_mode=a.re_mode,
+                re_count=a.re_count, three_augment=a.three_augment, mean=a.mean, std=a.std),
+            **common)
+        val_stream = shards.build_val_stream(
+            val, index=val_index,
+            transform=shards.EvalTransformConfig(
+                image_size=d.image_size, crop_pct=a.crop_pct,
+                interpolation="bicubic" if a.interpolation == "random" else a.interpolation,
+                mean=a.mean, std=a.std),
+            **common)
+        return {"train": train_stream, "val": val_stream}
+
+    def _to_device(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.runtime.device
+        return (images.to(device, dtype=self.runtime.dtype, non_blocking=True),
+                targets.to(device, non_blocking=True))
+
+    def training_loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        images, targets = self._to_device(*batch[:2])
+        return self.loss(model(images), targets, images), {}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, val: Iterable[Any]) -> dict[str, float]:
+        """Top-1 / top-5 accuracy (%) and mean cross-entropy over all ranks' validation samples."""
+        model.eval()
+        device = self.runtime.device
+        k = min(5, self.cfg.model.num_classes)
+        totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, top1, topk, count
+        filler = (self.example_input().cpu().float(), torch.zeros(1, dtype=torch.long))
+        for batch, real in in_lockstep(val, filler, device):
+            images, targets = self._to_device(*batch[:2])
+            logits = model(images).float()
+            if not real:
+                continue  # forward run only to keep ZeRO-3's weight gathers in step with other ranks
+            top = logits.topk(k, dim=-1).indices
+            hits = top.eq(targets[:, None])
+            totals += torch.stack([F.cross_entropy(logits, targets, reduction="sum").double(),
+                                   hits[:, 0].sum().double(), hits.any(dim=-1).sum().double(),
+                                   torch.tensor(float(len(targets)), device=device, dtype=torch.float64)])
+        loss_sum, top1, topk, count = sum_across_ranks(totals).tolist()
+        model.train()
+        if count == 0:
+            raise ValueError("the validation stream yielded no samples on any rank; check data.val_shards")
+        return {"top1": 100.0 * top1 / count, f"top{k}": 100.0 * topk / count,
+                "loss": loss_sum / count, "samples": count}

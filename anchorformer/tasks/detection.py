@@ -1,0 +1,208 @@
+"""Detection stage: AnchorFormer backbone -> simple feature pyramid -> torchvision Mask R-CNN heads,
+trained on COCO-format data and evaluated with pycocotools (bbox and segm AP).
+
+A plain ViT with anchor attention stays global at 1024 px (O(n*m) instead of O(n^2)), where
+ViTDet needs windowed attention. Augmentation is the classic multi-scale training (the shorter
+side drawn from ``train_scales``, the longer side capped at ``image_size``) plus horizontal flips;
+evaluation uses the largest scale. Boxes and masks come back at the original image size.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+
+from anchorformer.data.coco import CocoInstances, DetectionBatch
+from anchorformer.dist import collectives
+from anchorformer.tasks.backbone import AnchorFormerBackbone
+
+__all__ = ["build_detector", "detection_loss", "move_batch", "predict_coco_results", "coco_metrics",
+           "evaluate_detection"]
+
+logger = logging.getLogger(__name__)
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+_AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def build_detector(model_name: str, num_classes: int, image_size: int, train_scales: Sequence[int],
+                   weights: Optional[str] = None, model_kwargs: Optional[Dict[str, Any]] = None,
+                   out_channels: int = 256, mask_head_channels: int = 256, rois_per_image: int = 512,
+                   detections_per_image: int = 100,
+                   mean: Sequence[float] = _IMAGENET_MEAN, std: Sequence[float] = _IMAGENET_STD) -> MaskRCNN:
+    """Mask R-CNN on an AnchorFormer backbone.
+
+    Args:
+        model_name: timm name of the backbone (``anchorformer_base_patch16_224``).
+        num_classes: object categories, without background.
+        image_size: longest image side after resizing, in pixels; also the backbone's pos_embed
+            size.
+        train_scales: shorter-side sizes drawn at random in training; the last is used in
+            evaluation.
+        weights: backbone export from ``tools/convert_checkpoint.py`` (None: random init).
+        model_kwargs: architecture overrides for ``timm.create_model``.
+        out_channels: channels of the feature pyramid (and of the box head's input).
+        mask_head_channels: width of the mask head's four 3x3 convolutions.
+        rois_per_image: region proposals sampled per image for the box and mask heads in training.
+        detections_per_image: detections kept per image at inference.
+        mean: per-channel mean of the backbone's pre-training (RGB, [0, 1] units).
+        std: per-channel std of the backbone's pre-training.
+
+    Returns:
+        A torchvision ``MaskRCNN``: ``model(images, targets)`` gives a dict of losses in training
+        mode, ``model(images)`` a list of detections in eval mode.
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1 object category, got {num_classes}")
+    if not train_scales or min(train_scales) < 32 or max(train_scales) > image_size:
+        raise ValueError(f"train_scales must be shorter-side sizes in [32, image_size={image_size}], "
+                         f"got {list(train_scales)}")
+    backbone = AnchorFormerBackbone(model_name, img_size=image_size, out_channels=out_channels,
+                                    extra_pool_level=True, weights=weights, model_kwargs=model_kwargs)
+    # Box head: torchvision's default two 1024-wide fully connected layers.
+    return MaskRCNN(backbone, num_classes=None, box_predictor=FastRCNNPredictor(1024, num_classes + 1),
+                    min_size=tuple(train_scales), max_size=image_size,
+                    image_mean=list(mean), image_std=list(std), box_detections_per_img=detections_per_image,
+                    box_batch_size_per_image=rois_per_image,
+                    mask_head=MaskRCNNHeads(out_channels, (mask_head_channels,) * 4, dilation=1),
+                    mask_predictor=MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes + 1))
+
+
+def move_batch(batch: DetectionBatch, device: torch.device) -> Tuple[List[torch.Tensor], List[Dict[str, torch.Tensor]]]:
+    """Images and targets of a batch on ``device``."""
+    images = [image.to(device, non_blocking=True) for image in batch.images]
+    targets = [{key: value.to(device, non_blocking=True) for key, value in target.items()} for target in batch.targets]
+    return images, targets
+
+
+def detection_loss(model: nn.Module, batch: DetectionBatch, device: torch.device
+                   ) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """Mask R-CNN's training loss (RPN + box + mask terms, summed) on one batch.
+
+    Args:
+        model: the detector in training mode (or the DeepSpeed engine wrapping it).
+        batch: a batch from :func:`anchorformer.data.coco.collate_detection`.
+        device: where the model lives.
+
+    Returns:
+        The total loss and each term as a float, for logging.
+    """
+    images, targets = move_batch(batch, device)
+    losses = model(images, targets)
+    total = sum(losses.values())
+    return total, {name: float(value.detach()) for name, value in losses.items()}
+
+
+@torch.no_grad()
+def predict_coco_results(model: nn.Module, batches: Iterable[DetectionBatch], dataset: CocoInstances,
+                         device: torch.device, mask_threshold: float = 0.5) -> List[Dict[str, Any]]:
+    """Run the detector and return COCO result records (bbox in xywh, segmentation as RLE).
+
+    Args:
+        model: the detector; it is put in eval mode.
+        batches: evaluation batches (this rank's share).
+        dataset: the reader, for mapping labels back to category ids.
+        device: where the model lives.
+        mask_threshold: probability above which a mask pixel is foreground.
+
+    Returns:
+        One dict per detection: ``image_id``, ``category_id``, ``bbox``, ``score``, ``segmentation``.
+    """
+    model.eval()
+    results: List[Dict[str, Any]] = []
+    # Ranks hold different numbers of images; under ZeRO-3 each forward gathers weights on every
+    # rank, so a rank that ran out keeps stepping on a blank image until all are done.
+    blank = DetectionBatch(images=[torch.zeros(3, 64, 64)], targets=[{}], skipped=0)
+    for batch, real in collectives.in_lockstep(batches, blank, device):
+        images, targets = move_batch(batch, device)
+        outputs = model(images)
+        if real:
+            for target, output in zip(targets, outputs):
+                results.extend(_to_coco_records(int(target["image_id"]), output, dataset, mask_threshold))
+    return results
+
+
+def _to_coco_records(image_id: int, output: Dict[str, torch.Tensor], dataset: CocoInstances,
+                     mask_threshold: float) -> List[Dict[str, Any]]:
+    boxes = output["boxes"].cpu()
+    boxes[:, 2:] -= boxes[:, :2]
+    masks = (output["masks"][:, 0] > mask_threshold).cpu().numpy().astype(np.uint8)
+    records = []
+    for box, score, label, mask in zip(boxes.tolist(), output["scores"].tolist(), output["labels"].tolist(), masks):
+        rle = mask_utils.encode(np.asfortranarray(mask))
+        rle["counts"] = rle["counts"].decode("ascii")
+        records.append({"image_id": image_id, "category_id": dataset.category_id(label), "bbox": box,
+                        "score": score, "segmentation": rle})
+    return records
+
+
+def coco_metrics(annotation_file: str | Path, results: List[Dict[str, Any]], image_ids: Sequence[int]
+                 ) -> Dict[str, float]:
+    """bbox and segm AP (in %) of ``results`` against the ground truth, over ``image_ids``.
+
+    Args:
+        annotation_file: the instances JSON of the evaluated images.
+        results: COCO result records from every rank.
+        image_ids: the images that were evaluated.
+
+    Returns:
+        ``bbox_AP``, ``bbox_AP50``, ``bbox_AP75``, ``bbox_APs/m/l`` and the same for ``segm_``;
+        0 for every entry when there is no detection at all.
+    """
+    quiet = io.StringIO()
+    with contextlib.redirect_stdout(quiet):
+        ground_truth = COCO(str(annotation_file))
+    metrics: Dict[str, float] = {}
+    for iou_type in ("bbox", "segm"):
+        if not results:
+            metrics.update({f"{iou_type}_{name}": 0.0 for name in _AP_NAMES})
+            continue
+        with contextlib.redirect_stdout(quiet):
+            evaluator = COCOeval(ground_truth, ground_truth.loadRes(results), iou_type)
+            evaluator.params.imgIds = sorted(image_ids)
+            evaluator.evaluate()
+            evaluator.accumulate()
+        summary = io.StringIO()
+        with contextlib.redirect_stdout(summary):
+            evaluator.summarize()
+        logger.info("COCO %s evaluation:\n%s", iou_type, summary.getvalue().rstrip())
+        # COCOeval reports -1 for an area range without ground truth: shown as 0.
+        metrics.update({f"{iou_type}_{name}": max(float(value), 0.0) * 100.0
+                        for name, value in zip(_AP_NAMES, evaluator.stats)})
+    return metrics
+
+
+def evaluate_detection(model: nn.Module, batches: Iterable[DetectionBatch], dataset: CocoInstances,
+                       device: torch.device) -> Dict[str, float]:
+    """Detect on this rank's share of the validation set, gather every rank's records, and score
+    them with COCOeval on rank 0 (the metrics are broadcast, so every rank returns them).
+
+    Args:
+        model: the detector (unwrapped module).
+        batches: this rank's evaluation batches; together the ranks cover the set once.
+        dataset: the evaluation reader.
+        device: where the model lives.
+
+    Returns:
+        The metrics of :func:`coco_metrics`; the main one is ``bbox_AP``.
+    """
+    results = predict_coco_results(model, batches, dataset, device)
+    gathered = collectives.all_gather_objects(results)
+    metrics = None
+    if collectives.rank() == 0:
+        merged = [record for records in gathered for record in records]
+        metrics = coco_metrics(dataset.annotation_file, merged, [image["id"] for image in dataset.images])
+    return collectives.broadcast_object(metrics)

@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""Train from a recipe; the same command line under every launcher:
+
+    python launch/train.py configs/demo.yaml                                 # one process
+    torchrun --nproc_per_node 8 launch/train.py configs/in1k_tiny.yaml       # one box
+    deepspeed --num_gpus 8 launch/train.py configs/in1k_tiny.yaml            # (--hostfile for more)
+    srun --ntasks-per-node 8 python launch/train.py configs/in21k_base.yaml  # SLURM step
+
+Overrides follow the recipe as ``section.key=value`` (``optim.lr=1e-3 train.resume=none``);
+``--help-config`` lists every key with its help text.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from anchorformer import config  # noqa: E402
+from anchorformer.dist import detect  # noqa: E402
+from anchorformer.engine import run_training  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="?", help="recipe YAML, e.g. configs/demo.yaml")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)  # passed by the deepspeed launcher; read by dist.detect
+    args = parser.parse_args(argv)
+    if args.help_config:
+        print("\n".join(config.describe()))
+        return 0
+    if args.config is None:
+        parser.error("a recipe YAML is required (e.g. configs/demo.yaml)")
+
+    env = detect()
+    logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {env.rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if env.backend == "nccl" else "cpu")
+    try:
+        cfg = config.load(args.config, args.overrides)
+    except config.ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    result = run_training(cfg, env=env)
+    if env.rank == 0:
+        run_dir = Path(cfg.logging.output_dir) / (cfg.logging.run_name or "run")
+        metrics = result.metrics
+        top1 = metrics.get("eval/top1")
+        print(f"\n{result.status}: epoch {result.epoch}, step {result.step}"
+              + (f", validation top-1 {top1:.2f}%" if top1 is not None else "")
+              + (f" (EMA {metrics['eval_ema/top1']:.2f}%)" if "eval_ema/top1" in metrics else ""))
+        print(f"run folder:  {run_dir}  (config.yaml, summary.json, checkpoints/)")
+        print(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
