@@ -118,8 +118,14 @@ def _local_path(url: str) -> str:
 
 
 def _count_tar_samples(path: str) -> int:
-    with tarfile.open(path, "r") as tar:
-        return len({base_plus_ext(member.name)[0] for member in tar if member.isreg()})
+    """Samples (distinct keys) in a local tar; a damaged tar counts those before the damage."""
+    keys = set()
+    try:
+        with tarfile.open(path, "r") as tar:
+            keys.update(base_plus_ext(member.name)[0] for member in tar if member.isreg())
+    except (tarfile.TarError, OSError) as exn:
+        _logger.warning("shard %s is damaged (%r): counted the %d samples before the damage", path, exn, len(keys))
+    return len(keys)
 
 
 def _shard_file_name(url: str) -> str:

@@ -1,0 +1,182 @@
+"""The train/val shard streams with real JPEG shards and real DataLoader workers: disjoint
+coverage across 2 ranks x 2 workers, equal step counts, exact resume, repeated augmentation,
+validation exactly once, and bad input skipped and counted or stopped with a named message."""
+import json
+import random
+from collections import Counter
+
+import pytest
+import torch
+from data_fixtures import digit_jpeg, write_jpeg_shards, write_raw_tar
+
+from anchorformer.data import (EvalTransformConfig, MixupConfig, TrainTransformConfig, build_train_stream,
+                               build_val_stream)
+
+NUM_CLASSES = 10
+TRAIN_TRANSFORM = TrainTransformConfig(image_size=16, scale=(0.5, 1.0), re_prob=0.25)
+EVAL_TRANSFORM = EvalTransformConfig(image_size=16, crop_pct=1.0)
+
+
+@pytest.fixture(scope="module")
+def even_shards(tmp_path_factory):
+    """64 training samples in 8 shards of 8."""
+    return write_jpeg_shards(tmp_path_factory.mktemp("even"), "train", count=64, per_shard=8)
+
+
+@pytest.fixture(scope="module")
+def uneven_shards(tmp_path_factory):
+    """50 samples in shards of 7 (the last holds 1)."""
+    return write_jpeg_shards(tmp_path_factory.mktemp("uneven"), "val", count=50, per_shard=7)
+
+
+def _train(shards, *, rank=0, world_size=1, num_workers=2, batch=4, seed=3, mixup=None, repeated_aug=1,
+           shuffle_buffer=16):
+    pattern, index = shards
+    return build_train_stream(pattern, index=index, num_classes=NUM_CLASSES, rank=rank, world_size=world_size,
+                              micro_batch_size=batch, num_workers=num_workers, seed=seed, transform=TRAIN_TRANSFORM,
+                              mixup=mixup, shuffle_buffer=shuffle_buffer, repeated_aug=repeated_aug, return_keys=True)
+
+
+def _val(shards, *, rank=0, world_size=1, num_workers=2, batch=4, index="from-shards", num_classes=NUM_CLASSES):
+    pattern, index_path = shards
+    return build_val_stream(pattern, index=index_path if index == "from-shards" else index, num_classes=num_classes,
+                            rank=rank, world_size=world_size, micro_batch_size=batch, num_workers=num_workers,
+                            transform=EVAL_TRANSFORM, return_keys=True)
+
+
+def _keys(stream) -> list[str]:
+    return [key for _, _, keys in stream for key in keys]
+
+
+def test_two_ranks_two_workers_cover_the_epoch_disjointly_with_equal_steps(even_shards):
+    streams = [_train(even_shards, rank=rank, world_size=2) for rank in range(2)]
+    assert [stream.steps_per_epoch for stream in streams] == [8, 8]
+    per_rank = []
+    for stream in streams:
+        batches = list(stream)
+        assert len(batches) == 8
+        images, targets, _ = batches[0]
+        assert images.shape == (4, 3, 16, 16) and images.dtype == torch.float32 and targets.dtype == torch.int64
+        per_rank.append([key for _, _, keys in batches for key in keys])
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == [f"train_{i:04d}" for i in range(64)]
+    streams[0].set_epoch(1)
+    next_epoch = _keys(streams[0])
+    assert len(next_epoch) == 32 and next_epoch != per_rank[0]
+
+
+def test_uneven_shards_still_give_every_rank_the_same_steps(uneven_shards):
+    counts = [len(list(_train(uneven_shards, rank=rank, world_size=2, batch=3))) for rank in range(2)]
+    assert counts == [50 // 6, 50 // 6]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_at_a_random_point_reproduces_the_uninterrupted_batches(even_shards, num_workers):
+    mixup = MixupConfig(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
+    uninterrupted = list(_train(even_shards, rank=1, world_size=2, num_workers=num_workers, mixup=mixup))
+    stop = random.Random(num_workers).randrange(1, 7)
+    first = _train(even_shards, rank=1, world_size=2, num_workers=num_workers, mixup=mixup)
+    before = [batch for _, batch in zip(range(stop), first)]
+    state = json.loads(json.dumps(first.state_dict()))
+    assert state["epoch"] == 0 and state["batches"] == stop
+    resumed = _train(even_shards, rank=1, world_size=2, num_workers=num_workers, mixup=mixup)
+    resumed.load_state_dict(state)
+    after = list(resumed)
+    assert len(before) + len(after) == len(uninterrupted) == 8
+    for expected, got in zip(uninterrupted, before + after):
+        assert expected[2] == got[2]
+        assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
+    assert got[1].shape == (4, NUM_CLASSES)
+
+
+def test_resume_rejects_changed_settings(even_shards):
+    stream = _train(even_shards, num_workers=2)
+    state = stream.state_dict()
+    with pytest.raises(ValueError, match="num_workers: saved 2, now 1"):
+        _train(even_shards, num_workers=1).load_state_dict(state)
+
+
+def test_repeated_augmentation_shows_each_image_on_two_ranks_differently(even_shards):
+    ranks = [list(_train(even_shards, rank=rank, world_size=2, repeated_aug=2)) for rank in range(2)]
+    assert [keys for _, _, keys in ranks[0]] == [keys for _, _, keys in ranks[1]]
+    assert not torch.equal(ranks[0][0][0], ranks[1][0][0])
+    assert len(ranks[0]) == 8
+
+
+def test_validation_sees_each_sample_exactly_once_across_ranks_and_workers(uneven_shards):
+    streams = [_val(uneven_shards, rank=rank, world_size=2) for rank in range(2)]
+    assert sum(stream.num_samples for stream in streams) == 50
+    seen = Counter()
+    for stream in streams:
+        keys = []
+        for images, targets, batch_keys in stream:
+            assert images.shape[1:] == (3, 16, 16)
+            assert targets.tolist() == [int(key.split("_")[1]) % NUM_CLASSES for key in batch_keys]
+            keys += batch_keys
+        assert len(keys) == stream.num_samples
+        seen.update(keys)
+    assert seen == Counter(f"val_{i:04d}" for i in range(50))
+
+
+def _damaged_shards(folder):
+    """Three shards: a corrupt JPEG and a sample without cls among good ones, and a truncated tar."""
+    good = [(f"ok_{i}", digit_jpeg(i)) for i in range(6)]
+    write_raw_tar(folder / "bad-000000.tar", [
+        ("ok_0.jpg", good[0][1]), ("ok_0.cls", b"0"),
+        ("corrupt.jpg", b"\xff\xd8\xff\xe0 this is not a jpeg"), ("corrupt.cls", b"1"),
+        ("nolabel.jpg", good[1][1]),
+        ("ok_1.jpg", good[1][1]), ("ok_1.cls", b"1")])
+    write_raw_tar(folder / "bad-000001.tar", [(f"{key}.{ext}", data if ext == "jpg" else str(i).encode())
+                                              for i, (key, data) in enumerate(good[2:]) for ext in ("jpg", "cls")])
+    truncated = folder / "bad-000002.tar"
+    write_raw_tar(truncated, [(f"t_{i}.{ext}", digit_jpeg(10 + i, size=64) if ext == "jpg" else b"2")
+                              for i in range(4) for ext in ("jpg", "cls")])
+    data = truncated.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    return str(folder / "bad-{000000..000002}.tar")
+
+
+def test_bad_samples_and_truncated_shard_are_skipped_and_counted(tmp_path):
+    pattern = _damaged_shards(tmp_path)
+    stream = build_val_stream(pattern, index=None, num_classes=NUM_CLASSES, rank=0, world_size=1, micro_batch_size=4,
+                              num_workers=2, transform=EVAL_TRANSFORM, return_keys=True)
+    keys = _keys(stream)
+    assert {"ok_0", "ok_1", "ok_2", "ok_3", "ok_4", "ok_5"} <= set(keys)
+    assert "corrupt" not in keys and "nolabel" not in keys
+    counts = stream.skip_counts()
+    assert counts["decode_error"] == 1 and counts["missing_label"] == 1 and counts["unreadable_shard"] == 1
+
+    train = build_train_stream(pattern, index=None, num_classes=NUM_CLASSES, rank=0, world_size=1,
+                               micro_batch_size=2, num_workers=2, seed=0, transform=TRAIN_TRANSFORM, mixup=None)
+    assert len(list(train)) == train.steps_per_epoch
+    assert train.skip_counts()["decode_error"] >= 1 and train.skip_counts()["unreadable_shard"] >= 1
+
+
+def test_validation_counts_samples_a_damaged_shard_lost_against_the_index(tmp_path):
+    pattern, index = write_jpeg_shards(tmp_path, "val", count=12, per_shard=6, size=64)
+    second = tmp_path / "val-000001.tar"
+    second.write_bytes(second.read_bytes()[:3000])
+    stream = _val((pattern, index), num_workers=0)
+    yielded = len(_keys(stream))
+    counts = stream.skip_counts()
+    assert counts["unreadable_shard"] == 1 and yielded < 12 and counts["unread"] == 12 - yielded
+
+
+def test_empty_pattern_empty_index_and_label_out_of_range_stop_with_named_messages(tmp_path, uneven_shards):
+    missing = str(tmp_path / "nothing-{000000..000003}.tar")
+    with pytest.raises(ValueError, match="matches no file .*nothing-000000.tar"):
+        _val((missing, None), index=None)
+    empty_index = tmp_path / "empty-index.json"
+    empty_index.write_text(json.dumps({"name": "empty", "shards": [], "classes": [], "total": 0,
+                                       "format": "anchorformer-shards/1"}))
+    with pytest.raises(ValueError, match=f"shard index {empty_index} lists no samples"):
+        _val((str(empty_index), None), index=None)
+    with pytest.raises(ValueError, match="val-index.json has 10 classes but num_classes=5"):
+        _val(uneven_shards, num_classes=5)
+    with pytest.raises(ValueError, match=r"sample val_000\d in shard .*val-00000\d.tar has label \d outside \[0, 5\)"):
+        _keys(_val(uneven_shards, num_classes=5, index=None))
+
+
+def test_too_few_shards_for_the_readers_is_refused(uneven_shards):
+    with pytest.raises(ValueError, match="8 training shards cannot feed 16 readers"):
+        _train(uneven_shards, world_size=8, num_workers=2)
