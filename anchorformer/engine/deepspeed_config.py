@@ -50,6 +50,8 @@ def build(cfg: RootConfig, world_size: int) -> dict[str, Any]:
         "zero_optimization": zero,
         # Our torch optimizer runs on offloaded CPU partitions too (no compiled CPU-Adam op needed).
         "zero_force_ds_cpu_optimizer": False,
+        # DeepSpeed knows optimizers by exact class; ours subclass torch's AdamW / SGD (skippable step).
+        "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": cfg.train.precision == "bf16"},
         "fp16": {"enabled": cfg.train.precision == "fp16",
                  "loss_scale": 0,
