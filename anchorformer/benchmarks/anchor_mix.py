@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--anchors", type=int, default=30, help="anchors m")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                         help="input dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    parser.add_argument("--section", default="anchor-mix-backends", help="name of the docs/benchmarks.md section")
+    parser.add_argument("--section", default=None,
+                        help="name of the docs/benchmarks.md section (default: anchor-mix-DEVICE)")
 
 
 def _time_backend(backend: str, qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor, device: torch.device):
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> str:
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     tokens_list = args.tokens or ([197, 785, 3137] if on_gpu else [197, 785])
-    batch = args.batch or (64 if on_gpu else 8)
+    batch = args.batch if args.batch is not None else (64 if on_gpu else 8)
     dtype = _DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")]
     if min(tokens_list + [batch, args.heads, args.head_dim, args.anchors]) < 1:
         raise ValueError("--tokens, --batch, --heads, --head-dim and --anchors must all be >= 1")
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> str:
     for backend in _TIMED_BACKENDS:
         header += [f"{backend} ms", f"{backend} speedup", f"{backend} first call s"]
     return "\n".join([
-        "## Anchor-mix backends: eager vs torch.compile vs Triton (fwd+bwd)",
+        f"## Anchor-mix backends: eager vs torch.compile vs Triton, fwd+bwd ({device.type})",
         "",
         f"Device: {machine_description(device)}. B={batch}, h={args.heads}, dh={args.head_dim}, "
         f"m={args.anchors}, {str(dtype).removeprefix('torch.')}; median of 10 calls after 2 warm-up calls; "

@@ -66,8 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="device peak for MFU in TFLOP/s (default: known bf16 dense peak of the GPU, "
                              "e.g. 989 for an H100 SXM; MFU is left out when unknown)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed steps per model (median reported)")
-    parser.add_argument("--section", default="model", help="name of the docs/benchmarks.md section")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed steps per model, median reported (default: 10 on CUDA, 3 on CPU)")
+    parser.add_argument("--section", default=None,
+                        help="name of the docs/benchmarks.md section (default: model-DEVICE)")
 
 
 def _peak_flops(device: torch.device, peak_tflops: Optional[float]) -> Optional[float]:
@@ -108,7 +110,8 @@ def _flops_per_image(model: torch.nn.Module, resolution: int, backbone: bool, de
     return float(counter.get_total_flops())
 
 
-def _measure(family: str, size: str, resolution: int, batch: int, backbone: bool, args, device: torch.device) -> dict:
+def _measure(family: str, size: str, resolution: int, batch: int, backbone: bool, backend: str, repeats: int,
+             device: torch.device) -> dict:
     """img/s of full training steps, FLOPs per image and the anchor-mix backend the layers ran."""
     model = _build(family, size, resolution, backbone, device)
     flops = _flops_per_image(model, resolution, backbone, device)
@@ -123,12 +126,12 @@ def _measure(family: str, size: str, resolution: int, batch: int, backbone: bool
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    set_backend(args.backend)
+    set_backend(backend)
     try:
         calls_before = backend_calls()
         step()
         used = {name: count - calls_before.get(name, 0) for name, count in backend_calls().items()}
-        seconds = time_call(step, device, warmup=2, repeats=args.repeats)
+        seconds = time_call(step, device, warmup=2, repeats=repeats)
     finally:
         set_backend(None)
     ran = sorted(name for name, count in used.items() if count > 0)
@@ -148,8 +151,9 @@ def run(args: argparse.Namespace) -> str:
     on_gpu = device.type == "cuda"
     sizes = args.sizes or (list(SIZES) if on_gpu else ["tiny"])
     backbone_sizes = args.backbone_sizes or (["base"] if on_gpu else ["tiny"])
-    tokens_per_step = args.tokens_per_step or (128 if on_gpu else 2) * 197
-    if tokens_per_step < 1 or args.repeats < 1 or args.backbone_resolution < 0:
+    tokens_per_step = args.tokens_per_step if args.tokens_per_step is not None else (128 if on_gpu else 2) * 197
+    repeats = args.repeats if args.repeats is not None else (10 if on_gpu else 3)
+    if tokens_per_step < 1 or repeats < 1 or args.backbone_resolution < 0:
         raise ValueError("--tokens-per-step and --repeats must be >= 1, --backbone-resolution >= 0")
     if any(res % 16 for res in args.resolutions + [args.backbone_resolution]):
         raise ValueError(f"resolutions must be multiples of the patch size 16, got {args.resolutions} "
@@ -164,8 +168,8 @@ def run(args: argparse.Namespace) -> str:
     for size, resolution, backbone in cases:
         batch = max(1, tokens_per_step // ((resolution // 16) ** 2 + 1))
         logger.info("model benchmark: %s at %d px, batch %d%s", size, resolution, batch, " (backbone)" if backbone else "")
-        deit = _measure("deit", size, resolution, batch, backbone, args, device)
-        anchor = _measure("anchorformer", size, resolution, batch, backbone, args, device)
+        deit = _measure("deit", size, resolution, batch, backbone, args.backend, repeats, device)
+        anchor = _measure("anchorformer", size, resolution, batch, backbone, args.backend, repeats, device)
         ratio = anchor["img_s"] / deit["img_s"]
         target = TARGET_SPEEDUP.get(resolution)
         rows.append([
@@ -179,10 +183,11 @@ def run(args: argparse.Namespace) -> str:
               "DeiT GFLOP/img", "AF GFLOP/img", "DeiT MFU", "AF MFU", "AF anchor mix"]
     peak_note = f"peak {peak / 1e12:.0f} TFLOP/s bf16" if peak else "no peak known (MFU n/a; pass --peak-tflops)"
     return "\n".join([
-        f"## Training throughput: AnchorFormer vs DeiT ({args.section})",
+        f"## Training throughput: AnchorFormer vs DeiT ({', '.join(f'{res} px' for res in sorted({c[1] for c in cases}))}, "
+        f"{device.type})",
         "",
         f"Device: {machine_description(device)}; {peak_note}. One step = forward + backward + AdamW "
-        f"under bf16 autocast, median of {args.repeats} steps; GFLOP/img = forward + backward; "
+        f"under bf16 autocast, median of {repeats} steps; GFLOP/img = forward + backward; "
         f"'AF anchor mix' = the backend(s) the anchor layers ran through anchorformer.kernels "
         f"(requested: {args.backend}; '-': they called the PyTorch anchor_mix directly).",
         "",

@@ -6,12 +6,13 @@ supported, else the PyTorch path. Force a backend with :func:`set_backend` or th
 variable ``ANCHORFORMER_ANCHOR_MIX`` (``auto``, ``triton``, ``compile``, ``torch``); the function
 wins over the variable.
 
-Why these defaults (fwd+bwd of the mixing op, B=64, h=3, dh=64, m=30):
-- CPU: eager beats torch.compile, whose first call costs seconds per new shape and which is
-  not faster in steady state (numbers in docs/benchmarks.md, section ``anchor-mix-backends``).
-- CUDA: the fused kernels read each token tile twice per direction and never write the (n, m)
-  assignment; eager writes and rereads it in about ten kernels, and torch.compile still needs
-  separate reductions over tokens (numbers on an H100 in the same section).
+Why these defaults (forward + backward of the mixing op; ``tools/benchmark.py anchor-mix``):
+- CPU: eager. On the 2-core build machine (B=8, h=3, dh=64, m=30, fp32, 1 thread, shared with
+  other jobs so +-2x): n=197 eager 7-19 ms vs compiled 19 ms; n=785 eager 33-89 ms vs compiled
+  42 ms; every new shape costs torch.compile 5-34 s first. No steady-state win pays for that.
+- CUDA: Triton. The fused kernels read each token tile twice per direction and never write the
+  (n, m) assignment, which eager writes and rereads across about ten kernels per direction; the
+  H100 numbers of all three backends are in docs/benchmarks.md, section ``anchor-mix-cuda``.
 """
 import collections
 import functools

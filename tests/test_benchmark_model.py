@@ -1,0 +1,66 @@
+"""The ``model`` (training img/s and MFU, AnchorFormer vs DeiT) and ``anchor-mix`` (backend
+timing) benchmarks, on CPU with tiny images so that they finish in seconds."""
+import argparse
+
+import pytest
+import torch
+
+from anchorformer.benchmarks import anchor_mix as anchor_mix_benchmark
+from anchorformer.benchmarks import model as model_benchmark
+from anchorformer.benchmarks.report import machine_description
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a CPU shared with other jobs, two threads that wait on each other
+    make tiny steps take seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _args(module, argv):
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def _table_rows(section: str) -> list[list[str]]:
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def test_model_benchmark_measures_both_families_for_classification_and_backbone():
+    args = _args(model_benchmark, ["--device", "cpu", "--resolutions", "32", "--backbone-resolution", "48",
+                                   "--tokens-per-step", "10", "--repeats", "1", "--peak-tflops", "0.5"])
+    section = model_benchmark.run(args)
+    rows = _table_rows(section)
+    assert [row[:3] for row in rows] == [["tiny", "32", "2"], ["tiny backbone", "48", "1"]]  # batch = 10 // tokens
+    for row in rows:
+        deit_img_s, anchor_img_s, ratio = float(row[3]), float(row[4]), float(row[5].rstrip("x"))
+        assert deit_img_s > 0 and anchor_img_s > 0
+        assert ratio == pytest.approx(anchor_img_s / deit_img_s, rel=0.1, abs=0.05)  # of rounded img/s
+        assert float(row[7]) > 0 and float(row[8]) > 0  # GFLOP/img counted for both
+        assert row[9].endswith("%") and row[10].endswith("%")
+    assert machine_description(torch.device("cpu")) in section  # the device is named
+
+
+def test_model_benchmark_rejects_bad_options():
+    with pytest.raises(ValueError, match="multiples of the patch size"):
+        model_benchmark.run(_args(model_benchmark, ["--device", "cpu", "--resolutions", "30"]))
+    with pytest.raises(ValueError, match="nothing to measure"):
+        model_benchmark.run(_args(model_benchmark, ["--device", "cpu", "--resolutions", "", "--backbone-resolution", "0"]))
+    with pytest.raises(SystemExit):
+        _args(model_benchmark, ["--sizes", "huge"])
+
+
+@pytest.mark.slow
+def test_anchor_mix_benchmark_times_eager_and_compiled_and_says_why_triton_cannot_run():
+    section = anchor_mix_benchmark.run(_args(anchor_mix_benchmark, ["--device", "cpu", "--tokens", "20",
+                                                                    "--batch", "1", "--head-dim", "16"]))
+    (row,) = _table_rows(section)
+    assert row[0] == "20" and row[2] == "1.00x"  # eager is the reference
+    assert float(row[1]) > 0 and float(row[4]) > 0  # eager and compiled timed
+    assert row[7].startswith("n/a:") and "CUDA" in row[7]  # no GPU here
+    assert row[-1] == "torch"
