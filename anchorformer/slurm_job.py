@@ -17,11 +17,14 @@ import os
 import signal
 import subprocess
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import submitit
 
 from anchorformer.config import RootConfig
+
+if TYPE_CHECKING:
+    from anchorformer.dist import DistEnv
 
 __all__ = ["PREEMPT_SIGNAL", "STOP_SIGNALS", "TrainingJob", "JobSummary"]
 
@@ -43,10 +46,14 @@ class JobSummary:
 
     status: str
     """Trainer status: 'completed' (or 'stopped' on a task that did not requeue)."""
+    epoch: int
+    """Epochs completed."""
+    step: int
+    """Optimizer steps completed."""
     requeues: int
     """How many times this job was requeued before it finished."""
     metrics: dict[str, Any]
-    """Final metrics reported by the trainer (e.g. validation top-1)."""
+    """Final metrics reported by the trainer (e.g. eval/top1)."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +75,8 @@ class TrainingJob:
         Returns:
             The trainer's summary when training completed.
         """
-        from anchorformer.engine import run_training  # heavy import: only inside the job
+        from anchorformer.dist import detect  # heavy imports (torch, deepspeed): only in the job
+        from anchorformer.engine import run_training
 
         if submitit.JobEnvironment.USR_SIG != PREEMPT_SIGNAL:
             raise RuntimeError(f"submitit listens for SIG{submitit.JobEnvironment.USR_SIG}, not "
@@ -80,12 +88,14 @@ class TrainingJob:
         submitit_handler = signal.getsignal(getattr(signal, f"SIG{PREEMPT_SIGNAL}"))
         if job_env.cluster == "local":
             _export_local_rendezvous(job_env)
+        dist_env = detect()
+        _setup_process(dist_env)
         logger.info("starting training in %s (requeued %d times before)", job_env, self.requeues)
-        result = run_training(self.cfg, stop_signals=STOP_SIGNALS)
+        result = run_training(self.cfg, stop_signals=STOP_SIGNALS, env=dist_env)
         if result.status == "stopped":
             self._requeue(job_env, submitit_handler)
-        return JobSummary(status=result.status, requeues=self.requeues,
-                          metrics=dict(getattr(result, "metrics", {}) or {}))
+        return JobSummary(status=result.status, epoch=result.epoch, step=result.step,
+                          requeues=self.requeues, metrics=dict(result.metrics))
 
     def checkpoint(self) -> Optional[submitit.helpers.DelayedSubmission]:
         """The submission that continues this run after a requeue (submitit calls it).
@@ -124,6 +134,15 @@ class TrainingJob:
             logger.warning("could not requeue (%s); the checkpoint is saved and a resubmission "
                            "with train.resume=auto continues from it", error)
             raise SystemExit(1) from None
+
+
+def _setup_process(dist_env: DistEnv) -> None:
+    """Per-process settings launch/train.py also makes: rank-tagged logs (rank 0 at INFO, the
+    others at WARNING) and DeepSpeed's accelerator matching the backend."""
+    logging.basicConfig(level=logging.INFO if dist_env.is_main else logging.WARNING, force=True,
+                        format=f"%(asctime)s [rank {dist_env.rank}] %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if dist_env.backend == "nccl" else "cpu")
 
 
 def _export_local_rendezvous(job_env: submitit.JobEnvironment) -> None:

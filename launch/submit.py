@@ -16,7 +16,7 @@ See docs/slurm.md.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -29,6 +29,8 @@ os.environ["SUBMITIT_PREEMPT_SIGNAL"] = "USR1"
 
 import submitit  # noqa: E402
 from submitit.slurm.slurm import SlurmExecutor  # noqa: E402
+
+from omegaconf import OmegaConf  # noqa: E402
 
 from anchorformer.config import ConfigError, RootConfig, check_world_size, from_dict, load, to_dict, to_yaml  # noqa: E402
 from anchorformer.slurm_job import PREEMPT_SIGNAL, TrainingJob  # noqa: E402
@@ -69,7 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Defaults come from the config's slurm section (see docs/slurm.md).")
     parser.add_argument("config", type=Path, help="recipe YAML (e.g. configs/in21k_base.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="config overrides, applied after the recipe")
+                        help="config overrides, applied after the recipe (and the profile)")
+    parser.add_argument("--profile", type=Path, metavar="YAML",
+                        help="cluster profile: config sections (usually slurm and logging) shared "
+                             "by every run on one cluster, applied between the recipe and the "
+                             "overrides; see slurm/cluster_profile.example.yaml")
     resources = parser.add_argument_group("resources (override the config's slurm section)")
     resources.add_argument("--nodes", type=int, help="nodes to allocate")
     resources.add_argument("--gpus-per-node", type=int,
@@ -112,7 +118,8 @@ def resolve_config(args: argparse.Namespace) -> RootConfig:
         ValueError: a ConfigError naming the config key, or a ValueError naming the
             command-line option, that is wrong.
     """
-    cfg = load(args.config, args.overrides)
+    profile = profile_overrides(args.profile) if args.profile else []
+    cfg = load(args.config, [*profile, *args.overrides])
     changes = {field: getattr(args, option) for option, field in OPTION_FIELDS.items()
                if getattr(args, option) is not None}
     try:
@@ -129,6 +136,41 @@ def resolve_config(args: argparse.Namespace) -> RootConfig:
     return cfg
 
 
+def profile_overrides(path: Path) -> list[str]:
+    """A cluster profile YAML as ``section.key=value`` overrides (values as JSON, a YAML subset).
+
+    Args:
+        path: the profile; a mapping of config sections.
+
+    Returns:
+        One override per leaf value, checked later by the config loader like any override.
+
+    Raises:
+        ConfigError: when the file is missing, unreadable or not a mapping of sections.
+    """
+    if not path.is_file():
+        raise ConfigError("--profile", f"cluster profile {str(path)!r} does not exist")
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as error:  # yaml and OmegaConf errors alike mean "bad YAML"
+        raise ConfigError("--profile", f"cannot parse {str(path)!r}: {error}") from error
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ConfigError("--profile", f"{str(path)!r} must be a mapping of config sections "
+                                       "(e.g. slurm: {partition: gpu})")
+    overrides: list[str] = []
+
+    def flatten(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                flatten(f"{prefix}.{key}", item)
+        else:
+            overrides.append(f"{prefix}={json.dumps(value)}")
+
+    for section, values in data.items():
+        flatten(str(section), values)
+    return overrides
+
+
 def _check_launch(cfg: RootConfig, local: bool) -> None:
     """Checks that need the whole launch: signal timing, local node count, batch split."""
     slurm = cfg.slurm
@@ -143,7 +185,7 @@ def _check_launch(cfg: RootConfig, local: bool) -> None:
 
 def run_folder(cfg: RootConfig) -> Path:
     """The run folder: ``logging.output_dir / logging.run_name``, absolute."""
-    return (Path(cfg.logging.output_dir) / str(cfg.logging.run_name)).absolute()
+    return (Path(cfg.logging.output_dir) / (cfg.logging.run_name or "run")).absolute()
 
 
 def submitit_folder(cfg: RootConfig) -> Path:
