@@ -1,0 +1,118 @@
+"""Config loading: defaults <- recipe (with base) <- overrides, and every class of bad input
+rejected with the key, the allowed values and, for typos, the closest key."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from anchorformer import config
+from anchorformer.config import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.fixture
+def recipe(tmp_path) -> Path:
+    (tmp_path / "base.yaml").write_text(
+        "data: {source: embedded}\nmodel: {num_classes: 10, img_size: 32}\noptim: {lr: 1.0e-3}\n")
+    path = tmp_path / "child.yaml"
+    path.write_text("base: base.yaml\noptim: {weight_decay: 0.1}\ntrain: {micro_batch_size: 32, global_batch_size: 256}\n")
+    return path
+
+
+def test_layers_merge_in_order_defaults_base_recipe_overrides(recipe):
+    cfg = config.load(recipe, ["optim.lr=2e-3", "deepspeed.zero_stage=3", "data.augment.scale=[0.5,1.0]"])
+    assert cfg.model.img_size == 32                      # base
+    assert cfg.optim.weight_decay == 0.1                 # recipe
+    assert cfg.optim.lr == 2e-3                          # override wins over base
+    assert cfg.deepspeed.zero_stage == 3
+    assert cfg.data.augment.scale == (0.5, 1.0)
+    assert cfg.schedule.epochs == 300                    # schema default
+    assert cfg.logging.run_name == "child"               # named after the recipe file
+
+
+def test_config_is_read_only(recipe):
+    cfg = config.load(recipe)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.optim.lr = 1.0  # type: ignore[misc]
+
+
+def test_yaml_round_trip(recipe, tmp_path):
+    cfg = config.load(recipe, ["slurm.setup=['module load cuda']", "model.kwargs={depth: 4}"])
+    saved = tmp_path / "resolved.yaml"
+    saved.write_text(config.to_yaml(cfg))
+    assert config.load(saved) == cfg
+
+
+@pytest.mark.parametrize("override, key, fragment", [
+    (["optim.lrr=1e-3"], "optim.lrr", "did you mean 'optim.lr'"),
+    (["trian.seed=1"], "trian", "did you mean 'train'"),
+    (["deepspeed.zero_stag=2"], "deepspeed.zero_stag", "did you mean 'deepspeed.zero_stage'"),
+    (["optim.lr=-0.1"], "optim.lr", "must be > 0"),
+    (["deepspeed.zero_stage=4"], "deepspeed.zero_stage", "one of 0, 1, 2, 3"),
+    (["train.precision=fp8"], "train.precision", "'fp32', 'bf16', 'fp16'"),
+    (["train.micro_batch_size=abc"], "train.micro_batch_size", "must be an integer"),
+    (["train.micro_batch_size=1.5"], "train.micro_batch_size", "must be an integer"),
+    (["train.activation_checkpointing=maybe"], "train.activation_checkpointing", "true or false"),
+    (["train.global_batch_size=100"], "train.global_batch_size", "not divisible by train.micro_batch_size"),
+    (["data.augment.scale=[0.5]"], "data.augment.scale", "must have 2 entries"),
+    (["data.augment.hflip=1.5"], "data.augment.hflip", "probability"),
+    (["schedule.warmup_epochs=400"], "schedule.warmup_epochs", "must be in [0, epochs=300)"),
+    (["deepspeed.offload_param=cpu"], "deepspeed.offload_param", "zero_stage=3"),
+    (["loss.distillation=soft"], "loss.teacher_model", "is required"),
+    (["data.source=shards"], "data.train_shards", "is required"),
+    (["model.num_classes=1000"], "model.num_classes", "must be 10 with data.source=embedded"),
+    (["task=pose"], "task", "'classification', 'detection', 'segmentation'"),
+    (["optim=3"], "optim", "is a section"),
+    (["optim.lr"], "optim.lr", "section.key=value"),
+])
+def test_bad_values_name_the_key(recipe, override, key, fragment):
+    with pytest.raises(ConfigError) as info:
+        config.load(recipe, override)
+    assert info.value.key == key
+    assert fragment in str(info.value)
+
+
+def test_unknown_key_in_recipe_file(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("data: {source: embedded}\nmodel: {num_classes: 10}\ntrain: {micro_batch: 8}\n")
+    with pytest.raises(ConfigError, match=r"'train.micro_batch'.*did you mean 'train.micro_batch_size'"):
+        config.load(path)
+
+
+def test_missing_file_bad_yaml_and_base_cycle(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        config.load(tmp_path / "bad.yaml")
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        config.load(tmp_path / "a.yaml")
+
+
+def test_world_size_must_divide_the_batch(recipe):
+    cfg = config.load(recipe)  # global 256, micro 32
+    assert config.check_world_size(cfg, 4) == 2          # accumulation steps
+    with pytest.raises(ConfigError, match="not divisible by train.micro_batch_size x world size = 32 x 3"):
+        config.check_world_size(cfg, 3)
+
+
+def test_every_option_has_help_text():
+    lines = config.describe()
+    assert len(lines) > 100
+    undocumented = [line for line in lines if line.rstrip().endswith(":") or line.endswith("] ")]
+    assert not undocumented, undocumented
+    assert any(line.startswith("slurm.signal_delay_s (int, default 120): Seconds") for line in lines)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_shipped_recipes_load(path):
+    cfg = config.load(path)
+    assert cfg.logging.run_name == path.stem
+    gpus = cfg.slurm.nodes * cfg.slurm.gpus_per_node
+    assert config.check_world_size(cfg, gpus) >= 1  # the batch fits the GPUs the recipe names
