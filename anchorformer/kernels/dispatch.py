@@ -130,6 +130,7 @@ def _compiled_anchor_mix() -> Callable[..., torch.Tensor]:
 
 def anchor_mix_fast(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """``anchor_mix`` through the backend :func:`select_backend` picks; same maths, same signature.
+    Inside a region that torch.compile traces, always the PyTorch path (the compiler fuses it).
 
     Args:
         qk: (B, h, n, dh) tokens serving as queries and keys.
@@ -140,6 +141,9 @@ def anchor_mix_fast(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor, sc
     Returns:
         (B, h, n, dh) tensor in the dtype of ``v``.
     """
+    if torch.compiler.is_compiling():
+        # inside a torch.compile'd model: let the compiler trace (and fuse) the PyTorch path
+        return anchor_mix(qk, anchors, v, scale)
     backend = select_backend(qk, anchors, v)
     _calls_per_backend[backend] += 1
     if backend == "triton":
