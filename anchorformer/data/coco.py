@@ -114,7 +114,7 @@ class CocoInstances(Dataset):
                          path, width, height, info["width"], info["height"])
         usable = [a for a in self._annotations.get(info["id"], []) if self._usable(a)]
         target = self._target(usable, info["id"], height, width)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
         # torch's generator: DataLoader re-seeds it per worker and epoch from the main process.
         if self.train and torch.rand(()).item() < self.hflip:
             pixels, target = _flip(pixels, target)

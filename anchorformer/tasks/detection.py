@@ -24,11 +24,12 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
-from anchorformer.data.coco import CocoInstances, DetectionBatch
+from anchorformer.data.coco import CocoInstances, DetectionBatch, collate_detection
 from anchorformer.dist import collectives
-from anchorformer.tasks.backbone import AnchorFormerBackbone
+from anchorformer.tasks.backbone import AnchorFormerBackbone, encoder_kwargs, full_parameters, task_options
+from anchorformer.tasks.dense_data import MapTrainStream, eval_loader
 
-__all__ = ["build_detector", "detection_loss", "move_batch", "predict_coco_results", "coco_metrics",
+__all__ = ["DetectionTask", "build_detector", "detection_loss", "move_batch", "predict_coco_results", "coco_metrics",
            "evaluate_detection"]
 
 logger = logging.getLogger(__name__)
@@ -81,26 +82,28 @@ def build_detector(model_name: str, num_classes: int, image_size: int, train_sca
                     mask_predictor=MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes + 1))
 
 
-def move_batch(batch: DetectionBatch, device: torch.device) -> Tuple[List[torch.Tensor], List[Dict[str, torch.Tensor]]]:
-    """Images and targets of a batch on ``device``."""
-    images = [image.to(device, non_blocking=True) for image in batch.images]
+def move_batch(batch: DetectionBatch, device: torch.device, dtype: torch.dtype = torch.float32
+               ) -> Tuple[List[torch.Tensor], List[Dict[str, torch.Tensor]]]:
+    """Images (as ``dtype``) and targets of a batch on ``device``."""
+    images = [image.to(device, dtype=dtype, non_blocking=True) for image in batch.images]
     targets = [{key: value.to(device, non_blocking=True) for key, value in target.items()} for target in batch.targets]
     return images, targets
 
 
-def detection_loss(model: nn.Module, batch: DetectionBatch, device: torch.device
-                   ) -> Tuple[torch.Tensor, Dict[str, float]]:
+def detection_loss(model: nn.Module, batch: DetectionBatch, device: torch.device,
+                   dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, Dict[str, float]]:
     """Mask R-CNN's training loss (RPN + box + mask terms, summed) on one batch.
 
     Args:
         model: the detector in training mode (or the DeepSpeed engine wrapping it).
         batch: a batch from :func:`anchorformer.data.coco.collate_detection`.
         device: where the model lives.
+        dtype: dtype of the model's weights (images are cast to it).
 
     Returns:
         The total loss and each term as a float, for logging.
     """
-    images, targets = move_batch(batch, device)
+    images, targets = move_batch(batch, device, dtype)
     losses = model(images, targets)
     total = sum(losses.values())
     return total, {name: float(value.detach()) for name, value in losses.items()}
@@ -108,7 +111,8 @@ def detection_loss(model: nn.Module, batch: DetectionBatch, device: torch.device
 
 @torch.no_grad()
 def predict_coco_results(model: nn.Module, batches: Iterable[DetectionBatch], dataset: CocoInstances,
-                         device: torch.device, mask_threshold: float = 0.5) -> List[Dict[str, Any]]:
+                         device: torch.device, dtype: torch.dtype = torch.float32, mask_threshold: float = 0.5
+                         ) -> List[Dict[str, Any]]:
     """Run the detector and return COCO result records (bbox in xywh, segmentation as RLE).
 
     Args:
@@ -116,6 +120,7 @@ def predict_coco_results(model: nn.Module, batches: Iterable[DetectionBatch], da
         batches: evaluation batches (this rank's share).
         dataset: the reader, for mapping labels back to category ids.
         device: where the model lives.
+        dtype: dtype of the model's weights.
         mask_threshold: probability above which a mask pixel is foreground.
 
     Returns:
@@ -123,23 +128,19 @@ def predict_coco_results(model: nn.Module, batches: Iterable[DetectionBatch], da
     """
     model.eval()
     results: List[Dict[str, Any]] = []
-    # Ranks hold different numbers of images; under ZeRO-3 each forward gathers weights on every
-    # rank, so a rank that ran out keeps stepping on a blank image until all are done.
-    blank = DetectionBatch(images=[torch.zeros(3, 64, 64)], targets=[{}], skipped=0)
-    for batch, real in collectives.in_lockstep(batches, blank, device):
-        images, targets = move_batch(batch, device)
-        outputs = model(images)
-        if real:
-            for target, output in zip(targets, outputs):
+    with full_parameters(model):
+        for batch in batches:
+            images, targets = move_batch(batch, device, dtype)
+            for target, output in zip(targets, model(images)):
                 results.extend(_to_coco_records(int(target["image_id"]), output, dataset, mask_threshold))
     return results
 
 
 def _to_coco_records(image_id: int, output: Dict[str, torch.Tensor], dataset: CocoInstances,
                      mask_threshold: float) -> List[Dict[str, Any]]:
-    boxes = output["boxes"].cpu()
+    boxes = output["boxes"].float().cpu()
     boxes[:, 2:] -= boxes[:, :2]
-    masks = (output["masks"][:, 0] > mask_threshold).cpu().numpy().astype(np.uint8)
+    masks = (output["masks"][:, 0].float() > mask_threshold).cpu().numpy().astype(np.uint8)
     records = []
     for box, score, label, mask in zip(boxes.tolist(), output["scores"].tolist(), output["labels"].tolist(), masks):
         rle = mask_utils.encode(np.asfortranarray(mask))
@@ -186,7 +187,7 @@ def coco_metrics(annotation_file: str | Path, results: List[Dict[str, Any]], ima
 
 
 def evaluate_detection(model: nn.Module, batches: Iterable[DetectionBatch], dataset: CocoInstances,
-                       device: torch.device) -> Dict[str, float]:
+                       device: torch.device, dtype: torch.dtype = torch.float32) -> Dict[str, float]:
     """Detect on this rank's share of the validation set, gather every rank's records, and score
     them with COCOeval on rank 0 (the metrics are broadcast, so every rank returns them).
 
@@ -195,14 +196,76 @@ def evaluate_detection(model: nn.Module, batches: Iterable[DetectionBatch], data
         batches: this rank's evaluation batches; together the ranks cover the set once.
         dataset: the evaluation reader.
         device: where the model lives.
+        dtype: dtype of the model's weights.
 
     Returns:
         The metrics of :func:`coco_metrics`; the main one is ``bbox_AP``.
     """
-    results = predict_coco_results(model, batches, dataset, device)
+    results = predict_coco_results(model, batches, dataset, device, dtype)
     gathered = collectives.all_gather_objects(results)
     metrics = None
     if collectives.rank() == 0:
         merged = [record for records in gathered for record in records]
         metrics = coco_metrics(dataset.annotation_file, merged, [image["id"] for image in dataset.images])
     return collectives.broadcast_object(metrics)
+
+
+class DetectionTask:
+    """Mask R-CNN fine-tuning on COCO-format data, driven by the trainer (``task: detection``).
+
+    Reads ``cfg.model`` (backbone name, ``num_classes`` = object categories, ``kwargs``,
+    ``pretrained_checkpoint`` = a backbone export), ``cfg.detection`` (dataset paths, sizes, head
+    widths), ``cfg.data`` (``num_workers``, ``augment.hflip``/``mean``/``std``) and ``cfg.train``.
+
+    Args:
+        cfg: the run's configuration.
+        runtime: device, dtype and distributed environment.
+    """
+
+    main_metric = "bbox_AP"
+
+    def __init__(self, cfg: Any, runtime: Any) -> None:
+        self.cfg, self.runtime = cfg, runtime
+        self.options = task_options(cfg, "detection")
+        self.val_dataset: Optional[CocoInstances] = None
+
+    def build_model(self) -> nn.Module:
+        """Mask R-CNN on the backbone, its encoder loaded from ``model.pretrained_checkpoint``."""
+        m, o, a = self.cfg.model, self.options, self.cfg.data.augment
+        return build_detector(m.name, m.num_classes, o.image_size, o.train_scales, weights=m.pretrained_checkpoint,
+                              model_kwargs=encoder_kwargs(m), out_channels=o.pyramid_channels,
+                              mask_head_channels=o.mask_head_channels, rois_per_image=o.rois_per_image,
+                              detections_per_image=o.detections_per_image, mean=a.mean, std=a.std)
+
+    def example_input(self) -> torch.Tensor:
+        size = self.options.image_size
+        return torch.zeros(1, 3, size, size, device=self.runtime.device, dtype=self.runtime.dtype)
+
+    def build_data(self) -> Dict[str, Any]:
+        """This rank's training stream and evaluation batches."""
+        o, env = self.options, self.runtime.env
+        train = CocoInstances(o.train_annotations, o.train_images, train=True, hflip=self.cfg.data.augment.hflip)
+        self.val_dataset = CocoInstances(o.val_annotations, o.val_images, train=False)
+        for name, dataset in (("train", train), ("val", self.val_dataset)):
+            if dataset.num_classes != self.cfg.model.num_classes:
+                raise ValueError(f"{dataset.annotation_file} ({name}) has {dataset.num_classes} categories but "
+                                 f"model.num_classes={self.cfg.model.num_classes}; set model.num_classes="
+                                 f"{dataset.num_classes}")
+        common = dict(rank=env.rank, world_size=env.world_size, num_workers=self.cfg.data.num_workers)
+        return {
+            "train": MapTrainStream(train, collate_detection, micro_batch_size=self.cfg.train.micro_batch_size,
+                                    seed=self.cfg.train.seed, **common),
+            "val": eval_loader(self.val_dataset, collate_detection, batch_size=self.cfg.train.micro_batch_size,
+                               **common),
+        }
+
+    def training_loss(self, model: nn.Module, batch: DetectionBatch) -> Tuple[torch.Tensor, Dict[str, float]]:
+        return detection_loss(model, batch, self.runtime.device, self.runtime.dtype)
+
+    def evaluate(self, model: nn.Module, val: Iterable[DetectionBatch]) -> Dict[str, float]:
+        """COCO bbox / segm AP (%) over every rank's share; the model is left in training mode."""
+        if self.val_dataset is None:
+            raise RuntimeError("DetectionTask.evaluate called before build_data")
+        metrics = evaluate_detection(model, val, self.val_dataset, self.runtime.device, self.runtime.dtype)
+        model.train()
+        return metrics

@@ -1,0 +1,114 @@
+"""Data plumbing of the dense-prediction tasks (detection, segmentation): a resumable training
+stream of one rank over a map-style dataset, and the rank's share of an evaluation set.
+
+The sample order of an epoch is a permutation drawn from (seed, epoch), cut into global batches
+of ``micro_batch_size x world_size``, of which rank r takes the r-th slice; so "micro-batches
+consumed this epoch" is enough to resume at the same sample. Augmentation draws come from the
+DataLoader workers' generators, which are re-seeded from (seed, epoch, rank, position).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Dict, Iterator, List
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+__all__ = ["MapTrainStream", "eval_loader"]
+
+logger = logging.getLogger(__name__)
+
+
+class MapTrainStream:
+    """The training batches of one rank (fits ``anchorformer.tasks.base.TrainStreamLike``).
+
+    Args:
+        dataset: map-style dataset; ``__getitem__`` may return ``None`` for an unreadable sample.
+        collate_fn: batch builder whose result has a ``skipped`` count (see
+            ``anchorformer.data.coco.collate_detection``).
+        rank: this process's rank.
+        world_size: number of ranks.
+        micro_batch_size: samples per batch on this rank.
+        num_workers: DataLoader worker processes (0 loads in this process).
+        seed: seed of the sample order.
+
+    Raises:
+        ValueError: when the dataset holds fewer samples than one global batch.
+    """
+
+    def __init__(self, dataset: Dataset, collate_fn: Callable[[List[Any]], Any], *, rank: int, world_size: int,
+                 micro_batch_size: int, num_workers: int, seed: int) -> None:
+        global_batch = micro_batch_size * world_size
+        self.steps_per_epoch = len(dataset) // global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the training set has {len(dataset)} samples, fewer than one global batch of "
+                             f"{global_batch} (train.micro_batch_size={micro_batch_size} x {world_size} ranks); "
+                             "lower train.micro_batch_size or use more data")
+        self.dataset, self.collate_fn = dataset, collate_fn
+        self.rank, self.world_size, self.micro_batch_size = rank, world_size, micro_batch_size
+        self.num_workers, self.seed = num_workers, seed
+        self.epoch, self.consumed = 0, 0
+        self._skipped = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order is streamed; a new epoch starts at its first batch (the
+        current one continues where it was, as after a resume)."""
+        if epoch != self.epoch:
+            self.epoch, self.consumed = epoch, 0
+
+    def epoch_indices(self) -> List[int]:
+        """This rank's sample indices for the whole current epoch, in order."""
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        micro, global_batch = self.micro_batch_size, self.micro_batch_size * self.world_size
+        return [int(i) for step in range(self.steps_per_epoch)
+                for i in order[step * global_batch + self.rank * micro: step * global_batch + (self.rank + 1) * micro]]
+
+    def __iter__(self) -> Iterator[Any]:
+        start = self.consumed * self.micro_batch_size
+        generator = torch.Generator().manual_seed(
+            hash((self.seed, self.epoch, self.rank, self.consumed)) % 2**63)
+        loader = DataLoader(self.dataset, batch_size=self.micro_batch_size, sampler=self.epoch_indices()[start:],
+                            num_workers=self.num_workers, collate_fn=self.collate_fn, generator=generator, persistent_workers=False)
+        for batch in loader:
+            self.consumed += 1
+            self._skipped += batch.skipped
+            yield batch
+
+    def state_dict(self) -> Dict[str, int]:
+        """Position in the stream (JSON-serialisable)."""
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        """Continue at a saved position.
+
+        Raises:
+            ValueError: when the state was saved with another seed.
+        """
+        if state["seed"] != self.seed:
+            raise ValueError(f"the data position was saved with train.seed={state['seed']}, this run uses "
+                             f"{self.seed}; resume with the same seed")
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+
+    def skip_counts(self) -> Dict[str, int]:
+        """Samples left out of batches so far on this rank, by reason."""
+        return {"unreadable": self._skipped}
+
+
+def eval_loader(dataset: Dataset, collate_fn: Callable[[List[Any]], Any], *, rank: int, world_size: int,
+                batch_size: int, num_workers: int) -> DataLoader:
+    """This rank's share of an evaluation set (samples ``rank, rank + world_size, ...``): every
+    sample is evaluated exactly once over all ranks, none padded or repeated.
+
+    Args:
+        dataset: the evaluation dataset.
+        collate_fn: batch builder.
+        rank: this process's rank.
+        world_size: number of ranks.
+        batch_size: samples per batch.
+        num_workers: DataLoader worker processes.
+
+    Returns:
+        A re-iterable DataLoader.
+    """
+    share = Subset(dataset, range(rank, len(dataset), world_size))
+    return DataLoader(share, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_fn)

@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""Convert a training checkpoint into safetensors for classification or as a detection /
+segmentation backbone, and print a parity check against the source model.
+
+    # classification model, into the folder timm's pretrained=True looks in (weights_dir())
+    python tools/convert_checkpoint.py runs/in1k_tiny --format classification
+    # its EMA weights instead
+    python tools/convert_checkpoint.py runs/in1k_tiny --format classification --weights ema
+    # backbone for configs/coco_maskrcnn_tiny.yaml / configs/ade20k_upernet_tiny.yaml
+    python tools/convert_checkpoint.py runs/in1k_tiny --format backbone --image-size 1024 \\
+        --output weights/anchorformer_tiny_backbone.safetensors
+    # the same for mmdetection / mmsegmentation users (keys prefixed with backbone.)
+    python tools/convert_checkpoint.py runs/in1k_tiny --format backbone --layout mmdet --output x.safetensors
+    # a plain state dict that does not record its model
+    python tools/convert_checkpoint.py model.pth --model anchorformer_small_patch16_224 --format classification
+
+SOURCE is a run folder, its checkpoints folder or one DeepSpeed tag folder (any ZeRO stage and world
+size), a .pt/.pth state dict, or a .safetensors file.
+"""
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from anchorformer.convert import (  # noqa: E402
+    backbone_parity, classification_parity, export_backbone, export_classification, load_source,
+)
+from anchorformer.models import weights_dir  # noqa: E402
+
+
+def _default_output(args: argparse.Namespace, model_name: str) -> Path:
+    suffix = "" if args.format == "classification" else f"-backbone{args.image_size}"
+    if args.layout == "mmdet":
+        suffix += "-mmdet"
+    return weights_dir() / f"{model_name}.{args.tag}{suffix}.safetensors"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="run folder, DeepSpeed checkpoint folder, .pt/.pth or .safetensors")
+    parser.add_argument("--format", choices=("classification", "backbone"), default="classification",
+                        help="whole classifier, or encoder without head for detection/segmentation")
+    parser.add_argument("--weights", choices=("model", "ema"), default="model",
+                        help="the trained weights or their exponential moving average (train.ema.enabled)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="the .safetensors file to write; default weights_dir()/MODEL.TAG[-backbone...].safetensors")
+    parser.add_argument("--tag", default="in1k", help="weight tag in the default output name (MODEL.TAG)")
+    parser.add_argument("--image-size", type=int, default=1024,
+                        help="backbone only: resolution in pixels pos_embed is resized to")
+    parser.add_argument("--layout", choices=("anchorformer", "mmdet"), default="anchorformer",
+                        help="backbone only: our keys, or mmdetection/mmsegmentation's 'backbone.' prefix")
+    parser.add_argument("--model", default=None, help="timm model name, when the source does not record it")
+    parser.add_argument("--model-args", type=json.loads, default=None,
+                        help='JSON of timm.create_model arguments, e.g. \'{"embed_dim": 192, "depth": 4}\'')
+    parser.add_argument("--no-parity", action="store_true", help="skip the parity check")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.image_size < 16:
+        parser.error(f"--image-size must be >= 16 pixels, got {args.image_size}")
+
+    try:
+        source = load_source(args.source, args.weights)
+        model_name = args.model or source.model_name
+        if not model_name:
+            parser.error(f"{args.source} does not record its model; pass --model NAME")
+        output = args.output or _default_output(args, model_name)
+        named = dict(model_name=args.model, model_args=args.model_args)
+        if args.format == "classification":
+            exported = export_classification(source, output, **named)
+            parity = None if args.no_parity else classification_parity(source, exported, **named)
+            what = "logits"
+        else:
+            exported = export_backbone(source, output, args.image_size, args.layout, **named)
+            parity = None if args.no_parity else backbone_parity(source, exported, **named)
+            what = f"last-block features at {args.image_size} px"
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {exported.path} ({args.format}, {args.weights} weights of {exported.model_name}, "
+          f"step {exported.metadata['step']})")
+    if parity is not None:
+        print(f"parity: max |{what} difference| = {parity:.3g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
