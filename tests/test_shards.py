@@ -118,6 +118,15 @@ def test_validation_sees_each_sample_exactly_once_across_ranks_and_workers(uneve
     assert seen == Counter(f"val_{i:04d}" for i in range(50))
 
 
+def test_pipe_urls_and_the_index_json_name_the_same_shards(uneven_shards):
+    pattern, index = uneven_shards
+    folder = pattern.rsplit("/", 1)[0]
+    urls = [f"pipe:cat {folder}/val-{i:06d}.tar" for i in range(8)]
+    from_pipes = _keys(_val((urls, index), num_workers=1))
+    from_index = _keys(_val((index, None), index=None, num_workers=1))
+    assert from_pipes == from_index and len(from_index) == 50
+
+
 def _damaged_shards(folder):
     """Three shards: a corrupt JPEG and a sample without cls among good ones, and a truncated tar."""
     good = [(f"ok_{i}", digit_jpeg(i)) for i in range(6)]

@@ -5,6 +5,7 @@ from types import ModuleType
 
 BENCHMARKS = {
     "attention": "anchorformer.benchmarks.attention",
+    "loader": "anchorformer.benchmarks.loader",
 }
 
 

@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import get_worker_info
 
 from anchorformer.data.sources import IMAGE_EXTENSIONS
 
@@ -37,21 +38,31 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed would also visit every device
+
+
 @contextlib.contextmanager
 def seeded_rngs(seed: int) -> Iterator[None]:
-    """Seed Python's, NumPy's and torch's global RNGs (which timm's transforms and Mixup draw from)
-    for the block, then restore them, so the caller's random state is left as it was (with
-    ``num_workers=0`` the pipeline runs in the training process)."""
+    """Seed Python's, NumPy's and torch's CPU RNGs (which timm's transforms and Mixup draw from)
+    for the block. In the training process itself (``num_workers=0``) their states are restored
+    afterwards so the caller's randomness is untouched; a loader worker owns its RNGs, and saving
+    NumPy's state would cost more than the seeding."""
+    if get_worker_info() is not None:
+        _seed_all(seed)
+        yield
+        return
     python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
+    torch_state = torch.default_generator.get_state()
+    _seed_all(seed)
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.default_generator.set_state(torch_state)
 
 
 @dataclass
