@@ -88,11 +88,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def seed_for_step(seed: int, step: int) -> None:
-    """Seed torch's generators from (seed, step, rank): dropout and drop-path of a step do not
-    depend on what ran before (data loader start-up draws from the same generator), so a resumed
-    run repeats them exactly; ranks draw differently."""
-    torch.manual_seed((seed * 1_000_003 + step) * 4099 + rank())
+def seed_for_step(seed: int, micro_step: int) -> None:
+    """Seed torch's generators from (seed, micro-step, rank): the dropout and drop-path of a
+    micro-batch do not depend on what ran before (e.g. data loader start-up draws from the same
+    generator), so a resumed run repeats them exactly; ranks draw differently."""
+    torch.manual_seed((seed * 1_000_003 + micro_step) * 4099 + rank())
 
 
 def rng_state() -> dict[str, Any]:

@@ -128,9 +128,15 @@ def init(env: DistEnv, timeout_s: float = 1800.0) -> None:
 
 
 def shutdown() -> None:
-    """Destroy the process group if one is up (avoids the ZeRO-3 abort at interpreter exit)."""
+    """Destroy the process group if one is up (avoids the ZeRO-3 abort at interpreter exit).
+
+    Goes through DeepSpeed's comm layer, which also drops its cached sub-groups, so a later
+    :func:`init` in the same process starts clean.
+    """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()
 
 
 def slurm_port(job_id: int) -> int:

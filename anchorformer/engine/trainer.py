@@ -123,6 +123,7 @@ class Trainer:
         self.best_metric: Optional[float] = None
         self.nonfinite_steps = 0
         self._nonfinite_in_a_row = 0
+        self._grad_norm: Optional[float] = None
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint, env.is_main)
         self.resumed_from = self._resume()
 
@@ -237,7 +238,6 @@ class Trainer:
 
     def _train_step(self, batches: Iterator[Any]) -> tuple[float, bool]:
         """One optimizer step over ``accumulation`` micro-batches; returns (mean loss, stop?)."""
-        dist.seed_for_step(self.cfg.train.seed, self.step)  # dropout / drop-path resume exactly
         set_lr(self.optimizer, self.schedule(self.step))
         self.engine.train()
         nonfinite = torch.zeros((), device=self.device)
@@ -247,6 +247,8 @@ class Trainer:
             start = time.perf_counter()
             batch = next(batches)
             data_wait += time.perf_counter() - start
+            # After next(): starting loader workers draws from the same generator.
+            dist.seed_for_step(self.cfg.train.seed, self.step * self.accumulation + micro)
             loss, _ = self.task.training_loss(self.engine, batch)
             finite = torch.isfinite(loss.detach())
             nonfinite += (~finite).float()
@@ -257,6 +259,7 @@ class Trainer:
                 stop = torch.tensor(float(self._stop_requested), device=self.device)
                 agreed = dist.sum_across_ranks(torch.stack([nonfinite, loss_sum, stop])).tolist()
                 self.optimizer.skip_step = agreed[0] > 0
+                self._grad_norm = self._unclipped_grad_norm()
             self.engine.step()
         skipped = self.optimizer.skip_step
         self.optimizer.skip_step = False
@@ -270,6 +273,16 @@ class Trainer:
                 self.ema.update()
         mean_loss = float("nan") if skipped else agreed[1] / (self.accumulation * self.env.world_size)
         return mean_loss, agreed[2] > 0
+
+    def _unclipped_grad_norm(self) -> Optional[float]:
+        """Gradient norm where DeepSpeed keeps none (ZeRO-0 in fp32 without clipping): the
+        module's gradients are whole and already averaged over ranks at the boundary. Only
+        computed on log steps."""
+        if (self.cfg.deepspeed.zero_stage != 0 or self.cfg.train.grad_clip > 0
+                or self.dtype != torch.float32 or (self.step + 1) % self.cfg.logging.every_steps):
+            return None
+        grads = [p.grad.detach().float() for p in self.engine.module.parameters() if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
 
     def _count_nonfinite(self) -> None:
         self.nonfinite_steps += 1
@@ -293,6 +306,7 @@ class Trainer:
             **self.throughput.summary(),
         }
         grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self._grad_norm if grad_norm is None else grad_norm
         if grad_norm is not None:
             values["train/grad_norm"] = float(grad_norm)
         skips = self.train_stream.skip_counts()

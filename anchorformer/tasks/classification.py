@@ -33,7 +33,7 @@ def load_pretrained(model: nn.Module, path: str) -> None:
     Raises:
         ValueError: when the file is missing or holds another architecture.
     """
-    file = Path(path)
+    file = Path(path).expanduser()
     if not file.is_file():
         raise ValueError(f"model.pretrained_checkpoint={path!r} does not exist")
     state = timm.models.load_state_dict(str(file))

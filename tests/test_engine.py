@@ -1,0 +1,269 @@
+"""Fast checks of the engine's parts: launcher detection, lr schedule, parameter groups,
+DeepSpeed config, skippable optimizer, losses, EMA, checkpoint lookup, pre-trained loading."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+import anchorformer.models  # noqa: F401  (registers the models)
+from anchorformer import config, dist
+from anchorformer.config import LossConfig
+from anchorformer.engine import deepspeed_config
+from anchorformer.engine.checkpoint import CheckpointError, Checkpointer, model_signature
+from anchorformer.engine.ema import ShardedEma
+from anchorformer.engine.losses import ClassificationLoss, load_teacher, soft_target_cross_entropy
+from anchorformer.engine.metrics import measure_forward_flops
+from anchorformer.engine.optim import AdamW, LrSchedule, build_optimizer, param_groups, peak_lr
+from anchorformer.tasks import task_class
+from anchorformer.tasks.classification import load_pretrained
+
+
+def _tiny(**kwargs) -> nn.Module:
+    args = dict(num_classes=10, img_size=16, patch_size=4, depth=3, embed_dim=24, num_heads=2, num_anchors=4)
+    return timm.create_model("anchorformer_tiny_patch16_224", **{**args, **kwargs})
+
+
+def _cfg(**sections) -> config.RootConfig:
+    return config.from_dict({"data": {"source": "embedded"}, "model": {"num_classes": 10}, **sections})
+
+
+# ---------------------------------------------------------------- launcher detection
+def test_detect_torchrun():
+    env = dist.detect({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                       "MASTER_ADDR": "node7", "MASTER_PORT": "29400", "TORCHELASTIC_RUN_ID": "x"},
+                      argv=["train.py"], cuda_available=True)
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (3, 4, 1, 2)
+    assert (env.master_addr, env.master_port, env.launcher, env.backend) == ("node7", 29400, "torchrun", "nccl")
+
+
+def test_detect_deepspeed_launcher_reads_local_rank_argument():
+    env = dist.detect({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500",
+                       "LOCAL_SIZE": "2", "CROSS_RANK": "0"},
+                      argv=["train.py", "--local_rank=1", "configs/demo.yaml"], cuda_available=False)
+    assert (env.launcher, env.local_rank, env.local_world_size, env.backend) == ("deepspeed", 1, 2, "gloo")
+
+
+def test_detect_srun_step_derives_master_and_port_from_slurm():
+    env = dist.detect({"SLURM_STEP_NUM_TASKS": "16", "SLURM_PROCID": "9", "SLURM_LOCALID": "1",
+                       "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "8(x2)",
+                       "SLURM_STEP_NODELIST": "gpu[017-018]", "SLURM_JOB_ID": "123456"},
+                      argv=["train.py"], cuda_available=True)
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (9, 16, 1, 8)
+    assert env.launcher == "slurm" and env.master_addr == "gpu017"
+    assert env.master_port == dist.slurm_port(123456) == 15000 + 123456 % 20000
+
+
+def test_batch_script_without_srun_step_is_a_single_process():
+    env = dist.detect({"SLURM_JOB_ID": "5", "SLURM_PROCID": "0", "SLURM_NTASKS": "8"}, argv=[],
+                      cuda_available=False)
+    assert (env.launcher, env.world_size) == ("single", 1)
+
+
+@pytest.mark.parametrize("nodelist, first", [("node5", "node5"), ("gpu[03-05,9],cpu1", "gpu03"),
+                                             ("a-b[1,2]", "a-b1")])
+def test_slurm_first_host(nodelist, first):
+    assert dist.slurm_first_host(nodelist) == first
+
+
+def test_detect_rejects_inconsistent_variables():
+    with pytest.raises(ValueError, match="rank 4 outside world size 4"):
+        dist.detect({"RANK": "4", "WORLD_SIZE": "4"}, argv=[], cuda_available=False)
+    with pytest.raises(ValueError, match="WORLD_SIZE='two' is not an integer"):
+        dist.detect({"RANK": "0", "WORLD_SIZE": "two"}, argv=[], cuda_available=False)
+
+
+def test_in_lockstep_without_process_group_yields_every_item():
+    assert list(dist.in_lockstep([1, 2, 3], filler=0, device=torch.device("cpu"))) == [(1, True), (2, True),
+                                                                                      (3, True)]
+
+
+# ---------------------------------------------------------------- optimizer and schedule
+def test_lr_schedule_warmup_then_cosine():
+    schedule = LrSchedule(peak=1.0, warmup_steps=10, total_steps=110, warmup_lr=0.0, min_lr=0.1)
+    assert schedule(0) == 0.0 and schedule(5) == pytest.approx(0.5)
+    assert schedule(10) == pytest.approx(1.0)
+    assert schedule(60) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
+    assert schedule(110) == pytest.approx(0.1) and schedule(500) == pytest.approx(0.1)
+    values = [schedule(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_lr_schedule_from_epochs_and_batch_scaling():
+    cfg = _cfg(optim={"lr": 5e-4, "lr_reference_batch": 512}, train={"global_batch_size": 1024},
+               schedule={"epochs": 10, "warmup_epochs": 2, "decay": "constant"})
+    peak = peak_lr(cfg)
+    assert peak == pytest.approx(1e-3)
+    schedule = LrSchedule.from_config(cfg.schedule, peak, steps_per_epoch=50, total_steps=500)
+    assert schedule.warmup_steps == 100 and schedule(300) == pytest.approx(1e-3)
+
+
+def test_param_groups_exclude_norms_biases_tokens_from_weight_decay():
+    model = _tiny()
+    groups = param_groups(model, _cfg(optim={"weight_decay": 0.05}).optim)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    decay = {names[id(p)] for g in groups if g["weight_decay"] > 0.0 for p in g["params"]}
+    assert {"pos_embed", "cls_token", "norm.weight", "norm.bias", "head.bias", "blocks.0.norm1.weight"} <= no_decay
+    assert {"head.weight", "blocks.0.attn.qk_v.weight", "patch_embed.proj.weight"} <= decay
+    assert not decay & no_decay and len(decay | no_decay) == len(names)
+
+
+def test_layer_decay_scales_lr_by_depth():
+    model = _tiny()
+    groups = param_groups(model, _cfg(optim={"layer_decay": 0.5}).optim)
+    scale = {n: g["lr_scale"] for g in groups for n, p in model.named_parameters()
+             if any(p is q for q in g["params"])}
+    assert scale["head.weight"] == 1.0
+    assert scale["blocks.2.mlp.fc1.weight"] == pytest.approx(0.5)
+    assert scale["blocks.0.mlp.fc1.weight"] == pytest.approx(0.125)
+    assert scale["patch_embed.proj.weight"] == pytest.approx(0.0625)
+
+
+def test_skipped_step_changes_neither_weights_nor_optimizer_state():
+    model = nn.Linear(4, 2)
+    optimizer = build_optimizer(model, _cfg().optim)
+    assert isinstance(optimizer, AdamW)
+    model(torch.randn(3, 4)).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.skip_step = True
+    optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and not optimizer.state
+    optimizer.skip_step = False
+    optimizer.step()
+    assert not torch.equal(before[0], model.weight) and optimizer.state
+
+
+# ---------------------------------------------------------------- DeepSpeed config
+def test_deepspeed_config_per_stage():
+    cfg = _cfg(train={"global_batch_size": 256, "micro_batch_size": 32, "precision": "bf16", "grad_clip": 1.0},
+               deepspeed={"zero_stage": 3, "offload_optimizer": "cpu", "offload_param": "cpu"})
+    ds = deepspeed_config.build(cfg, world_size=4)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        256, 32, 2)
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["gradient_clipping"] == 1.0
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu"
+    assert zero["offload_param"]["device"] == "cpu" and "stage3_prefetch_bucket_size" in zero
+    plain = deepspeed_config.build(_cfg(deepspeed={"zero_stage": 0}, train={"precision": "fp32"}), 8)
+    assert plain["zero_optimization"] == {"stage": 0} and not plain["bf16"]["enabled"]
+    with pytest.raises(config.ConfigError, match="train.global_batch_size"):
+        deepspeed_config.build(cfg, world_size=3)
+
+
+# ---------------------------------------------------------------- losses
+def test_soft_targets_equal_hard_cross_entropy_for_one_hot():
+    logits, labels = torch.randn(6, 5), torch.randint(0, 5, (6,))
+    assert soft_target_cross_entropy(logits, F.one_hot(labels, 5).float()) == pytest.approx(
+        F.cross_entropy(logits, labels).item(), rel=1e-6)
+
+
+def test_label_smoothing_and_distillation():
+    logits, labels = torch.randn(4, 10), torch.randint(0, 10, (4,))
+    smooth = ClassificationLoss(LossConfig(label_smoothing=0.1))
+    assert smooth(logits, labels) == pytest.approx(
+        F.cross_entropy(logits, labels, label_smoothing=0.1).item(), rel=1e-6)
+
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(12, 10))
+    images = torch.randn(4, 3, 2, 2)
+    cls_logits, dist_logits = torch.randn(4, 10), torch.randn(4, 10)
+    hard = ClassificationLoss(LossConfig(label_smoothing=0.0, distillation="hard", teacher_model="x",
+                                         teacher_checkpoint="y", distillation_alpha=0.5), teacher)
+    expected = 0.5 * F.cross_entropy(cls_logits, labels) + 0.5 * F.cross_entropy(
+        dist_logits, teacher(images).argmax(-1))
+    assert hard((cls_logits, dist_logits), labels, images) == pytest.approx(expected.item(), rel=1e-6)
+
+    soft = ClassificationLoss(LossConfig(label_smoothing=0.0, distillation="soft", teacher_model="x",
+                                         teacher_checkpoint="y", distillation_alpha=1.0, distillation_tau=2.0),
+                              teacher)
+    p_teacher = F.softmax(teacher(images) / 2.0, -1)
+    kl = (p_teacher * (p_teacher.log() - F.log_softmax(dist_logits / 2.0, -1))).sum() * 4.0 / dist_logits.numel()
+    assert soft((cls_logits, dist_logits), labels, images) == pytest.approx(kl.item(), rel=1e-5)
+
+
+def test_teacher_checkpoint_must_exist_and_fit(tmp_path):
+    cfg = LossConfig(distillation="hard", teacher_model="anchorformer_tiny_patch16_224",
+                     teacher_checkpoint=str(tmp_path / "missing.pth"))
+    with pytest.raises(ValueError, match="teacher_checkpoint=.*does not exist"):
+        load_teacher(cfg, 10, torch.device("cpu"), torch.float32)
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"state_dict": nn.Linear(2, 2).state_dict()}, wrong)
+    cfg = LossConfig(distillation="hard", teacher_model="anchorformer_tiny_patch16_224",
+                     teacher_checkpoint=str(wrong))
+    with pytest.raises(ValueError, match="does not fit"):
+        load_teacher(cfg, 10, torch.device("cpu"), torch.float32)
+
+
+# ---------------------------------------------------------------- EMA, FLOPs, pre-trained weights
+def test_ema_update_swap_and_state_round_trip():
+    model = nn.Linear(3, 1)
+    ema = ShardedEma(model, decay=0.5)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(2.0)
+    ema.update()
+    assert torch.allclose(ema.shadow["weight"], start + 1.0)
+    with ema.swapped_in():
+        assert torch.allclose(model.weight, start + 1.0)
+    assert torch.allclose(model.weight, start + 2.0)
+    restored = ShardedEma(model, decay=0.5)
+    state = ema.state_dict(is_main=True)
+    restored.load_state_dict(ema.state_dict(is_main=False), state)
+    assert torch.equal(restored.full_state_dict()["weight"], ema.shadow["weight"]) and restored.updates == 1
+    with pytest.raises(ValueError, match="another model"):
+        ShardedEma(nn.Linear(4, 1), 0.5).load_state_dict(state, state)
+
+
+def test_forward_flops_are_measured():
+    assert measure_forward_flops(nn.Linear(8, 4, bias=False), torch.zeros(1, 8)) == 2 * 8 * 4
+
+
+def test_pretrained_weights_load_with_new_head_and_resized_pos_embed(tmp_path):
+    source = _tiny(num_classes=21)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    target = _tiny(num_classes=10, img_size=32)
+    load_pretrained(target, str(path))
+    assert torch.equal(target.blocks[1].mlp.fc1.weight, source.blocks[1].mlp.fc1.weight)
+    assert target.pos_embed.shape == (1, 65, 24)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_pretrained(target, str(tmp_path / "none.safetensors"))
+    with pytest.raises(ValueError):
+        load_pretrained(_tiny(depth=5), str(path))
+
+
+def test_unknown_task_lists_the_registered_ones():
+    assert task_class("classification").__name__ == "ClassificationTask"
+    with pytest.raises(ValueError, match="unknown task 'pose'.*classification"):
+        task_class("pose")
+
+
+# ---------------------------------------------------------------- checkpoint lookup
+def test_checkpoint_lookup_and_compatibility_messages(tmp_path):
+    checkpoints = Checkpointer(tmp_path / "ckpt", config.CheckpointConfig(), is_main=True)
+    assert checkpoints.find("auto") is None and checkpoints.find("none") is None
+    with pytest.raises(CheckpointError, match="neither a checkpoints folder"):
+        checkpoints.find(str(tmp_path / "elsewhere"))
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "latest").write_text("step_7")
+    with pytest.raises(CheckpointError, match="names 'step_7'.*not a complete checkpoint"):
+        checkpoints.find("auto")
+
+    signature = model_signature(_tiny(), "anchorformer_tiny_patch16_224")
+    tag = tmp_path / "ckpt" / "step_7"
+    tag.mkdir()
+    (tag / "meta.json").write_text(json.dumps({**signature, "zero_stage": 2, "world_size": 8}))
+    assert checkpoints.find("auto") == tag == checkpoints.find(str(tag))
+    Checkpointer.check(tag, {**signature, "zero_stage": 2, "world_size": 8})
+    with pytest.raises(CheckpointError, match="another model"):
+        Checkpointer.check(tag, {**model_signature(_tiny(depth=4), "x"), "zero_stage": 2, "world_size": 8})
+    with pytest.raises(CheckpointError, match="ZeRO stage 2 on 8 ranks; this run uses stage 3 on 8"):
+        Checkpointer.check(tag, {**signature, "zero_stage": 3, "world_size": 8})
+    with pytest.raises(CheckpointError, match="stage 2 on 8 ranks; this run uses stage 2 on 4"):
+        Checkpointer.check(tag, {**signature, "zero_stage": 2, "world_size": 4})

@@ -1,0 +1,177 @@
+"""Single-process training on the real embedded digits shards (DataLoader workers, mixup,
+drop path): exact stop/resume through a real signal, NaN-step skipping, TensorBoard contents,
+refused checkpoints. Each test runs ``run_training`` in this process (gloo, one rank)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from anchorformer import config
+from anchorformer.engine import TrainingDiverged, run_training
+from anchorformer.engine.checkpoint import CheckpointError
+from anchorformer.tasks.classification import ClassificationTask
+
+pytestmark = pytest.mark.slow
+
+STEPS = 14  # 11 steps per epoch at micro-batch 128: the runs cross an epoch boundary
+
+
+def _cfg(out: Path, cache: Path, name: str, **overrides: Any) -> config.RootConfig:
+    base = {
+        "model": {"name": "anchorformer_tiny_patch16_224", "num_classes": 10, "img_size": 16,
+                  "drop_path_rate": 0.1,
+                  "kwargs": {"patch_size": 4, "depth": 2, "embed_dim": 48, "num_heads": 2, "num_anchors": 8}},
+        "data": {"source": "embedded", "cache_dir": str(cache), "image_size": 16, "num_workers": 2,
+                 "shuffle_buffer": 100,
+                 "augment": {"auto_augment": None, "re_prob": 0.25, "scale": [0.5, 1.0], "crop_pct": 1.0},
+                 "mixup": {"prob": 1.0, "mixup_alpha": 0.8, "cutmix_alpha": 1.0}},
+        "optim": {"lr": 2e-3, "lr_reference_batch": 0},
+        "schedule": {"epochs": 3, "warmup_epochs": 0.5},
+        "train": {"global_batch_size": 128, "micro_batch_size": 128, "precision": "fp32", "device": "cpu",
+                  "max_steps": STEPS, "ema": {"enabled": True, "decay": 0.9}},
+        "deepspeed": {"zero_stage": 0},
+        "checkpoint": {"every_steps": 4, "keep_last": 2},
+        "logging": {"output_dir": str(out), "run_name": name, "every_steps": 1, "progress_bar": False,
+                    "peak_tflops": 1.0},
+    }
+    return config.from_dict(_merge(base, overrides))
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and key in base else value
+    return merged
+
+
+def _events(run_dir: Path) -> EventAccumulator:
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return events
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [e.value for e in sorted(_events(run_dir).Scalars("train/loss"), key=lambda e: e.step)]
+
+
+def _hook_loss(monkeypatch, hook: Callable[[int, torch.Tensor], torch.Tensor]) -> None:
+    """Route every training loss through ``hook(call_index, loss)``."""
+    original = ClassificationTask.training_loss
+    calls = {"n": 0}
+
+    def training_loss(self, model, batch):
+        loss, logs = original(self, model, batch)
+        calls["n"] += 1
+        return hook(calls["n"] - 1, loss), logs
+
+    monkeypatch.setattr(ClassificationTask, "training_loss", training_loss)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, embedded_cache_dir) -> tuple[Path, Any, config.RootConfig]:
+    out = tmp_path_factory.mktemp("runs")
+    cfg = _cfg(out, embedded_cache_dir, "straight")
+    return out / "straight", run_training(cfg), cfg
+
+
+def test_run_writes_tensorboard_config_summary_and_checkpoints(uninterrupted):
+    run_dir, result, cfg = uninterrupted
+    assert result.status == "completed" and result.step == STEPS and result.epoch == 1
+    events = _events(run_dir)
+    scalars = set(events.Tags()["scalars"])
+    expected = {"train/loss", "train/lr", "train/grad_norm", "train/nonfinite_steps", "perf/samples_per_s",
+                "perf/step_time_s", "perf/data_wait_s", "perf/tflops_per_device", "perf/mfu",
+                "memory/peak_gb", "eval/top1", "eval/top5", "eval/loss", "eval_ema/top1", "eval_ema/top5"}
+    assert expected <= scalars, expected - scalars
+    assert any(tag.startswith("data/skipped_") for tag in scalars)
+    assert "config/text_summary" in events.Tags()["tensors"]
+    assert len(events.Scalars("train/loss")) == STEPS
+    assert len(events.Scalars("eval/top1")) == 2  # end of epoch 1, and at max_steps mid-epoch 2
+    # the saved config reloads to the same config
+    assert config.load(run_dir / "config.yaml") == cfg
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["step"] == STEPS
+    assert summary["metrics"]["eval/top1"] == result.metrics["eval/top1"]
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text() == f"step_{STEPS}"
+    # every 4 steps + epoch end (11) + final (14), only the newest 2 kept
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step_12", f"step_{STEPS}"]
+
+
+def test_signal_stop_then_resume_repeats_the_uninterrupted_run_exactly(
+        tmp_path, embedded_cache_dir, uninterrupted, monkeypatch):
+    straight_dir, straight, _ = uninterrupted
+
+    def send_usr1_during_step_six(index: int, loss: torch.Tensor) -> torch.Tensor:
+        if index == 5:
+            os.kill(os.getpid(), signal.SIGUSR1)  # delivered now; honoured at the step boundary
+        return loss
+
+    _hook_loss(monkeypatch, send_usr1_during_step_six)
+    stopped = run_training(_cfg(tmp_path, embedded_cache_dir, "interrupted"))
+    assert stopped.status == "stopped" and stopped.step == 6
+    assert (tmp_path / "interrupted" / "checkpoints" / "latest").read_text() == "step_6"
+    monkeypatch.undo()
+
+    resumed = run_training(_cfg(tmp_path, embedded_cache_dir, "interrupted"))
+    assert resumed.status == "completed" and resumed.step == STEPS
+    assert _losses(tmp_path / "interrupted") == _losses(straight_dir)
+    for key in ("eval/top1", "eval/loss", "eval_ema/top1", "eval_ema/loss"):
+        assert resumed.metrics[key] == straight.metrics[key], key
+
+
+def test_nonfinite_loss_step_is_skipped_and_counted(tmp_path, embedded_cache_dir, monkeypatch):
+    snapshots: list[dict[str, torch.Tensor]] = []
+    from anchorformer.engine import trainer as trainer_module
+
+    original_step = trainer_module.Trainer._train_step
+
+    def recording_step(self, batches):
+        snapshots.append({n: p.detach().clone() for n, p in self.engine.module.named_parameters()})
+        return original_step(self, batches)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_train_step", recording_step)
+    _hook_loss(monkeypatch, lambda index, loss: loss * float("nan") if index == 2 else loss)
+    result = run_training(_cfg(tmp_path, embedded_cache_dir, "nan", train={"max_steps": 5}))
+
+    assert result.status == "completed" and result.step == 5
+    assert result.metrics["run/nonfinite_steps"] == 1
+    assert all(torch.equal(snapshots[2][n], snapshots[3][n]) for n in snapshots[2])  # step 3 skipped
+    assert not all(torch.equal(snapshots[1][n], snapshots[2][n]) for n in snapshots[1])  # others update
+    losses = _losses(tmp_path / "nan")
+    assert losses[2] != losses[2] and all(x == x for i, x in enumerate(losses) if i != 2)
+    assert _events(tmp_path / "nan").Scalars("train/nonfinite_steps")[-1].value == 1
+
+
+def test_persistent_nonfinite_loss_stops_with_last_good_checkpoint(tmp_path, embedded_cache_dir, monkeypatch):
+    _hook_loss(monkeypatch, lambda index, loss: loss * float("inf") if index >= 3 else loss)
+    cfg = _cfg(tmp_path, embedded_cache_dir, "diverged",
+               train={"nonfinite_patience": 2}, checkpoint={"every_steps": 2})
+    with pytest.raises(TrainingDiverged, match="2 steps in a row"):
+        run_training(cfg)
+    checkpoints = tmp_path / "diverged" / "checkpoints"
+    # step 4 (the first skipped one) left the weights untouched; step 5 raised before any save
+    assert (checkpoints / "latest").read_text() == "step_4"
+    monkeypatch.undo()
+    resumed = run_training(_cfg(tmp_path, embedded_cache_dir, "diverged", train={"max_steps": 6}))
+    assert resumed.step == 6 and resumed.metrics["run/nonfinite_steps"] == 1
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model": {"kwargs": {"patch_size": 4, "depth": 3, "embed_dim": 48, "num_heads": 2, "num_anchors": 8}}},
+     "another model"),
+    ({"deepspeed": {"zero_stage": 2}}, "ZeRO stage 0 on 1 ranks; this run uses stage 2"),
+])
+def test_resume_refuses_checkpoint_of_other_model_or_layout(tmp_path, embedded_cache_dir, uninterrupted,
+                                                            change, message):
+    run_dir, _, _ = uninterrupted
+    cfg = _cfg(tmp_path, embedded_cache_dir, "other", train={"resume": str(run_dir / "checkpoints")}, **change)
+    with pytest.raises(CheckpointError, match=message):
+        run_training(cfg)
