@@ -22,7 +22,6 @@ import logging
 import random
 from typing import Iterator
 
-import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
