@@ -189,3 +189,33 @@ def test_empty_pattern_empty_index_and_label_out_of_range_stop_with_named_messag
 def test_too_few_shards_for_the_readers_is_refused(uneven_shards):
     with pytest.raises(ValueError, match="8 training shards cannot feed 16 readers"):
         _train(uneven_shards, world_size=8, num_workers=2)
+
+
+def test_state_saved_at_an_epoch_end_resumes_into_the_next_epoch(even_shards):
+    uninterrupted = _train(even_shards, num_workers=0)
+    list(uninterrupted)
+    state = uninterrupted.state_dict()
+    uninterrupted.set_epoch(1)
+    expected = _keys(uninterrupted)
+    resumed = _train(even_shards, num_workers=0)
+    resumed.load_state_dict(state)
+    assert list(resumed) == [] and len(resumed) == 0  # epoch 0 is done
+    resumed.set_epoch(1)
+    assert _keys(resumed) == expected
+
+
+def test_augmentation_options_are_checked_and_three_augment_runs(even_shards):
+    with pytest.raises(ValueError, match="three_augment=True replaces auto_augment"):
+        TrainTransformConfig(three_augment=True)
+    with pytest.raises(ValueError, match=r"TrainTransformConfig.scale=\(0.5, 0.1\)"):
+        TrainTransformConfig(scale=(0.5, 0.1))
+    with pytest.raises(ValueError, match="MixupConfig.mode='row'"):
+        MixupConfig(mode="row")
+    with pytest.raises(ValueError, match="even micro_batch_size, got 3"):
+        _train(even_shards, batch=3, mixup=MixupConfig())
+    pattern, index = even_shards
+    three = TrainTransformConfig(image_size=16, auto_augment=None, three_augment=True)
+    stream = build_train_stream(pattern, index=index, num_classes=NUM_CLASSES, rank=0, world_size=1,
+                                micro_batch_size=16, num_workers=0, seed=0, transform=three, mixup=None)
+    images, targets = next(iter(stream))
+    assert images.shape == (16, 3, 16, 16) and torch.isfinite(images).all()
