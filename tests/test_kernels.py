@@ -11,11 +11,16 @@ import sys
 
 import torch
 
-if not torch.cuda.is_available():
+INTERPRETED = not torch.cuda.is_available()
+if INTERPRETED:
+    # triton decides interpreted vs compiled when the kernels are defined (module import): import
+    # them under the variable, then restore it so that no other test module runs the interpreter
     os.environ["TRITON_INTERPRET"] = "1"
-    # a kernel module imported earlier without the interpreter would hold compiled-only kernels
     if "anchorformer.kernels.anchor_mix_triton" in sys.modules:
         importlib.reload(sys.modules["anchorformer.kernels.anchor_mix_triton"])
+    else:
+        importlib.import_module("anchorformer.kernels.anchor_mix_triton")
+    del os.environ["TRITON_INTERPRET"]
 
 import pytest  # noqa: E402
 
@@ -38,7 +43,9 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
 @pytest.fixture(autouse=True)
-def _reset_backend():
+def _reset_backend(monkeypatch):
+    if INTERPRETED:  # the dispatcher accepts CPU tensors for the kernels only under the interpreter
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     set_backend(None)
     yield
     set_backend(None)

@@ -23,7 +23,6 @@ from typing import Callable, Optional
 
 import torch
 
-from anchorformer.models.anchor_attention import anchor_mix
 
 __all__ = ["BACKENDS", "ENV_VAR", "set_backend", "requested_backend", "select_backend", "anchor_mix_fast", "backend_calls"]
 
@@ -125,7 +124,14 @@ class _FusedAnchorMix(torch.autograd.Function):
 
 @functools.lru_cache(maxsize=1)
 def _compiled_anchor_mix() -> Callable[..., torch.Tensor]:
-    return torch.compile(anchor_mix)
+    return torch.compile(_pytorch_anchor_mix())
+
+
+def _pytorch_anchor_mix() -> Callable[..., torch.Tensor]:
+    # imported here, not at the top: anchorformer.models.anchor_attention imports this module
+    from anchorformer.models.anchor_attention import anchor_mix
+
+    return anchor_mix
 
 
 def anchor_mix_fast(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -143,11 +149,11 @@ def anchor_mix_fast(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor, sc
     """
     if torch.compiler.is_compiling():
         # inside a torch.compile'd model: let the compiler trace (and fuse) the PyTorch path
-        return anchor_mix(qk, anchors, v, scale)
+        return _pytorch_anchor_mix()(qk, anchors, v, scale)
     backend = select_backend(qk, anchors, v)
     _calls_per_backend[backend] += 1
     if backend == "triton":
         return _FusedAnchorMix.apply(qk, anchors.to(qk.dtype), v, scale)
     if backend == "compile":
         return _compiled_anchor_mix()(qk, anchors, v, scale)
-    return anchor_mix(qk, anchors, v, scale)
+    return _pytorch_anchor_mix()(qk, anchors, v, scale)

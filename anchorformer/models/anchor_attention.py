@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from anchorformer.kernels.dispatch import anchor_mix_fast
+
 __all__ = ["AnchorAttention", "anchor_mix"]
 
 
@@ -113,7 +115,7 @@ class AnchorAttention(nn.Module):
             raise ValueError("AnchorAttention supports neither attn_mask nor is_causal")
         batch, tokens, dim = x.shape
         qk, v = self.qk_v(x).reshape(batch, tokens, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = anchor_mix(qk, self.anchors.weight, v, self.scale)
+        out = anchor_mix_fast(qk, self.anchors.weight, v, self.scale)  # fused Triton kernels on CUDA
         out = out.transpose(1, 2).reshape(batch, tokens, dim)
         return self.proj_drop(self.proj(out))
 
