@@ -6,6 +6,8 @@ from types import ModuleType
 BENCHMARKS = {
     "attention": "anchorformer.benchmarks.attention",
     "loader": "anchorformer.benchmarks.loader",
+    "anchor-mix": "anchorformer.benchmarks.anchor_mix",
+    "model": "anchorformer.benchmarks.model",
 }
 
 
