@@ -24,18 +24,17 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-# submitit reads the preemption signal's name when it is imported: agree with the trainer first.
-os.environ["SUBMITIT_PREEMPT_SIGNAL"] = "USR1"
+import submitit
+from omegaconf import OmegaConf
+from submitit.slurm.slurm import SlurmExecutor
 
-import submitit  # noqa: E402
-from submitit.slurm.slurm import SlurmExecutor  # noqa: E402
-
-from omegaconf import OmegaConf  # noqa: E402
-
-from anchorformer.config import ConfigError, RootConfig, check_world_size, from_dict, load, to_dict, to_yaml  # noqa: E402
-from anchorformer.slurm_job import PREEMPT_SIGNAL, TrainingJob  # noqa: E402
+from anchorformer.config import ConfigError, RootConfig, check_world_size, from_dict, load, to_dict, to_yaml
+from anchorformer.slurm_job import PREEMPT_SIGNAL, TrainingJob
 
 logger = logging.getLogger("anchorformer.submit")
+
+SUBMITIT_SIGNAL_VARIABLE = "SUBMITIT_PREEMPT_SIGNAL"
+"""Environment variable naming the signal submitit's job-side handler listens for."""
 
 JOB_ID_FILE = "slurm_job_id.txt"
 """File in the run folder holding the id of the last job submitted for it."""
@@ -214,11 +213,13 @@ def sbatch_parameters(cfg: RootConfig) -> dict[str, Any]:
         "nodes": slurm.nodes,
         "ntasks_per_node": slurm.gpus_per_node,
         "cpus_per_task": slurm.cpus_per_task,
-        "signal_delay_s": slurm.signal_delay_s,
-        # The job's submitit must listen for the same signal as the one sbatch asks for.
-        "setup": [f"export SUBMITIT_PREEMPT_SIGNAL={PREEMPT_SIGNAL}", *slurm.setup],
-        # Requeue on preemption and let the job requeue itself.
-        "additional_parameters": {"requeue": True},
+        # The job's submitit must listen for the signal sbatch asks for (whatever signal the
+        # submitting process's submitit was imported with).
+        "setup": [f"export {SUBMITIT_SIGNAL_VARIABLE}={PREEMPT_SIGNAL}", *slurm.setup],
+        "additional_parameters": {
+            "signal": f"{PREEMPT_SIGNAL}@{slurm.signal_delay_s}",
+            "requeue": True,  # requeue on preemption, and let the job requeue itself
+        },
     }
     if uses_gpus(cfg):
         params["gpus_per_node"] = slurm.gpus_per_node
@@ -246,6 +247,8 @@ def render_sbatch_script(cfg: RootConfig) -> str:
 def make_executor(cfg: RootConfig, local: bool) -> submitit.AutoExecutor:
     """submitit's AutoExecutor for SLURM (or its local executor), configured from ``cfg``."""
     folder = submitit_folder(cfg)
+    # Inherited by the local executor's processes (and by sbatch's default environment).
+    os.environ[SUBMITIT_SIGNAL_VARIABLE] = PREEMPT_SIGNAL
     if local:
         executor = submitit.AutoExecutor(folder, cluster="local")
         executor.update_parameters(

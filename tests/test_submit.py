@@ -6,28 +6,36 @@ root) once per session and stop it at the end.
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import re
 import shlex
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cloudpickle
 import pytest
+import submitit
+from omegaconf import OmegaConf
 
 from anchorformer.config import from_dict, load
-from omegaconf import OmegaConf
+from anchorformer.slurm_job import TrainingJob
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _load_submit_module():
-    spec = importlib.util.spec_from_file_location("anchorformer_launch_submit", REPO / "launch" / "submit.py")
+    """launch/submit.py as a module (launch/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("anchorformer_launch_submit",
+                                                  REPO / "launch" / "submit.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 submit = _load_submit_module()
-from anchorformer.slurm_job import TrainingJob  # noqa: E402  (after submit set the signal name)
 
 # The sbatch options submitit may write, for the script-validity check below.
 SBATCH_OPTIONS = {
@@ -169,3 +177,259 @@ def test_checkpoint_requeues_a_fresh_copy_that_resumes(recipe: Path):
     assert resumed.cfg.slurm == cfg.slurm and resumed.cfg.model == cfg.model
     assert resumed.checkpoint().function.requeues == 2
     assert TrainingJob(cfg, requeues=2).checkpoint() is None, "slurm.max_requeues must stop requeuing"
+
+
+def test_cluster_profile_sits_between_recipe_and_options(capsys, monkeypatch, recipe: Path):
+    monkeypatch.setenv("USER", "alice")
+    _, flags, config_yaml = _dry_run(capsys, "--profile", str(REPO / "slurm" / "cluster_profile.example.yaml"),
+                                     "--qos", "high", str(recipe), "slurm.account=other")
+    assert flags["partition"] == "gpu" and flags["constraint"] == "h100"  # from the profile
+    assert flags["qos"] == "high" and flags["account"] == "other"         # options and overrides win
+    assert flags["output"].startswith("/checkpoint/alice/anchorformer/runs/recipe/slurm/")
+    assert "module load cuda/12.4" in config_yaml
+
+
+def test_cluster_profile_with_unknown_key_is_refused(capsys, tmp_path: Path, recipe: Path):
+    profile = tmp_path / "profile.yaml"
+    profile.write_text("slurm: {partitoin: gpu}\n")
+    assert submit.main(["--profile", str(profile), str(recipe)]) == 2
+    assert "did you mean 'slurm.partition'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Against a real SLURM (tools/slurm_cluster.py): the demo config, 1 node, 2 tasks, gloo on CPU.
+
+MAX_STEPS = 40
+SIGNAL_AFTER_STEP = 5
+# The demo recipe, shrunk so that a run takes seconds: one 32-wide block, 40 steps of 2 x 16.
+TINY = ["model.kwargs.depth=1", "model.kwargs.embed_dim=32", "model.kwargs.num_heads=2",
+        "model.kwargs.num_anchors=4", "data.num_workers=0", "train.global_batch_size=32",
+        "train.micro_batch_size=16", f"train.max_steps={MAX_STEPS}", "schedule.epochs=1",
+        "schedule.warmup_epochs=0", "logging.every_steps=1", "logging.progress_bar=false"]
+JOB_OPTIONS = ["--nodes", "1", "--gpus-per-node", "2", "--cpus-per-task", "1", "--time", "20",
+               "--signal-delay", "60"]
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+                "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real single-node SLURM with accounting, started for the session and stopped after."""
+    script = [sys.executable, str(REPO / "tools" / "slurm_cluster.py")]
+    started = subprocess.run([*script, "start"], capture_output=True, text=True, timeout=1800)
+    assert started.returncode == 0, f"cannot start SLURM:\n{started.stdout}{started.stderr}"
+    yield
+    subprocess.run([*script, "stop"], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """Run folders and the embedded dataset cache shared by the SLURM tests."""
+    return tmp_path_factory.mktemp("slurm")
+
+
+def _submit_cli(workdir: Path, run_name: str, *extra: str) -> tuple[str, str]:
+    """Run ``launch/submit.py`` on the demo config; returns (job id, its output)."""
+    cmd = [sys.executable, str(REPO / "launch" / "submit.py"), *JOB_OPTIONS, *extra,
+           str(REPO / "configs" / "demo.yaml"), *TINY, f"logging.output_dir={workdir / 'runs'}",
+           f"logging.run_name={run_name}", f"data.cache_dir={workdir / 'cache'}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert done.returncode == 0, f"submit failed:\n{done.stdout}{done.stderr}"
+    match = re.search(r"submitted job (\S+)", done.stdout)
+    assert match, done.stdout
+    return match.group(1), done.stdout
+
+
+def _sacct_states(job_id: str) -> list[str]:
+    """Accounting records of the job (one per run of it, requeues included), oldest first."""
+    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "--duplicates", "-o", "State"],
+                         capture_output=True, text=True, check=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def _wait_until(what: str, probe, timeout: float, interval: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _wait_for_end(job_id: str, log: Path, timeout: float = 600) -> str:
+    def final_state():
+        states = _sacct_states(job_id)
+        return states[-1] if states and states[-1] in FINAL_STATES else None
+    try:
+        return _wait_until(f"job {job_id} to finish", final_state, timeout)
+    except AssertionError:
+        subprocess.run(["scancel", job_id])
+        raise AssertionError(f"job {job_id} did not finish; rank 0 log:\n"
+                             f"{log.read_text()[-4000:] if log.exists() else '(none)'}") from None
+
+
+def _release_requeued(job_id: str) -> None:
+    """Wait until the job was requeued (pending, one restart) and its old allocation is gone,
+    then lift SLURM's ~2 min hold (Reason=BeginTime) with ``scontrol update StartTime=now``."""
+    def requeued_and_node_idle():
+        info = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True,
+                              text=True).stdout
+        node = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True,
+                              text=True).stdout.strip()
+        return "JobState=PENDING" in info and "Restarts=1" in info and node == "idle"
+    _wait_until(f"job {job_id} to be requeued", requeued_and_node_idle, timeout=180, interval=0.2)
+    # slurmd revokes the old run's credential with a 1 s timestamp: a restart within that same
+    # second is killed ("Job credential revoked"), which is what SLURM's hold guards against.
+    time.sleep(2)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+
+
+def _train_losses(run_dir: Path) -> dict[int, float]:
+    """train/loss per step from the run's TensorBoard files (a resumed run adds a file)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    losses: dict[int, float] = {}
+    for events in sorted((run_dir / "tensorboard").glob("events.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        if "train/loss" in accumulator.Tags()["scalars"]:
+            losses.update({e.step: e.value for e in accumulator.Scalars("train/loss")})
+    return losses
+
+
+def _eval_metrics(summary: dict) -> dict[str, float]:
+    return {k: v for k, v in summary["metrics"].items() if k.startswith("eval/")}
+
+
+@pytest.fixture(scope="module")
+def reference_run(slurm_cluster, workdir: Path) -> dict:
+    """The demo config submitted to SLURM and run to the end without interruption."""
+    job_id, out = _submit_cli(workdir, "reference")
+    run_dir = workdir / "runs" / "reference"
+    state = _wait_for_end(job_id, run_dir / "slurm" / f"{job_id}_0_log.err")
+    return {"job_id": job_id, "out": out, "run_dir": run_dir, "state": state}
+
+
+@pytest.mark.slow
+def test_submitted_demo_job_finishes_with_metrics_and_checkpoint_in_the_run_folder(reference_run):
+    job_id, run_dir, out = reference_run["job_id"], reference_run["run_dir"], reference_run["out"]
+    assert reference_run["state"] == "COMPLETED", _sacct_states(job_id)
+    # What submit printed, and the job id kept in the run folder.
+    assert f"tensorboard --logdir {run_dir}" in out and "2 tasks on CPU" in out
+    assert (run_dir / submit.JOB_ID_FILE).read_text().strip() == job_id
+    # submitit's logs, one pair per task, and the tasks' results, under {run}/slurm.
+    slurm_dir = run_dir / "slurm"
+    assert str(slurm_dir / f"{job_id}_0_log.out") in out
+    for rank in (0, 1):
+        assert (slurm_dir / f"{job_id}_{rank}_log.err").is_file()
+    results = submitit.SlurmJob(slurm_dir, job_id, tasks=(0, 1)).results()
+    assert [(r.status, r.step, r.requeues) for r in results] == [("completed", MAX_STEPS, 0)] * 2
+    # Metrics, TensorBoard and the checkpoint where the README says.
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["step"] == MAX_STEPS
+    assert 0.0 <= summary["metrics"]["eval/top1"] <= 100.0
+    assert results[0].metrics["eval/top1"] == summary["metrics"]["eval/top1"]
+    assert sorted(_train_losses(run_dir)) == list(range(1, MAX_STEPS + 1))
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step_{MAX_STEPS}" and (run_dir / "checkpoints" / latest).is_dir()
+    # Accounting saw both tasks of the step.
+    ntasks = subprocess.run(["sacct", "-j", f"{job_id}.0", "-n", "-P", "-o", "NTasks"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert ntasks == ["2"]
+
+
+@pytest.mark.slow
+def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(reference_run, workdir: Path,
+                                                                  record_property):
+    job_id, _ = _submit_cli(workdir, "interrupted")
+    run_dir = workdir / "runs" / "interrupted"
+    log = run_dir / "slurm" / f"{job_id}_0_log.err"
+    latest = run_dir / "checkpoints" / "latest"
+
+    _wait_until(f"step {SIGNAL_AFTER_STEP}",
+                lambda: log.exists() and f"step {SIGNAL_AFTER_STEP}/{MAX_STEPS}" in log.read_text(),
+                timeout=600, interval=0.05)
+    assert not latest.exists()
+    signalled = time.time()
+    subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
+    _wait_until("the checkpoint written on USR1", latest.exists, timeout=120, interval=0.05)
+    signal_to_checkpoint = latest.stat().st_mtime - signalled
+    record_property("signal_to_checkpoint_s", round(signal_to_checkpoint, 3))
+    print(f"\nUSR1 -> checkpoint complete ('latest' moved): {signal_to_checkpoint:.2f} s")
+    stopped_at = int(latest.read_text().strip().removeprefix("step_"))
+    assert SIGNAL_AFTER_STEP <= stopped_at < MAX_STEPS
+
+    # The job requeued itself (same id); SLURM holds requeued jobs ~2 min: release it now.
+    _release_requeued(job_id)
+
+    assert _wait_for_end(job_id, log) == "COMPLETED"
+    assert _sacct_states(job_id) == ["REQUEUED", "COMPLETED"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["step"] == MAX_STEPS
+    assert summary["resumed_from"].endswith(f"step_{stopped_at}")
+    results = submitit.SlurmJob(run_dir / "slurm", job_id, tasks=(0, 1)).results()
+    assert [(r.status, r.requeues) for r in results] == [("completed", 1)] * 2
+
+    _assert_same_training(run_dir, reference_run["run_dir"])
+
+
+@pytest.mark.slow
+def test_local_executor_runs_the_same_job(reference_run, workdir: Path):
+    job_id, out = _submit_cli(workdir, "local", "--local")
+    assert "finished: completed" in out
+    run_dir = workdir / "runs" / "local"
+    assert (run_dir / "slurm" / f"{job_id}_0_log.err").is_file()
+    _assert_same_training(run_dir, reference_run["run_dir"])
+
+
+def _sbatch_template(template: str, workdir: Path, run_name: str, *options: str,
+                     env: dict[str, str] | None = None) -> tuple[str, Path]:
+    """sbatch one of slurm/*.sbatch on the demo config; returns (job id, its output file)."""
+    output = workdir / f"{run_name}.out"
+    cmd = ["sbatch", "--parsable", "--gpus-per-node=0", "--time=20", f"--output={output}", *options,
+           str(REPO / "slurm" / template), *TINY, f"logging.output_dir={workdir / 'runs'}",
+           f"logging.run_name={run_name}", f"data.cache_dir={workdir / 'cache'}"]
+    job_env = {**os.environ, "CONFIG": "configs/demo.yaml", "PYTHON": sys.executable, **(env or {})}
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=job_env, check=True)
+    return done.stdout.strip().split(";")[0], output
+
+
+def _assert_same_training(run_dir: Path, reference_dir: Path) -> None:
+    """Same loss at every step and same final metrics as the reference run."""
+    assert _train_losses(run_dir) == pytest.approx(_train_losses(reference_dir), rel=1e-6)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    reference = json.loads((reference_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["step"] == MAX_STEPS
+    assert _eval_metrics(summary) == pytest.approx(_eval_metrics(reference), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_srun_template_requeues_itself_after_usr1_and_resumes(reference_run, workdir: Path):
+    job_id, output = _sbatch_template("train_srun.sbatch", workdir, "srun_template",
+                                      "--ntasks-per-node=2", "--cpus-per-task=1")
+    run_dir = workdir / "runs" / "srun_template"
+    _wait_until(f"step {SIGNAL_AFTER_STEP}",
+                lambda: output.exists() and f"step {SIGNAL_AFTER_STEP}/{MAX_STEPS}" in output.read_text(),
+                timeout=600, interval=0.05)
+    subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
+    _release_requeued(job_id)
+    assert _wait_for_end(job_id, output) == "COMPLETED"
+    log = output.read_text()
+    assert "requeuing job" in log and "resumed from" in log
+    assert _sacct_states(job_id) == ["REQUEUED", "COMPLETED"]
+    _assert_same_training(run_dir, reference_run["run_dir"])
+
+
+@pytest.mark.slow
+def test_deepspeed_template_trains_from_a_hostfile_of_the_node_list(reference_run, workdir: Path):
+    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
+    job_id, output = _sbatch_template("train_deepspeed.sbatch", workdir, "deepspeed_template",
+                                      "--cpus-per-task=2",
+                                      env={"DEEPSPEED": deepspeed, "SLOTS_PER_NODE": "2"})
+    assert _wait_for_end(job_id, output) == "COMPLETED", output.read_text()[-4000:]
+    run_dir = workdir / "runs" / "deepspeed_template"
+    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
+    assert (run_dir / f"hostfile.{job_id}").read_text() == f"{host} slots=2\n"
+    assert "deepspeed launcher" in output.read_text()  # the ranks came from the DeepSpeed launcher
+    _assert_same_training(run_dir, reference_run["run_dir"])
