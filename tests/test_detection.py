@@ -140,12 +140,12 @@ def test_coco_metrics_of_the_ground_truth_itself_are_perfect(tmp_path):
 
 
 def test_a_few_steps_lower_the_loss_and_evaluation_returns_valid_ap(tmp_path):
-    annotation_file, image_dir = write_coco(tmp_path, 8, seed=5)
+    annotation_file, image_dir = write_coco(tmp_path, 4, seed=5)
     model = _detector()
-    losses = _train(model, CocoInstances(annotation_file, image_dir, train=True), steps=8, lr=3e-4)
-    assert np.mean(losses[-3:]) < losses[0], losses
+    losses = _train(model, CocoInstances(annotation_file, image_dir, train=True), steps=6, lr=1e-3, batch_size=2)
+    assert np.mean(losses[-2:]) < losses[0], losses
     val = CocoInstances(annotation_file, image_dir, train=False)
-    batches = DataLoader(val, batch_size=4, collate_fn=collate_detection)
+    batches = DataLoader(val, batch_size=2, collate_fn=collate_detection)
     metrics = evaluate_detection(model, batches, val, torch.device("cpu"))
     assert set(metrics) >= {"bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50"}
     assert all(0.0 <= value <= 100.0 for value in metrics.values())
@@ -153,10 +153,11 @@ def test_a_few_steps_lower_the_loss_and_evaluation_returns_valid_ap(tmp_path):
 
 @pytest.mark.slow
 def test_training_on_separable_shapes_reaches_the_ap_bar(tmp_path):
-    train_file, train_dir = write_coco(tmp_path, 48, seed=6, name="train")
+    # measured: bbox AP50 88, segm AP50 88 (AP 33 / 46) after these 40 steps
+    train_file, train_dir = write_coco(tmp_path, 32, seed=6, name="train")
     val_file, val_dir = write_coco(tmp_path, 16, seed=7, name="val")
     model = _detector()
-    _train(model, CocoInstances(train_file, train_dir, train=True), steps=150, lr=5e-4)
+    _train(model, CocoInstances(train_file, train_dir, train=True), steps=40, lr=1e-3, batch_size=2)
     val = CocoInstances(val_file, val_dir, train=False)
     metrics = evaluate_detection(model, DataLoader(val, batch_size=4, collate_fn=collate_detection), val,
                                  torch.device("cpu"))
