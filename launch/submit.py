@@ -28,7 +28,9 @@ import submitit
 from omegaconf import OmegaConf
 from submitit.slurm.slurm import SlurmExecutor
 
-from anchorformer.config import ConfigError, RootConfig, check_world_size, from_dict, load, to_dict, to_yaml
+from anchorformer.config import (
+    ConfigError, RootConfig, check_world_size, from_dict, load, to_dict, to_yaml,
+)
 from anchorformer.slurm_job import PREEMPT_SIGNAL, TrainingJob
 
 logger = logging.getLogger("anchorformer.submit")
@@ -84,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     resources.add_argument("--time", type=int, metavar="MINUTES",
                            help="wall-clock limit of one job; the job requeues itself when it runs out")
     resources.add_argument("--signal-delay", type=int, metavar="SECONDS",
-                           help=f"send SIG{PREEMPT_SIGNAL} this long before the time limit, to checkpoint")
+                           help=f"send SIG{PREEMPT_SIGNAL} this long before the time limit, "
+                                "to checkpoint")
     resources.add_argument("--exclusive", action=argparse.BooleanOptionalAction,
                            help="request whole nodes")
     scheduling = parser.add_argument_group("scheduling")
@@ -178,7 +181,8 @@ def _check_launch(cfg: RootConfig, local: bool) -> None:
                           f"{slurm.signal_delay_s} s (--signal-delay) must be shorter than the "
                           f"time limit slurm.time_min={slurm.time_min} min (--time)")
     if local and slurm.nodes != 1:
-        raise ConfigError("slurm.nodes", f"--local runs on this machine: it needs 1 node, got {slurm.nodes}")
+        raise ConfigError("slurm.nodes",
+                          f"--local runs on this machine: it needs 1 node, got {slurm.nodes}")
     check_world_size(cfg, slurm.nodes * slurm.gpus_per_node)
 
 
@@ -247,9 +251,9 @@ def render_sbatch_script(cfg: RootConfig) -> str:
 def make_executor(cfg: RootConfig, local: bool) -> submitit.AutoExecutor:
     """submitit's AutoExecutor for SLURM (or its local executor), configured from ``cfg``."""
     folder = submitit_folder(cfg)
-    # Inherited by the local executor's processes (and by sbatch's default environment).
-    os.environ[SUBMITIT_SIGNAL_VARIABLE] = PREEMPT_SIGNAL
     if local:
+        # The local executor's processes inherit this environment.
+        os.environ[SUBMITIT_SIGNAL_VARIABLE] = PREEMPT_SIGNAL
         executor = submitit.AutoExecutor(folder, cluster="local")
         executor.update_parameters(
             timeout_min=cfg.slurm.time_min, tasks_per_node=cfg.slurm.gpus_per_node,

@@ -181,8 +181,9 @@ def test_checkpoint_requeues_a_fresh_copy_that_resumes(recipe: Path):
 
 def test_cluster_profile_sits_between_recipe_and_options(capsys, monkeypatch, recipe: Path):
     monkeypatch.setenv("USER", "alice")
-    _, flags, config_yaml = _dry_run(capsys, "--profile", str(REPO / "slurm" / "cluster_profile.example.yaml"),
-                                     "--qos", "high", str(recipe), "slurm.account=other")
+    profile = REPO / "slurm" / "cluster_profile.example.yaml"
+    _, flags, config_yaml = _dry_run(capsys, "--profile", str(profile), "--qos", "high",
+                                     str(recipe), "slurm.account=other")
     assert flags["partition"] == "gpu" and flags["constraint"] == "h100"  # from the profile
     assert flags["qos"] == "high" and flags["account"] == "other"         # options and overrides win
     assert flags["output"].startswith("/checkpoint/alice/anchorformer/runs/recipe/slurm/")
@@ -269,6 +270,13 @@ def _wait_for_end(job_id: str, log: Path, timeout: float = 600) -> str:
                              f"{log.read_text()[-4000:] if log.exists() else '(none)'}") from None
 
 
+def _wait_for_step(log: Path, step: int) -> None:
+    """Wait until rank 0's log reports optimizer step ``step``."""
+    _wait_until(f"step {step} in {log}",
+                lambda: log.exists() and f"step {step}/{MAX_STEPS}" in log.read_text(),
+                timeout=600, interval=0.05)
+
+
 def _release_requeued(job_id: str) -> None:
     """Wait until the job was requeued (pending, one restart) and its old allocation is gone,
     then lift SLURM's ~2 min hold (Reason=BeginTime) with ``scontrol update StartTime=now``."""
@@ -347,9 +355,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(reference_run,
     log = run_dir / "slurm" / f"{job_id}_0_log.err"
     latest = run_dir / "checkpoints" / "latest"
 
-    _wait_until(f"step {SIGNAL_AFTER_STEP}",
-                lambda: log.exists() and f"step {SIGNAL_AFTER_STEP}/{MAX_STEPS}" in log.read_text(),
-                timeout=600, interval=0.05)
+    _wait_for_step(log, SIGNAL_AFTER_STEP)
     assert not latest.exists()
     signalled = time.time()
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
@@ -409,9 +415,7 @@ def test_srun_template_requeues_itself_after_usr1_and_resumes(reference_run, wor
     job_id, output = _sbatch_template("train_srun.sbatch", workdir, "srun_template",
                                       "--ntasks-per-node=2", "--cpus-per-task=1")
     run_dir = workdir / "runs" / "srun_template"
-    _wait_until(f"step {SIGNAL_AFTER_STEP}",
-                lambda: output.exists() and f"step {SIGNAL_AFTER_STEP}/{MAX_STEPS}" in output.read_text(),
-                timeout=600, interval=0.05)
+    _wait_for_step(output, SIGNAL_AFTER_STEP)
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
     _release_requeued(job_id)
     assert _wait_for_end(job_id, output) == "COMPLETED"

@@ -35,6 +35,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,8 @@ class ClusterPaths:
         return self.run_dir / f"{daemon}.pid"
 
 
-def _run(cmd: list[str], check: bool = True, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
+def _run(cmd: list[str], check: bool = True, timeout: float = 60,
+         **kwargs: Any) -> subprocess.CompletedProcess:
     """Run a command, capturing its output; on failure raise ClusterError with that output."""
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
     if check and result.returncode != 0:
@@ -112,7 +114,7 @@ def _run(cmd: list[str], check: bool = True, timeout: float = 60, **kwargs) -> s
     return result
 
 
-def _wait_for(what: str, probe, timeout: float, log_hint: Path | None = None) -> None:
+def _wait_for(what: str, probe: Callable[[], bool], timeout: float, log_hint: Path | None = None) -> None:
     """Poll ``probe()`` every 0.5 s until it returns True; raise ClusterError after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
