@@ -128,6 +128,10 @@ def test_auto_picks_triton_where_supported_and_falls_back_elsewhere():
     assert select_backend(qk.double(), anchors.double(), v.double()) == "torch"
     wide = torch.randn(200, qk.shape[-1], device=DEVICE)
     assert select_backend(qk, wide, v) == "torch"
+    # dh=128: 16-bit inputs fit the kernels' shared-memory budget, fp32 ones do not
+    qk_128, anchors_128, v_128, _ = _inputs((1, 1, 8, 128, 30), torch.float32)
+    assert select_backend(qk_128, anchors_128, v_128) == "torch"
+    assert select_backend(qk_128.half(), anchors_128, v_128.half()) == "triton"
     set_backend("triton")
     with pytest.raises(ValueError, match="m=200"):
         select_backend(qk, wide, v)

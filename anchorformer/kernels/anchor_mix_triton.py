@@ -33,7 +33,10 @@ Precision: inputs in bf16/fp16/fp32; logits, softmax, ``Lambda``, ``C``, ``D`` a
 accumulators in fp32. As in the reference, ``A``, ``C`` and ``D`` are rounded to the input dtype
 before the token-long products (tensor cores); fp32 inputs use exact fp32 products ("ieee").
 Anchors are padded to a power of two (at least 16, ``tl.dot``'s minimum) and masked: a padded
-anchor has logit -inf, so ``A`` is 0 there and so are its ``C``, ``D`` and gradients.
+anchor has logit -inf, so ``A`` is 0 there and so are its ``C``, ``D`` and gradients. The padded
+(m, dh) tile is bounded per dtype (``_LIMITS``) so that every kernel fits in 100 KB of shared
+memory; :func:`unsupported_reason` names the inputs outside those bounds (the dispatcher then
+uses the PyTorch path).
 """
 import math
 from typing import NamedTuple, Optional
@@ -42,13 +45,26 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["MAX_ANCHORS", "MAX_HEAD_DIM", "unsupported_reason", "forward", "backward", "ForwardState"]
+__all__ = ["unsupported_reason", "forward", "backward", "ForwardState"]
 
-MAX_ANCHORS = 128
-MAX_HEAD_DIM = 128
-_BLOCK_TOKENS = 64
 _NUM_WARPS = 4
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class _TileLimits(NamedTuple):
+    """Per input dtype: tokens per block, and the largest padded anchor tile (BLOCK_M * BLOCK_D
+    elements, BLOCK_D) that keeps every kernel under 100 KB of shared memory (compiled for sm_90:
+    the backward needs 90 KB at (32, 128) in 16 bits, 82 KB at (32, 64) in fp32 with 32 tokens)."""
+
+    block_n: int
+    max_tile: int
+    max_block_d: int
+
+
+_LIMITS = {
+    torch.bfloat16: _TileLimits(block_n=64, max_tile=4096, max_block_d=128),
+    torch.float16: _TileLimits(block_n=64, max_tile=4096, max_block_d=128),
+    torch.float32: _TileLimits(block_n=32, max_tile=2048, max_block_d=64),
+}
 # Programs per streaming multiprocessor that the token split aims for: enough to hide latency.
 _PROGRAMS_PER_SM = 4
 # On the CPU interpreter programs run one after another; a few splits keep the partial-sum
@@ -251,6 +267,7 @@ class ForwardState(NamedTuple):
 class _Launch(NamedTuple):
     """Block sizes and the split of the token blocks across programs for one call."""
 
+    block_n: int
     block_m: int
     block_d: int
     n_blocks: int
@@ -260,7 +277,8 @@ class _Launch(NamedTuple):
 
 
 def unsupported_reason(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor) -> Optional[str]:
-    """Why these inputs cannot run through the kernels, or None when they can.
+    """Why these inputs cannot run through the kernels, or None when they can (the anchors
+    are cast to the dtype of ``qk`` before :func:`forward`).
 
     Args:
         qk: (B, h, n, dh) tokens; anchors: (m, dh); v: (B, h, n, dh).
@@ -272,18 +290,27 @@ def unsupported_reason(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor)
         return f"qk and v must both be (B, h, n, dh), got {tuple(qk.shape)} and {tuple(v.shape)}"
     if anchors.dim() != 2 or anchors.shape[1] != qk.shape[-1]:
         return f"anchors must be (m, dh={qk.shape[-1]}), got {tuple(anchors.shape)}"
-    if qk.dtype not in _SUPPORTED_DTYPES or v.dtype != qk.dtype:
-        return f"dtypes qk={qk.dtype}, v={v.dtype}: both must be one of {_SUPPORTED_DTYPES}"
-    if anchors.shape[0] > MAX_ANCHORS or qk.shape[-1] > MAX_HEAD_DIM:
-        return f"m={anchors.shape[0]}, dh={qk.shape[-1]}: the kernels take m <= {MAX_ANCHORS}, dh <= {MAX_HEAD_DIM}"
+    if qk.dtype not in _LIMITS or v.dtype != qk.dtype:
+        return f"dtypes qk={qk.dtype}, v={v.dtype}: both must be the same, one of {list(_LIMITS)}"
+    limits = _LIMITS[qk.dtype]
+    block_m, block_d = _padded(anchors.shape[0]), _padded(qk.shape[-1])
+    if block_d > limits.max_block_d or block_m * block_d > limits.max_tile:
+        return (f"m={anchors.shape[0]}, dh={qk.shape[-1]} pad to a {block_m} x {block_d} tile; in {qk.dtype} the "
+                f"kernels take dh <= {limits.max_block_d} and padded m x dh <= {limits.max_tile}")
     if qk.numel() == 0:
         return "empty input"
     return None
 
 
+def _padded(size: int) -> int:
+    """A tile side for ``size``: a power of two, at least 16 (``tl.dot``'s minimum)."""
+    return max(16, triton.next_power_of_2(size))
+
+
 def _plan(qk: torch.Tensor, anchors: torch.Tensor) -> _Launch:
     batch, heads, tokens, head_dim = qk.shape
-    n_blocks = triton.cdiv(tokens, _BLOCK_TOKENS)
+    block_n = _LIMITS[qk.dtype].block_n
+    n_blocks = triton.cdiv(tokens, block_n)
     if qk.is_cuda:
         target = _PROGRAMS_PER_SM * torch.cuda.get_device_properties(qk.device).multi_processor_count
     else:
@@ -291,8 +318,9 @@ def _plan(qk: torch.Tensor, anchors: torch.Tensor) -> _Launch:
     wanted_splits = min(n_blocks, max(1, math.ceil(target / (batch * heads))))
     blocks_per_program = math.ceil(n_blocks / wanted_splits)
     return _Launch(
-        block_m=max(16, triton.next_power_of_2(anchors.shape[0])),
-        block_d=max(16, triton.next_power_of_2(head_dim)),
+        block_n=block_n,
+        block_m=_padded(anchors.shape[0]),
+        block_d=_padded(head_dim),
         n_blocks=n_blocks,
         blocks_per_program=blocks_per_program,
         splits=math.ceil(n_blocks / blocks_per_program),
@@ -310,7 +338,7 @@ def _gather(x: torch.Tensor, y: torch.Tensor, anchors: torch.Tensor, scale: floa
         x, y, anchors, partial, degree,
         heads, tokens, anchors.shape[0], head_dim, plan.blocks_per_program, scale,
         *x.stride(), *y.stride(), *anchors.stride(),
-        BLOCK_N=_BLOCK_TOKENS, BLOCK_M=plan.block_m, BLOCK_D=plan.block_d, DOT_PRECISION=plan.dot_precision,
+        BLOCK_N=plan.block_n, BLOCK_M=plan.block_m, BLOCK_D=plan.block_d, DOT_PRECISION=plan.dot_precision,
         num_warps=_NUM_WARPS,
     )
     return partial, degree
@@ -335,6 +363,7 @@ def forward(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor, scale: flo
     Returns:
         The (B, h, n, dh) output in the input dtype and a :class:`ForwardState`.
     """
+    assert anchors.dtype == qk.dtype == v.dtype, f"dtypes differ: {qk.dtype}, {anchors.dtype}, {v.dtype}"
     plan = _plan(qk, anchors)
     batch, heads, tokens, head_dim = qk.shape
     partial, degree = _gather(qk, v, anchors, scale, plan)
@@ -347,7 +376,7 @@ def forward(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor, scale: flo
         qk, anchors, context, out,
         heads, tokens, anchors.shape[0], head_dim, scale,
         *qk.stride(), *out.stride(), *anchors.stride(),
-        BLOCK_N=_BLOCK_TOKENS, BLOCK_M=plan.block_m, BLOCK_D=plan.block_d, DOT_PRECISION=plan.dot_precision,
+        BLOCK_N=plan.block_n, BLOCK_M=plan.block_m, BLOCK_D=plan.block_d, DOT_PRECISION=plan.dot_precision,
         num_warps=_NUM_WARPS,
     )
     return out, ForwardState(context, inv_degree)
@@ -381,7 +410,7 @@ def backward(grad_out: torch.Tensor, qk: torch.Tensor, anchors: torch.Tensor, v:
         d_qk, d_v, d_anchors_partial,
         heads, tokens, anchors.shape[0], head_dim, plan.blocks_per_program, scale,
         *qk.stride(), *v.stride(), *grad_out.stride(), *d_qk.stride(), *d_v.stride(), *anchors.stride(),
-        BLOCK_N=_BLOCK_TOKENS, BLOCK_M=plan.block_m, BLOCK_D=plan.block_d, DOT_PRECISION=plan.dot_precision,
+        BLOCK_N=plan.block_n, BLOCK_M=plan.block_m, BLOCK_D=plan.block_d, DOT_PRECISION=plan.dot_precision,
         num_warps=_NUM_WARPS,
     )
     d_anchors = d_anchors_partial.sum(dim=(0, 1))[: anchors.shape[0], :head_dim].to(anchors.dtype)

@@ -75,7 +75,7 @@ def _triton_unsupported_reason(qk: torch.Tensor, anchors: torch.Tensor, v: torch
         return f"tensors are on {qk.device}, the kernels need CUDA (or TRITON_INTERPRET=1)"
     from anchorformer.kernels import anchor_mix_triton
 
-    return anchor_mix_triton.unsupported_reason(qk, anchors.to(qk.dtype), v)
+    return anchor_mix_triton.unsupported_reason(qk, anchors, v)
 
 
 def select_backend(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor) -> str:
