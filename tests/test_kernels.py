@@ -7,7 +7,9 @@ the same low-precision roundings on CPU.
 """
 import importlib
 import os
+import subprocess
 import sys
+import textwrap
 
 import torch
 
@@ -171,3 +173,45 @@ def test_model_compiled_whole_traces_the_pytorch_path():
     eager = _mix_with_grads(anchor_mix, qk, anchors, v, grad)
     for name, actual, expected in zip(["out", "d_qk", "d_anchors", "d_v"], compiled, eager):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5, msg=name)
+
+
+# Compiles the kernels to sm_90 machine code with the ptxas that ships with triton: catches what
+# the interpreter lets through (operand dtypes of tl.dot, layouts) and checks the shared-memory
+# budget of the largest tiles the dispatcher lets through. Runs without a GPU or the interpreter.
+_COMPILE_FOR_HOPPER = textwrap.dedent("""
+    import torch, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from anchorformer.kernels import anchor_mix_triton as k
+
+    def signature(fn, element, constants):
+        types = {}
+        for name in fn.arg_names:
+            if name in constants:
+                types[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                low_precision = name in ("x_ptr", "y_ptr", "u_ptr", "v_ptr", "g_ptr", "out_ptr", "dx_ptr", "dv_ptr")
+                types[name] = "*" + (element if low_precision else "fp32")
+            else:
+                types[name] = "fp32" if name == "scale" else "i32"
+        return types
+
+    for dtype, element, block_m, block_d in ((torch.bfloat16, "bf16", 32, 128), (torch.float32, "fp32", 32, 64)):
+        tile = dict(BLOCK_M=block_m, BLOCK_D=block_d)
+        blocks = dict(tile, BLOCK_N=k._LIMITS[dtype].block_n, DOT_PRECISION="ieee" if element == "fp32" else "tf32")
+        for fn, constants in ((k._gather_kernel, blocks), (k._scatter_kernel, blocks), (k._backward_kernel, blocks),
+                              (k._finish_forward_kernel, tile), (k._finish_backward_kernel, tile)):
+            source = ASTSource(fn, signature(fn, element, constants), constexprs=constants)
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+            print(element, fn.__name__, compiled.metadata.shared)
+            assert compiled.metadata.shared <= 100 * 1024, (element, fn.__name__, compiled.metadata.shared)
+""")
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper_within_shared_memory_budget():
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(result.stdout.splitlines()) == 10, result.stdout
