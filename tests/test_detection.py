@@ -2,18 +2,24 @@
 with rectangles (category 1) and ellipses (category 2) whose boxes and masks are known exactly."""
 import json
 import math
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 
+from anchorformer.convert import export_backbone, load_source
 from anchorformer.data.coco import CocoInstances, collate_detection
 from anchorformer.tasks.detection import build_detector, coco_metrics, detection_loss, evaluate_detection
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = dict(embed_dim=64, depth=2, num_heads=2, num_anchors=8)
 IMAGE = 96
 COLOURS = {1: (220, 40, 40), 2: (40, 60, 220)}
@@ -163,3 +169,35 @@ def test_training_on_separable_shapes_reaches_the_ap_bar(tmp_path):
                                  torch.device("cpu"))
     assert metrics["bbox_AP50"] >= 50.0, metrics
     assert metrics["segm_AP50"] >= 50.0, metrics
+
+
+@pytest.mark.slow
+def test_the_trainer_fine_tunes_the_recipe_from_a_backbone_export(tmp_path):
+    """launch/train.py with configs/coco_maskrcnn_tiny.yaml (shrunk by overrides) on the synthetic
+    set, starting from a backbone export: training steps, COCO evaluation, checkpoint, summary."""
+    train_file, train_dir = write_coco(tmp_path, 4, seed=8, name="train")
+    val_file, val_dir = write_coco(tmp_path, 2, seed=9, name="val")
+    torch.manual_seed(0)
+    pretrained = timm.create_model("anchorformer_tiny_patch16_224", num_classes=5, img_size=64, **TINY)
+    torch.save(pretrained.state_dict(), tmp_path / "pretrained.pth")
+    export = export_backbone(load_source(tmp_path / "pretrained.pth"), tmp_path / "backbone.safetensors", IMAGE,
+                             model_name="anchorformer_tiny_patch16_224", model_args=dict(TINY, img_size=64))
+    overrides = [
+        "model.kwargs={embed_dim: 64, depth: 2, num_heads: 2, num_anchors: 8}", "model.num_classes=2",
+        f"model.pretrained_checkpoint={export.path}",
+        f"detection.train_annotations={train_file}", f"detection.train_images={train_dir}",
+        f"detection.val_annotations={val_file}", f"detection.val_images={val_dir}",
+        f"detection.image_size={IMAGE}", f"detection.train_scales=[{IMAGE}]", "detection.pyramid_channels=32",
+        "detection.mask_head_channels=32", "detection.rois_per_image=64", "data.num_workers=0",
+        "train.global_batch_size=2", "train.micro_batch_size=2", "train.max_steps=2", "train.device=cpu",
+        "schedule.epochs=1", "schedule.warmup_epochs=0", "checkpoint.every_steps=0",
+        f"logging.output_dir={tmp_path / 'runs'}", "logging.run_name=det", "logging.progress_bar=false",
+    ]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
+    subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), str(REPO / "configs" / "coco_maskrcnn_tiny.yaml"),
+                    *overrides], check=True, cwd=tmp_path, env=env, timeout=600)
+    summary = json.loads((tmp_path / "runs" / "det" / "summary.json").read_text())
+    assert summary["step"] == 2 and summary["status"] == "completed"
+    assert 0.0 <= summary["metrics"]["eval/bbox_AP"] <= 100.0
+    assert 0.0 <= summary["metrics"]["eval/segm_AP50"] <= 100.0
+    assert (tmp_path / "runs" / "det" / "checkpoints" / "latest").read_text().strip() == "step_2"

@@ -1,19 +1,26 @@
 """Segmentation stage on a tiny synthetic ADE20K-layout set written in the test: real JPEGs and
 label PNGs (0 = "other" background, 1 = rectangle, 2 = ellipse, 3 = triangle)."""
+import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 
+from anchorformer.convert import export_backbone, load_source
 from anchorformer.data.ade20k import IGNORE_INDEX, ADE20KSegmentation, collate_segmentation
 from anchorformer.tasks.segmentation import (
     SegmentationMetrics, UperNetSegmentor, evaluate_segmentation, predict_logits, segmentation_loss,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = dict(embed_dim=64, depth=2, num_heads=2, num_anchors=8)
 NUM_CLASSES = 3
 COLOURS = {1: (220, 40, 40), 2: (40, 60, 220), 3: (40, 200, 60)}
@@ -158,3 +165,35 @@ def test_training_on_separable_shapes_reaches_the_miou_bar(tmp_path):
     metrics = evaluate_segmentation(model, _val_loader(tmp_path), NUM_CLASSES, torch.device("cpu"))
     # measured: mIoU 88.4, aAcc 94.4 after these 60 steps
     assert metrics["mIoU"] >= 70.0, metrics
+
+
+@pytest.mark.slow
+def test_the_trainer_fine_tunes_the_recipe_from_a_backbone_export(tmp_path):
+    """launch/train.py with configs/ade20k_upernet_tiny.yaml (shrunk by overrides) on the synthetic
+    set, starting from a mmdet-layout backbone export: training steps, sliding-window mIoU,
+    checkpoint, summary."""
+    write_ade20k(tmp_path / "ade", "training", 4, seed=8)
+    write_ade20k(tmp_path / "ade", "validation", 2, seed=9)
+    torch.manual_seed(0)
+    pretrained = timm.create_model("anchorformer_tiny_patch16_224", num_classes=5, img_size=64, **TINY)
+    torch.save(pretrained.state_dict(), tmp_path / "pretrained.pth")
+    export = export_backbone(load_source(tmp_path / "pretrained.pth"), tmp_path / "backbone.safetensors", 64,
+                             "mmdet", "anchorformer_tiny_patch16_224", dict(TINY, img_size=64))
+    overrides = [
+        "model.kwargs={embed_dim: 64, depth: 2, num_heads: 2, num_anchors: 8}", f"model.num_classes={NUM_CLASSES}",
+        f"model.pretrained_checkpoint={export.path}", f"segmentation.root={tmp_path / 'ade'}",
+        "segmentation.crop_size=64", "segmentation.base_size=64", "segmentation.slide_stride=32",
+        "segmentation.pyramid_channels=32", "segmentation.head_channels=32", "segmentation.aux_channels=16",
+        "data.num_workers=0", "train.global_batch_size=2", "train.micro_batch_size=2", "train.max_steps=2",
+        "train.device=cpu", "train.precision=fp32", "schedule.epochs=1", "schedule.warmup_epochs=0",
+        "checkpoint.every_steps=0", f"logging.output_dir={tmp_path / 'runs'}", "logging.run_name=seg",
+        "logging.progress_bar=false",
+    ]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
+    subprocess.run([sys.executable, str(REPO / "launch" / "train.py"),
+                    str(REPO / "configs" / "ade20k_upernet_tiny.yaml"), *overrides],
+                   check=True, cwd=tmp_path, env=env, timeout=600)
+    summary = json.loads((tmp_path / "runs" / "seg" / "summary.json").read_text())
+    assert summary["step"] == 2 and summary["status"] == "completed"
+    assert 0.0 <= summary["metrics"]["eval/mIoU"] <= 100.0 and 0.0 < summary["metrics"]["eval/aAcc"] <= 100.0
+    assert (tmp_path / "runs" / "seg" / "checkpoints" / "latest").read_text().strip() == "step_2"

@@ -23,7 +23,7 @@ from timm.layers import LayerNorm2d
 import anchorformer.models  # noqa: F401  (registers the AnchorFormer models with timm)
 from anchorformer.models.anchorformer import checkpoint_filter_fn
 
-__all__ = ["PYRAMID_STRIDES", "SimpleFeaturePyramid", "AnchorFormerBackbone", "load_backbone_weights",
+__all__ = ["PYRAMID_STRIDES", "SimpleFeaturePyramid", "AnchorFormerBackbone", "DenseModelMixin", "load_backbone_weights",
            "read_weights", "full_parameters", "encoder_kwargs", "task_options"]
 
 logger = logging.getLogger(__name__)
@@ -113,6 +113,25 @@ class AnchorFormerBackbone(nn.Module):
         if self.extra_pool_level:
             features["pool"] = F.max_pool2d(levels[-1], kernel_size=1, stride=2)
         return features
+
+
+class DenseModelMixin:
+    """The timm model contract the trainer relies on, for a network whose ``self.backbone`` is an
+    :class:`AnchorFormerBackbone`: no weight decay on the encoder's tokens and pos_embed,
+    layer-wise lr decay groups (stem, one group per block, then everything else: pyramid and heads
+    at the full lr), activation checkpointing of the encoder."""
+
+    _ENCODER = r"^backbone\.encoder\."
+
+    def no_weight_decay(self) -> set:
+        return {f"backbone.encoder.{name}" for name in self.backbone.encoder.no_weight_decay()}
+
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return {"stem": self._ENCODER + r"(?:cls_token|reg_token|dist_token|pos_embed|patch_embed)",
+                "blocks": self._ENCODER + r"blocks\.(\d+)" if coarse else [(self._ENCODER + r"blocks\.(\d+)", None)]}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.backbone.set_grad_checkpointing(enable)
 
 
 def read_weights(path: str | Path) -> Dict[str, torch.Tensor]:

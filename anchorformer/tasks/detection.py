@@ -26,10 +26,12 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 
 from anchorformer.data.coco import CocoInstances, DetectionBatch, collate_detection
 from anchorformer.dist import collectives
-from anchorformer.tasks.backbone import AnchorFormerBackbone, encoder_kwargs, full_parameters, task_options
+from anchorformer.tasks.backbone import (
+    AnchorFormerBackbone, DenseModelMixin, encoder_kwargs, full_parameters, task_options,
+)
 from anchorformer.tasks.dense_data import MapTrainStream, eval_loader
 
-__all__ = ["DetectionTask", "build_detector", "detection_loss", "move_batch", "predict_coco_results", "coco_metrics",
+__all__ = ["DetectionTask", "AnchorFormerMaskRCNN", "build_detector", "detection_loss", "move_batch", "predict_coco_results", "coco_metrics",
            "evaluate_detection"]
 
 logger = logging.getLogger(__name__)
@@ -39,11 +41,17 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 _AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
+class AnchorFormerMaskRCNN(DenseModelMixin, MaskRCNN):
+    """torchvision's Mask R-CNN on an :class:`AnchorFormerBackbone`, with the timm-style methods the
+    trainer uses (layer-wise lr decay groups, no weight decay on tokens, activation checkpointing)."""
+
+
 def build_detector(model_name: str, num_classes: int, image_size: int, train_scales: Sequence[int],
                    weights: Optional[str] = None, model_kwargs: Optional[Dict[str, Any]] = None,
                    out_channels: int = 256, mask_head_channels: int = 256, rois_per_image: int = 512,
                    detections_per_image: int = 100,
-                   mean: Sequence[float] = _IMAGENET_MEAN, std: Sequence[float] = _IMAGENET_STD) -> MaskRCNN:
+                   mean: Sequence[float] = _IMAGENET_MEAN, std: Sequence[float] = _IMAGENET_STD
+                   ) -> AnchorFormerMaskRCNN:
     """Mask R-CNN on an AnchorFormer backbone.
 
     Args:
@@ -74,7 +82,7 @@ def build_detector(model_name: str, num_classes: int, image_size: int, train_sca
     backbone = AnchorFormerBackbone(model_name, img_size=image_size, out_channels=out_channels,
                                     extra_pool_level=True, weights=weights, model_kwargs=model_kwargs)
     # Box head: torchvision's default two 1024-wide fully connected layers.
-    return MaskRCNN(backbone, num_classes=None, box_predictor=FastRCNNPredictor(1024, num_classes + 1),
+    return AnchorFormerMaskRCNN(backbone, num_classes=None, box_predictor=FastRCNNPredictor(1024, num_classes + 1),
                     min_size=tuple(train_scales), max_size=image_size,
                     image_mean=list(mean), image_std=list(std), box_detections_per_img=detections_per_image,
                     box_batch_size_per_image=rois_per_image,

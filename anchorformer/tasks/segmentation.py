@@ -17,7 +17,9 @@ import torch.nn.functional as F
 
 from anchorformer.data.ade20k import IGNORE_INDEX, ADE20KSegmentation, SegmentationBatch, collate_segmentation
 from anchorformer.dist import collectives
-from anchorformer.tasks.backbone import AnchorFormerBackbone, encoder_kwargs, full_parameters, task_options
+from anchorformer.tasks.backbone import (
+    AnchorFormerBackbone, DenseModelMixin, encoder_kwargs, full_parameters, task_options,
+)
 from anchorformer.tasks.dense_data import MapTrainStream, eval_loader
 
 __all__ = ["SegmentationTask", "ConvNormAct", "UperNetHead", "UperNetSegmentor", "segmentation_loss", "predict_logits",
@@ -79,7 +81,7 @@ class UperNetHead(nn.Module):
         return self.classifier(fused)
 
 
-class UperNetSegmentor(nn.Module):
+class UperNetSegmentor(DenseModelMixin, nn.Module):
     """AnchorFormer backbone + UperNet (+ auxiliary FCN head during training).
 
     Takes images in [0, 1] (normalised inside) whose sides are multiples of 32 and returns logits
