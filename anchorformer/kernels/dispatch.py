@@ -15,6 +15,7 @@ Why these defaults (forward + backward of the mixing op; ``tools/benchmark.py an
   H100 numbers of all three backends are in docs/benchmarks.md, section ``anchor-mix-cuda``.
 """
 import collections
+import contextlib
 import functools
 import importlib.util
 import logging
@@ -22,7 +23,6 @@ import os
 from typing import Callable, Optional
 
 import torch
-
 
 __all__ = ["BACKENDS", "ENV_VAR", "set_backend", "requested_backend", "select_backend", "anchor_mix_fast", "backend_calls"]
 
@@ -100,6 +100,11 @@ def select_backend(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor) -> 
     return "torch"
 
 
+def _kernel_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it the tensor's (several GPUs per process)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 class _FusedAnchorMix(torch.autograd.Function):
     """Autograd wrapper of the Triton forward and backward (anchors already in the dtype of qk)."""
 
@@ -107,7 +112,8 @@ class _FusedAnchorMix(torch.autograd.Function):
     def forward(ctx, qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         from anchorformer.kernels import anchor_mix_triton
 
-        out, state = anchor_mix_triton.forward(qk, anchors, v, scale)
+        with _kernel_device(qk):
+            out, state = anchor_mix_triton.forward(qk, anchors, v, scale)
         ctx.save_for_backward(qk, anchors, v, state.context, state.inv_degree)
         ctx.scale = scale
         return out
@@ -118,7 +124,8 @@ class _FusedAnchorMix(torch.autograd.Function):
 
         qk, anchors, v, context, inv_degree = ctx.saved_tensors
         state = anchor_mix_triton.ForwardState(context, inv_degree)
-        d_qk, d_anchors, d_v = anchor_mix_triton.backward(grad_out, qk, anchors, v, ctx.scale, state)
+        with _kernel_device(qk):
+            d_qk, d_anchors, d_v = anchor_mix_triton.backward(grad_out, qk, anchors, v, ctx.scale, state)
         return d_qk, d_anchors, d_v, None
 
 
