@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from anchorformer import config  # noqa: E402
 from anchorformer.dist import detect  # noqa: E402
 from anchorformer.engine import run_training  # noqa: E402
+from anchorformer.engine.trainer import uses_cuda  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,15 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.config is None:
         parser.error("a recipe YAML is required (e.g. configs/demo.yaml)")
 
-    env = detect()
-    logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {env.rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if env.backend == "nccl" else "cpu")
     try:
         cfg = config.load(args.config, args.overrides)
-    except config.ConfigError as err:
+        env = detect(cuda_available=uses_cuda(cfg))
+    except ValueError as err:  # ConfigError included: a bad recipe, override or launcher variable
         print(f"error: {err}", file=sys.stderr)
         return 2
+    logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {env.rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
     result = run_training(cfg, env=env)
     if env.rank == 0:
         run_dir = Path(cfg.logging.output_dir) / (cfg.logging.run_name or "run")

@@ -112,7 +112,9 @@ def init(env: DistEnv, timeout_s: float = 1800.0) -> None:
         env: the detected environment.
         timeout_s: collective timeout in seconds.
     """
-    import deepspeed  # imported here: importing deepspeed probes the accelerator
+    # DeepSpeed picks its accelerator when first imported: CPU runs on a GPU machine must say so.
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if env.backend == "nccl" else "cpu")
+    import deepspeed
 
     if env.backend == "nccl":
         torch.cuda.set_device(env.local_rank)

@@ -1,9 +1,10 @@
 """Exponential moving average of the weights that works under every ZeRO stage.
 
-Under ZeRO-3 each rank averages only its own partition of every partitioned weight
-(``param.ds_tensor``): no communication, 1/world of the memory. Weights that are whole on every
-rank (stages 0-2, and ZeRO-3's small persistent ones) are averaged whole. For evaluation the
-average is swapped into the same storage the engine computes from, then swapped back.
+Under ZeRO-3 each rank averages only its own partition of every weight (``param.ds_tensor``):
+no communication, 1/world of the memory. Under stages 0-2 weights are whole on every rank and
+are averaged whole. For evaluation the average is swapped into the partitions the engine
+gathers from (ZeRO-3 weights still gathered, such as the small "persistent" ones, are released
+first so that the forward gathers them again), then swapped back.
 """
 from __future__ import annotations
 
@@ -22,8 +23,17 @@ logger = logging.getLogger(__name__)
 
 
 def _is_partitioned(param: nn.Parameter) -> bool:
-    """Whether ZeRO-3 holds only a partition of ``param`` on this rank."""
-    return hasattr(param, "ds_tensor") and not getattr(param, "ds_persist", False)
+    """Whether ZeRO-3 manages ``param`` (this rank owns one partition of it)."""
+    return hasattr(param, "ds_tensor")
+
+
+def _release_gathered(params: list[nn.Parameter]) -> None:
+    """Free the whole copies of ZeRO-3 weights that are gathered right now (persistent ones, and
+    any kept after an evaluation forward); the next forward gathers them anew from the
+    partitions."""
+    gathered = [p for p in params if _is_partitioned(p) and p.ds_status.name == "AVAILABLE"]
+    if gathered:
+        gathered[0].partition(param_list=gathered)
 
 
 def _storage(param: nn.Parameter) -> torch.Tensor:
@@ -56,6 +66,7 @@ class ShardedEma:
     def swapped_in(self) -> Iterator[None]:
         """Run the module with the averaged weights inside the block; restore afterwards."""
         backup = {}
+        _release_gathered(list(self._params.values()))
         with torch.no_grad():
             for name, param in self._params.items():
                 storage = _storage(param)
@@ -64,6 +75,7 @@ class ShardedEma:
         try:
             yield
         finally:
+            _release_gathered(list(self._params.values()))
             with torch.no_grad():
                 for name, param in self._params.items():
                     _storage(param).copy_(backup[name])

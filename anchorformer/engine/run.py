@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 from anchorformer import dist
 from anchorformer.config import RootConfig, check_world_size
-from anchorformer.engine.trainer import FitResult, Trainer
+from anchorformer.engine.trainer import FitResult, Trainer, uses_cuda
 
 __all__ = ["run_training", "DEFAULT_STOP_SIGNALS"]
 
@@ -26,12 +26,13 @@ def run_training(cfg: RootConfig, stop_signals: Sequence[signal.Signals] = DEFAU
     Args:
         cfg: validated configuration.
         stop_signals: signals that make the trainer checkpoint and return at the next step.
-        env: the process's place in the job; default ``dist.detect()``.
+        env: the process's place in the job; default ``dist.detect()`` (nccl when the config
+            trains on GPUs, gloo otherwise).
 
     Returns:
         How the run ended.
     """
-    env = env if env is not None else dist.detect()
+    env = env if env is not None else dist.detect(cuda_available=uses_cuda(cfg))
     check_world_size(cfg, env.world_size)  # before any work: a bad batch split fails here
     dist.init(env)
     trainer: Optional[Trainer] = None

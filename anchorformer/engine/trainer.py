@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
 
-import deepspeed
 import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -31,7 +30,7 @@ from anchorformer.engine.metrics import (
 from anchorformer.engine.optim import LrSchedule, build_optimizer, peak_lr, set_lr
 from anchorformer.tasks import Runtime, Task, build_task
 
-__all__ = ["FitResult", "TrainingDiverged", "Trainer"]
+__all__ = ["FitResult", "TrainingDiverged", "Trainer", "uses_cuda", "resolve_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,13 +55,30 @@ class TrainingDiverged(RuntimeError):
     """The loss was NaN/inf for ``train.nonfinite_patience`` optimizer steps in a row."""
 
 
-def resolve_device(choice: str, env: dist.DistEnv) -> torch.device:
-    """The device of this rank: its local GPU under ``cuda`` (or ``auto`` with CUDA), else CPU."""
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=auto")
-        return torch.device("cuda", env.local_rank)
-    return torch.device("cpu")
+def uses_cuda(cfg: RootConfig) -> bool:
+    """Whether this run trains on GPUs (``train.device``: cuda, or auto with CUDA visible).
+
+    Raises:
+        ValueError: for train.device=cuda without a visible CUDA device.
+    """
+    choice = cfg.train.device
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+    return choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
+
+
+def resolve_device(cfg: RootConfig, env: dist.DistEnv) -> torch.device:
+    """The device of this rank: its local GPU when the run uses CUDA, else the CPU.
+
+    Raises:
+        ValueError: when the process group's backend does not fit the device (nccl needs GPUs).
+    """
+    cuda = uses_cuda(cfg)
+    if cuda != (env.backend == "nccl"):
+        raise ValueError(f"train.device={cfg.train.device} trains on {'GPU' if cuda else 'CPU'} but the "
+                         f"process group uses {env.backend}; detect the environment with "
+                         f"dist.detect(cuda_available=uses_cuda(cfg))")
+    return torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
 
 
 class Trainer:
@@ -78,7 +94,7 @@ class Trainer:
         # Order: checks, device, run folder, seed, task + model, engine, EMA, data, resume, loggers.
         self.cfg, self.env = cfg, env
         self.accumulation = check_world_size(cfg, env.world_size)
-        self.device = resolve_device(cfg.train.device, env)
+        self.device = resolve_device(cfg, env)
         self.dtype = _DTYPES[cfg.train.precision]
         self.run_dir = Path(cfg.logging.output_dir) / (cfg.logging.run_name or "run")
         self._stop_requested = False
@@ -100,6 +116,8 @@ class Trainer:
         model.to(self.device)  # fp32: DeepSpeed makes the bf16/fp16 copies from these masters
         self.flops_per_sample = measure_forward_flops(model, self.task.example_input().float())
         self.signature = model_signature(model, cfg.model.name)
+
+        import deepspeed  # after dist.init chose DeepSpeed's accelerator
 
         self.optimizer = build_optimizer(model, cfg.optim)  # the basic optimizer, wrapped per ZeRO stage
         self.engine, _, _, _ = deepspeed.initialize(
