@@ -5,6 +5,7 @@ the kernels are imported); with one they are compiled and run on CUDA. The inter
 ``tl.dot`` mishandles bfloat16 operands, so bfloat16 is checked on CUDA only; float16 exercises
 the same low-precision roundings on CPU.
 """
+import copy
 import importlib
 import os
 import subprocess
@@ -28,7 +29,7 @@ import pytest  # noqa: E402
 
 from anchorformer.kernels import dispatch  # noqa: E402
 from anchorformer.kernels.dispatch import anchor_mix_fast, select_backend, set_backend  # noqa: E402
-from anchorformer.models.anchor_attention import anchor_mix  # noqa: E402
+from anchorformer.models.anchor_attention import AnchorAttention, anchor_mix  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # bfloat16 (the training dtype) on a GPU; float16 takes the same code path, and each extra dtype
@@ -88,6 +89,34 @@ def test_triton_forward_and_gradients_match_reference(shape, dtype):
         assert actual.dtype == dtype and actual.shape == expected.shape, name
         error = _relative_error(actual, expected)
         assert error <= TOLERANCE[dtype], f"{name}: relative error {error:.2e} > {TOLERANCE[dtype]:.0e}"
+
+
+def test_anchor_attention_layer_trains_as_accurately_through_the_kernels():
+    # the layer as models use it: fp32 weights, bf16 autocast on a GPU (fp32 under the interpreter),
+    # against the layer in float64; the kernels must be about as close to it as the PyTorch path
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    layer = AnchorAttention(64, num_heads=2, num_anchors=30).to(DEVICE)  # the tile of SHAPES[0]
+    x = torch.randn(2, 150, 64, device=DEVICE)
+
+    def train_step(backend: str, precision: torch.dtype):
+        set_backend(backend)
+        model = copy.deepcopy(layer).to(torch.float64 if precision == torch.float64 else torch.float32)
+        inputs = x.to(model.qk_v.weight.dtype, copy=True).requires_grad_()
+        calls_before = dispatch.backend_calls().get(backend, 0)
+        with torch.autocast(DEVICE.type, dtype=precision, enabled=precision == torch.bfloat16):
+            out = model(inputs)
+        out.double().square().mean().backward()
+        assert dispatch.backend_calls()[backend] == calls_before + 1
+        return {"out": out, "d_x": inputs.grad, **{name: p.grad for name, p in model.named_parameters()}}
+
+    exact = train_step("torch", torch.float64)
+    pytorch_path = train_step("torch", dtype)
+    kernels = train_step("triton", dtype)
+    for name, expected in exact.items():
+        kernel_error = _relative_error(kernels[name], expected)
+        pytorch_error = _relative_error(pytorch_path[name], expected)
+        assert kernel_error <= max(2 * pytorch_error, TOLERANCE[dtype]), (name, kernel_error, pytorch_error)
 
 
 def test_output_is_stored_token_major_so_merging_heads_is_free():
