@@ -47,13 +47,21 @@ else
 fi
 
 run_step nvidia-smi 20 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-# (its slow test, torch.compile of the PyTorch path, is timed by the anchor-mix benchmark instead)
-run_step kernel-tests 120 "$PYTHON" -m pytest -q -p no:cacheprovider -m "not slow" tests/test_kernels.py
+# the slow tests (torch.compile, sm_90 compilation without a GPU) run in CI; the anchor-mix
+# benchmark times torch.compile here. Kernels that fail their tests are kept out of the numbers.
+mix_backend=auto
+if ! run_step kernel-tests 120 "$PYTHON" -m pytest -q -p no:cacheprovider -m "not slow" tests/test_kernels.py; then
+  mix_backend=torch
+  echo "kernel tests failed: the attention and model benchmarks run the PyTorch anchor-mix path" | tee -a "$summary"
+fi
 run_step anchor-mix-backends 75 "$PYTHON" tools/benchmark.py anchor-mix --device cuda
-run_step attention 65 "$PYTHON" tools/benchmark.py attention --device cuda
-run_step model-224 75 "$PYTHON" tools/benchmark.py model --device cuda --resolutions 224 --backbone-resolution 0 --section model-224-cuda
-run_step model-384 45 "$PYTHON" tools/benchmark.py model --device cuda --resolutions 384 --backbone-resolution 0 --section model-384-cuda
-run_step model-1024 30 "$PYTHON" tools/benchmark.py model --device cuda --resolutions "" --backbone-resolution 1024 --section model-1024-cuda
+run_step attention 65 "$PYTHON" tools/benchmark.py attention --device cuda --backend "$mix_backend"
+run_step model-224 75 "$PYTHON" tools/benchmark.py model --device cuda --backend "$mix_backend" \
+  --resolutions 224 --backbone-resolution 0 --section model-224-cuda
+run_step model-384 45 "$PYTHON" tools/benchmark.py model --device cuda --backend "$mix_backend" \
+  --resolutions 384 --backbone-resolution 0 --section model-384-cuda
+run_step model-1024 30 "$PYTHON" tools/benchmark.py model --device cuda --backend "$mix_backend" \
+  --resolutions "" --backbone-resolution 1024 --section model-1024-cuda
 
 echo "== summary ($failed failed)"
 cat "$summary"
