@@ -45,7 +45,7 @@ class JobSummary:
     """What a finished job returns to the submitter (``job.result()``)."""
 
     status: str
-    """Trainer status: 'completed' (or 'stopped' on a task that did not requeue)."""
+    """Trainer status: 'completed' (a stopped run requeues instead of returning)."""
     epoch: int
     """Epochs completed."""
     step: int
@@ -75,8 +75,7 @@ class TrainingJob:
         Returns:
             The trainer's summary when training completed.
         """
-        from anchorformer.dist import detect  # heavy imports (torch, deepspeed): only in the job
-        from anchorformer.engine import run_training
+        from anchorformer.dist import detect  # imports torch: only inside the job
 
         if submitit.JobEnvironment.USR_SIG != PREEMPT_SIGNAL:
             raise RuntimeError(f"submitit listens for SIG{submitit.JobEnvironment.USR_SIG}, not "
@@ -90,6 +89,8 @@ class TrainingJob:
             _export_local_rendezvous(job_env)
         dist_env = detect()
         _setup_process(dist_env)
+        from anchorformer.engine import run_training  # imports deepspeed: after DS_ACCELERATOR
+
         logger.info("starting training in %s (requeued %d times before)", job_env, self.requeues)
         result = run_training(self.cfg, stop_signals=STOP_SIGNALS, env=dist_env)
         if result.status == "stopped":

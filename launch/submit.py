@@ -148,17 +148,17 @@ def profile_overrides(path: Path) -> list[str]:
         One override per leaf value, checked later by the config loader like any override.
 
     Raises:
-        ConfigError: when the file is missing, unreadable or not a mapping of sections.
+        ValueError: when the file is missing, unreadable or not a mapping of sections.
     """
     if not path.is_file():
-        raise ConfigError("--profile", f"cluster profile {str(path)!r} does not exist")
+        raise ValueError(f"--profile: cluster profile {str(path)!r} does not exist")
     try:
         data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     except Exception as error:  # yaml and OmegaConf errors alike mean "bad YAML"
-        raise ConfigError("--profile", f"cannot parse {str(path)!r}: {error}") from error
+        raise ValueError(f"--profile: cannot parse {str(path)!r}: {error}") from error
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise ConfigError("--profile", f"{str(path)!r} must be a mapping of config sections "
-                                       "(e.g. slurm: {partition: gpu})")
+        raise ValueError(f"--profile: {str(path)!r} must be a mapping of config sections "
+                         "(e.g. slurm: {partition: gpu})")
     overrides: list[str] = []
 
     def flatten(prefix: str, value: Any) -> None:
@@ -254,7 +254,8 @@ def make_executor(cfg: RootConfig, local: bool) -> submitit.AutoExecutor:
     if local:
         # The local executor's processes inherit this environment.
         os.environ[SUBMITIT_SIGNAL_VARIABLE] = PREEMPT_SIGNAL
-        executor = submitit.AutoExecutor(folder, cluster="local")
+        executor = submitit.AutoExecutor(folder, cluster="local",
+                                         local_max_num_timeout=cfg.slurm.max_requeues)
         executor.update_parameters(
             timeout_min=cfg.slurm.time_min, tasks_per_node=cfg.slurm.gpus_per_node,
             gpus_per_node=cfg.slurm.gpus_per_node if uses_gpus(cfg) else 0)
@@ -308,7 +309,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"follow it: tensorboard --logdir {run_folder(cfg)}")
     if args.local:
         summary = job.results()[0]
-        print(f"finished: {summary.status}; metrics: {summary.metrics}")
+        evaluation = ", ".join(f"{k} {v:.4g}" for k, v in summary.metrics.items()
+                               if k.startswith("eval/"))
+        print(f"finished: {summary.status} at step {summary.step} after {summary.requeues} "
+              f"requeue(s); {evaluation}")
     return 0
 
 
