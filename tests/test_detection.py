@@ -17,6 +17,8 @@ from torch.utils.data import DataLoader
 
 from anchorformer.convert import export_backbone, load_source
 from anchorformer.data.coco import CocoInstances, collate_detection
+from anchorformer.tasks.backbone import AnchorFormerBackbone
+from anchorformer.tasks.dense_data import MapTrainStream, eval_loader
 from anchorformer.tasks.detection import build_detector, coco_metrics, detection_loss, evaluate_detection
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,3 +203,49 @@ def test_the_trainer_fine_tunes_the_recipe_from_a_backbone_export(tmp_path):
     assert 0.0 <= summary["metrics"]["eval/bbox_AP"] <= 100.0
     assert 0.0 <= summary["metrics"]["eval/segm_AP50"] <= 100.0
     assert (tmp_path / "runs" / "det" / "checkpoints" / "latest").read_text().strip() == "step_2"
+
+
+def test_training_stream_splits_ranks_and_resumes_at_the_same_sample(tmp_path):
+    annotation_file, image_dir = write_coco(tmp_path, 9, seed=10)
+    dataset = CocoInstances(annotation_file, image_dir, train=False)
+
+    def stream(rank: int) -> MapTrainStream:
+        return MapTrainStream(dataset, collate_detection, rank=rank, world_size=2, micro_batch_size=2,
+                              num_workers=0, seed=3)
+
+    def ids(batches) -> list:
+        return [int(t["image_id"]) for batch in batches for t in batch.targets]
+
+    assert stream(0).steps_per_epoch == 2  # 9 images // (2 x 2): the remainder is dropped
+    epoch0 = [ids(stream(rank)) for rank in (0, 1)]
+    assert len(set(epoch0[0] + epoch0[1])) == 8 and not set(epoch0[0]) & set(epoch0[1])
+    first = stream(0)
+    first.set_epoch(1)
+    uninterrupted = ids(first)
+    assert uninterrupted != epoch0[0], "each epoch has its own order"
+    partial = stream(0)
+    partial.set_epoch(1)
+    head = ids([next(iter(partial))])
+    resumed = stream(0)
+    resumed.load_state_dict(json.loads(json.dumps(partial.state_dict())))
+    resumed.set_epoch(1)
+    assert head + ids(resumed) == uninterrupted
+    with pytest.raises(ValueError, match="train.seed"):
+        MapTrainStream(dataset, collate_detection, rank=0, world_size=2, micro_batch_size=2, num_workers=0,
+                       seed=4).load_state_dict(partial.state_dict())
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        MapTrainStream(dataset, collate_detection, rank=0, world_size=4, micro_batch_size=4, num_workers=0, seed=0)
+    shares = [ids(eval_loader(dataset, collate_detection, rank=r, world_size=2, batch_size=4, num_workers=0))
+              for r in (0, 1)]
+    assert sorted(shares[0] + shares[1]) == list(range(1, 10))
+
+
+def test_backbone_pyramid_has_strides_4_to_64_for_any_multiple_of_32():
+    backbone = AnchorFormerBackbone("anchorformer_tiny_patch16_224", 64, out_channels=16, extra_pool_level=True,
+                                    model_kwargs=TINY)
+    features = backbone(torch.randn(1, 3, 128, 96))  # not the pos_embed size: resampled on the fly
+    assert {name: tuple(f.shape[-2:]) for name, f in features.items()} == {
+        "0": (32, 24), "1": (16, 12), "2": (8, 6), "3": (4, 3), "pool": (2, 2)}
+    assert all(f.shape[1] == 16 for f in features.values())
+    with pytest.raises(ValueError, match="patch size 16"):
+        AnchorFormerBackbone("anchorformer_tiny_patch16_224", 64, model_kwargs=dict(TINY, patch_size=8))
