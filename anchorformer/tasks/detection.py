@@ -136,11 +136,16 @@ def predict_coco_results(model: nn.Module, batches: Iterable[DetectionBatch], da
     """
     model.eval()
     results: List[Dict[str, Any]] = []
+    skipped = 0
     with full_parameters(model):
         for batch in batches:
+            skipped += batch.skipped
             images, targets = move_batch(batch, device, dtype)
             for target, output in zip(targets, model(images)):
                 results.extend(_to_coco_records(int(target["image_id"]), output, dataset, mask_threshold))
+    if skipped:
+        logger.warning("%d unreadable evaluation image(s) skipped on this rank; they count as images without "
+                       "detections", skipped)
     return results
 
 

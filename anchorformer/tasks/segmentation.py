@@ -267,11 +267,15 @@ def evaluate_segmentation(model: nn.Module, batches: Iterable[SegmentationBatch]
     """
     model.eval()
     metrics = SegmentationMetrics(num_classes)
+    skipped = 0
     with full_parameters(model):
         for batch in batches:
+            skipped += batch.skipped
             for image, label in zip(batch.images, batch.labels):
                 logits = predict_logits(model, image.to(device, dtype=dtype), mode, crop_size, stride)
                 metrics.update(_resize(logits[None], label.shape[-2:])[0].argmax(0), label.to(device))
+    if skipped:
+        logger.warning("%d unreadable evaluation image(s) skipped on this rank; the metrics leave them out", skipped)
     collectives.sum_across_ranks(metrics.areas)
     return metrics.compute()
 
