@@ -9,6 +9,7 @@ mmsegmentation's implementation needs mmcv/mmengine, which this project does not
 from __future__ import annotations
 
 import logging
+import math
 from typing import Dict, Iterable, List, Literal, Optional, Sequence, Tuple
 
 import torch
@@ -33,11 +34,15 @@ _SIZE_DIVISOR = 32  # the coarsest pyramid level is stride 32
 
 
 class ConvNormAct(nn.Sequential):
-    """Convolution (no bias) -> BatchNorm -> ReLU."""
+    """Convolution (no bias) -> GroupNorm (up to 32 groups of >= 2 channels, so a 1x1 pooled map works) -> ReLU.
+
+    GroupNorm instead of mmsegmentation's SyncBatchNorm: it does not depend on the per-rank batch
+    (2 crops per GPU in the recipes), needs no cross-rank statistics, and has no running-statistics
+    buffers that DeepSpeed's bf16/fp16 casting would leave in fp32."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1) -> None:
         super().__init__(nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
-                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+                         nn.GroupNorm(math.gcd(32, max(out_channels // 2, 1)), out_channels), nn.ReLU(inplace=True))
 
 
 def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -117,7 +122,8 @@ class UperNetSegmentor(DenseModelMixin, nn.Module):
         self.num_classes = num_classes
 
     def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        features = list(self.backbone((images - self.mean) / self.std).values())
+        # the fp32 statistics must not promote bf16/fp16 images (DeepSpeed casts weights, not buffers)
+        features = list(self.backbone(((images - self.mean) / self.std).to(images.dtype)).values())
         logits = self.decode_head(features)
         aux = self.aux_head(features[2]) if self.training and self.aux_head is not None else None
         return logits, aux
