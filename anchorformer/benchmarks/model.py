@@ -141,6 +141,10 @@ def _measure(family: str, size: str, resolution: int, batch: int, backbone: bool
     return {"img_s": batch / seconds, "flops": flops, "backends": "+".join(ran) or "-"}
 
 
+def _rate(images_per_second: float) -> str:
+    return f"{images_per_second:.1f}" if images_per_second >= 10 else f"{images_per_second:.3g}"
+
+
 def _mfu(result: dict, peak: Optional[float]) -> str:
     return f"{100 * result['flops'] * result['img_s'] / peak:.1f} %" if peak else "n/a"
 
@@ -174,7 +178,7 @@ def run(args: argparse.Namespace) -> str:
         target = TARGET_SPEEDUP.get(resolution)
         rows.append([
             size + (" backbone" if backbone else ""), resolution, batch,
-            f"{deit['img_s']:.1f}", f"{anchor['img_s']:.1f}", f"{ratio:.2f}x",
+            _rate(deit["img_s"]), _rate(anchor["img_s"]), f"{ratio:.2f}x",
             f">= {target}x ({'met' if ratio >= target else 'missed'})" if target else "-",
             f"{deit['flops'] / 1e9:.1f}", f"{anchor['flops'] / 1e9:.1f}", _mfu(deit, peak), _mfu(anchor, peak),
             anchor["backends"],
