@@ -196,8 +196,9 @@ def test_the_trainer_fine_tunes_the_recipe_from_a_backbone_export(tmp_path):
         f"logging.output_dir={tmp_path / 'runs'}", "logging.run_name=det", "logging.progress_bar=false",
     ]
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
-    subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), str(REPO / "configs" / "coco_maskrcnn_tiny.yaml"),
-                    *overrides], check=True, cwd=tmp_path, env=env, timeout=600)
+    subprocess.run([sys.executable, str(REPO / "launch" / "train.py"),
+                    str(REPO / "configs" / "coco_maskrcnn_tiny.yaml"), *overrides],
+                   check=True, cwd=tmp_path, env=env, timeout=600)
     summary = json.loads((tmp_path / "runs" / "det" / "summary.json").read_text())
     assert summary["step"] == 2 and summary["status"] == "completed"
     assert 0.0 <= summary["metrics"]["eval/bbox_AP"] <= 100.0

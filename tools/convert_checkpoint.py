@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", choices=("model", "ema"), default="model",
                         help="the trained weights or their exponential moving average (train.ema.enabled)")
     parser.add_argument("--output", type=Path, default=None,
-                        help="the .safetensors file to write; default weights_dir()/MODEL.TAG[-backbone...].safetensors")
+                        help="the .safetensors file to write "
+                             "(default: weights_dir()/MODEL.TAG[-backbone...].safetensors)")
     parser.add_argument("--tag", default="in1k", help="weight tag in the default output name (MODEL.TAG)")
     parser.add_argument("--image-size", type=int, default=1024,
                         help="backbone only: resolution in pixels pos_embed is resized to")

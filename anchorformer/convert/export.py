@@ -47,7 +47,8 @@ class Exported:
 
 
 def build_source_model(source: SourceCheckpoint, model_name: Optional[str] = None,
-                       model_args: Optional[Dict[str, Any]] = None, **create_kwargs: Any) -> Tuple[nn.Module, Dict[str, Any]]:
+                       model_args: Optional[Dict[str, Any]] = None, **create_kwargs: Any
+                       ) -> Tuple[nn.Module, Dict[str, Any]]:
     """The network of ``source`` with its weights loaded, in eval mode.
 
     Args:

@@ -179,7 +179,8 @@ def _load_safetensors(path: Path, weights: Weights) -> SourceCheckpoint:
     if weights == "ema" and recorded != "ema":
         raise ValueError(f"{path} holds {recorded} weights, not an EMA; convert with --weights model")
     step = metadata.get("step")
-    return SourceCheckpoint(state_dict=_strip_prefix(state_dict), weights=weights, source=metadata.get("source", str(path)),
+    return SourceCheckpoint(state_dict=_strip_prefix(state_dict), weights=weights,
+                            source=metadata.get("source", str(path)),
                             model_name=metadata.get("model"), model_args=json.loads(metadata.get("model_args", "{}")),
                             step=int(step) if step and step != "unknown" else None)
 

@@ -23,8 +23,8 @@ from timm.layers import LayerNorm2d
 import anchorformer.models  # noqa: F401  (registers the AnchorFormer models with timm)
 from anchorformer.models.anchorformer import checkpoint_filter_fn
 
-__all__ = ["PYRAMID_STRIDES", "SimpleFeaturePyramid", "AnchorFormerBackbone", "DenseModelMixin", "load_backbone_weights",
-           "read_weights", "full_parameters", "encoder_kwargs", "task_options"]
+__all__ = ["PYRAMID_STRIDES", "SimpleFeaturePyramid", "AnchorFormerBackbone", "DenseModelMixin",
+           "load_backbone_weights", "read_weights", "full_parameters", "encoder_kwargs", "task_options"]
 
 logger = logging.getLogger(__name__)
 

@@ -68,7 +68,7 @@ class MapTrainStream:
         generator = torch.Generator().manual_seed(
             hash((self.seed, self.epoch, self.rank, self.consumed)) % 2**63)
         loader = DataLoader(self.dataset, batch_size=self.micro_batch_size, sampler=self.epoch_indices()[start:],
-                            num_workers=self.num_workers, collate_fn=self.collate_fn, generator=generator, persistent_workers=False)
+                            num_workers=self.num_workers, collate_fn=self.collate_fn, generator=generator)
         for batch in loader:
             self.consumed += 1
             self._skipped += batch.skipped

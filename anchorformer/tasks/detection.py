@@ -24,15 +24,17 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
+from anchorformer.config import RootConfig
 from anchorformer.data.coco import CocoInstances, DetectionBatch, collate_detection
 from anchorformer.dist import collectives
 from anchorformer.tasks.backbone import (
     AnchorFormerBackbone, DenseModelMixin, encoder_kwargs, full_parameters, task_options,
 )
+from anchorformer.tasks.base import Runtime
 from anchorformer.tasks.dense_data import MapTrainStream, eval_loader
 
-__all__ = ["DetectionTask", "AnchorFormerMaskRCNN", "build_detector", "detection_loss", "move_batch", "predict_coco_results", "coco_metrics",
-           "evaluate_detection"]
+__all__ = ["DetectionTask", "AnchorFormerMaskRCNN", "build_detector", "detection_loss", "move_batch",
+           "predict_coco_results", "coco_metrics", "evaluate_detection"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +84,12 @@ def build_detector(model_name: str, num_classes: int, image_size: int, train_sca
     backbone = AnchorFormerBackbone(model_name, img_size=image_size, out_channels=out_channels,
                                     extra_pool_level=True, weights=weights, model_kwargs=model_kwargs)
     # Box head: torchvision's default two 1024-wide fully connected layers.
-    return AnchorFormerMaskRCNN(backbone, num_classes=None, box_predictor=FastRCNNPredictor(1024, num_classes + 1),
-                    min_size=tuple(train_scales), max_size=image_size,
-                    image_mean=list(mean), image_std=list(std), box_detections_per_img=detections_per_image,
-                    box_batch_size_per_image=rois_per_image,
-                    mask_head=MaskRCNNHeads(out_channels, (mask_head_channels,) * 4, dilation=1),
-                    mask_predictor=MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes + 1))
+    return AnchorFormerMaskRCNN(
+        backbone, num_classes=None, box_predictor=FastRCNNPredictor(1024, num_classes + 1),
+        min_size=tuple(train_scales), max_size=image_size, image_mean=list(mean), image_std=list(std),
+        box_detections_per_img=detections_per_image, box_batch_size_per_image=rois_per_image,
+        mask_head=MaskRCNNHeads(out_channels, (mask_head_channels,) * 4, dilation=1),
+        mask_predictor=MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes + 1))
 
 
 def move_batch(batch: DetectionBatch, device: torch.device, dtype: torch.dtype = torch.float32
@@ -237,7 +239,7 @@ class DetectionTask:
 
     main_metric = "bbox_AP"
 
-    def __init__(self, cfg: Any, runtime: Any) -> None:
+    def __init__(self, cfg: RootConfig, runtime: Runtime) -> None:
         self.cfg, self.runtime = cfg, runtime
         self.options = task_options(cfg, "detection")
         self.val_dataset: Optional[CocoInstances] = None

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, Iterable, List, Literal, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Literal, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from anchorformer.config import RootConfig
 from anchorformer.data.ade20k import IGNORE_INDEX, ADE20KSegmentation, SegmentationBatch, collate_segmentation
 from anchorformer.dist import collectives
 from anchorformer.tasks.backbone import (
     AnchorFormerBackbone, DenseModelMixin, encoder_kwargs, full_parameters, task_options,
 )
+from anchorformer.tasks.base import Runtime
 from anchorformer.tasks.dense_data import MapTrainStream, eval_loader
 
 __all__ = ["SegmentationTask", "ConvNormAct", "UperNetHead", "UperNetSegmentor", "segmentation_loss", "predict_logits",
@@ -300,7 +302,7 @@ class SegmentationTask:
 
     main_metric = "mIoU"
 
-    def __init__(self, cfg: Any, runtime: Any) -> None:
+    def __init__(self, cfg: RootConfig, runtime: Runtime) -> None:
         self.cfg, self.runtime = cfg, runtime
         self.options = task_options(cfg, "segmentation")
 
