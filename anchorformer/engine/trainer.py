@@ -192,8 +192,9 @@ class Trainer:
             with self.ema.swapped_in():
                 ema = self.task.evaluate(self.engine, self.val_stream)
             metrics.update({f"eval_ema/{k}": v for k, v in ema.items()})
-        skipped = self.val_stream.skip_counts() if hasattr(self.val_stream, "skip_counts") else {}
-        metrics.update({f"data/val_skipped_{k}": float(v) for k, v in skipped.items()})
+        if hasattr(self.val_stream, "skip_counts"):
+            skipped = self._summed_over_ranks(self.val_stream.skip_counts())
+            metrics.update({f"data/val_skipped_{k}": v for k, v in skipped.items()})
         main = metrics[f"eval/{self.task.main_metric}"]
         if self.best_metric is None or main > self.best_metric:
             self.best_metric = main
@@ -302,6 +303,14 @@ class Trainer:
         grads = [p.grad.detach().float() for p in self.engine.module.parameters() if p.grad is not None]
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
 
+    def _summed_over_ranks(self, counts: dict[str, int]) -> dict[str, float]:
+        """Per-rank counters summed over all ranks (a collective: every rank calls it)."""
+        keys = sorted(counts)
+        if not keys:
+            return {}
+        totals = dist.sum_across_ranks(torch.tensor([float(counts[k]) for k in keys], device=self.device))
+        return dict(zip(keys, totals.tolist()))
+
     def _count_nonfinite(self) -> None:
         self.nonfinite_steps += 1
         self._nonfinite_in_a_row += 1
@@ -327,8 +336,8 @@ class Trainer:
         grad_norm = self._grad_norm if grad_norm is None else grad_norm
         if grad_norm is not None:
             values["train/grad_norm"] = float(grad_norm)
-        skips = self.train_stream.skip_counts()
-        values.update({f"data/skipped_{reason}": float(n) for reason, n in skips.items()})
+        skips = self._summed_over_ranks(self.train_stream.skip_counts())
+        values.update({f"data/skipped_{reason}": n for reason, n in skips.items()})
         self.tensorboard.scalars(values, self.step)
         if self.env.is_main:
             logger.info("step %d/%d loss %.4f lr %.3g %.0f samples/s %.2f TFLOP/s/device data wait %.3fs",
@@ -375,7 +384,8 @@ class Trainer:
                   "run/flops_per_sample": self.flops_per_sample}
         if self.best_metric is not None:
             totals[f"run/best_{self.task.main_metric}"] = self.best_metric
-        totals.update({f"data/skipped_{k}": float(v) for k, v in self.train_stream.skip_counts().items()})
+        skips = self._summed_over_ranks(self.train_stream.skip_counts())
+        totals.update({f"data/skipped_{k}": v for k, v in skips.items()})
         return totals
 
     def _write_summary(self, result: FitResult) -> None:
