@@ -13,7 +13,8 @@ from typing import Any, Literal, Optional
 __all__ = [
     "ConfigError", "ModelConfig", "AugmentConfig", "MixupSection", "DataConfig", "OptimConfig",
     "ScheduleConfig", "LossConfig", "EmaConfig", "TrainConfig", "DeepSpeedConfig",
-    "CheckpointConfig", "LoggingConfig", "SlurmConfig", "RootConfig",
+    "CheckpointConfig", "LoggingConfig", "SlurmConfig", "DetectionConfig", "SegmentationConfig",
+    "RootConfig",
 ]
 
 
@@ -447,6 +448,75 @@ class SlurmConfig:
 
 
 @dataclass(frozen=True)
+class DetectionConfig:
+    train_annotations: Optional[str] = None
+    """COCO instances JSON of the training split (required with task=detection)."""
+    train_images: Optional[str] = None
+    """Folder of the training images (required with task=detection)."""
+    val_annotations: Optional[str] = None
+    """COCO instances JSON of the validation split (required with task=detection)."""
+    val_images: Optional[str] = None
+    """Folder of the validation images (required with task=detection)."""
+    image_size: int = 1024
+    """Longest image side in pixels (training cap and evaluation size)."""
+    train_scales: tuple[int, ...] = tuple(range(640, 1025, 32))
+    """Shorter-side sizes in pixels drawn per training image (multi-scale), each <= image_size."""
+    pyramid_channels: int = 256
+    """Channels of the simple feature pyramid built on the backbone."""
+    mask_head_channels: int = 256
+    """Channels of the Mask R-CNN mask head convolutions."""
+    rois_per_image: int = 512
+    """Proposals sampled per image for the box head in training."""
+    detections_per_image: int = 100
+    """Detections kept per image at evaluation."""
+
+    def __post_init__(self) -> None:
+        _require(self.image_size >= 32, "image_size", f"must be >= 32 pixels, got {self.image_size}")
+        _require(bool(self.train_scales) and all(32 <= s <= self.image_size for s in self.train_scales),
+                 "train_scales", f"must be sizes in [32, image_size={self.image_size}], got {list(self.train_scales)}")
+        for name in ("pyramid_channels", "mask_head_channels", "rois_per_image", "detections_per_image"):
+            _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class SegmentationConfig:
+    root: Optional[str] = None
+    """ADE20K root folder (ADEChallengeData2016, with images/ and annotations/); required with
+    task=segmentation."""
+    train_split: str = "training"
+    """Sub-folder name of the training split."""
+    val_split: str = "validation"
+    """Sub-folder name of the validation split."""
+    crop_size: int = 512
+    """Square training crop (and sliding-window) size in pixels."""
+    base_size: int = 512
+    """Shorter side in pixels that scale_range multiplies in training and evaluation resizes to."""
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    """Random rescale range (min, max) relative to base_size in training."""
+    inference: Literal["whole", "slide"] = "slide"
+    """Evaluation: the whole image at once, or crop_size windows every slide_stride pixels."""
+    slide_stride: int = 341
+    """Stride of the sliding windows in pixels (<= crop_size)."""
+    pyramid_channels: int = 256
+    """Channels of the simple feature pyramid built on the backbone."""
+    head_channels: int = 512
+    """Channels of the UperNet decode head."""
+    aux_channels: int = 256
+    """Channels of the auxiliary FCN head."""
+    aux_weight: float = 0.4
+    """Weight of the auxiliary head's loss; 0 disables it."""
+
+    def __post_init__(self) -> None:
+        for name in ("crop_size", "base_size", "pyramid_channels", "head_channels", "aux_channels"):
+            _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        _require(0.0 < self.scale_range[0] <= self.scale_range[1], "scale_range",
+                 f"must satisfy 0 < min <= max, got {self.scale_range}")
+        _require(1 <= self.slide_stride <= self.crop_size, "slide_stride",
+                 f"must be in [1, crop_size={self.crop_size}], got {self.slide_stride}")
+        _require(self.aux_weight >= 0.0, "aux_weight", f"must be >= 0, got {self.aux_weight}")
+
+
+@dataclass(frozen=True)
 class RootConfig:
     task: Literal["classification", "detection", "segmentation"] = "classification"
     """What is trained: classification (pre-training), detection or segmentation fine-tuning."""
@@ -470,11 +540,22 @@ class RootConfig:
     """Run folder, TensorBoard and console output."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     """Resources requested by launch/submit.py."""
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
+    """COCO detection fine-tuning (task=detection)."""
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    """ADE20K segmentation fine-tuning (task=segmentation)."""
 
     def validate(self) -> None:
         """Checks across sections, run on every loaded config (the schema defaults alone name no
         data, so they are not checked at construction)."""
-        if self.data.source == "shards":
+        if self.task == "detection":
+            for name in ("train_annotations", "train_images", "val_annotations", "val_images"):
+                _require(bool(getattr(self.detection, name)), f"detection.{name}",
+                         "is required with task=detection (a COCO annotations JSON / image folder)")
+        if self.task == "segmentation":
+            _require(bool(self.segmentation.root), "segmentation.root",
+                     "is required with task=segmentation (the ADEChallengeData2016 folder)")
+        if self.task == "classification" and self.data.source == "shards":
             _require(bool(self.data.train_shards), "data.train_shards",
                      "is required with data.source=shards (a shard path or brace pattern); "
                      "or set data.source=embedded")
