@@ -311,7 +311,9 @@ class SegmentationTask:
         m, o, a = self.cfg.model, self.options, self.cfg.data.augment
         return UperNetSegmentor(m.name, m.num_classes, o.crop_size, weights=m.pretrained_checkpoint,
                                 model_kwargs=encoder_kwargs(m), pyramid_channels=o.pyramid_channels,
-                                head_channels=o.head_channels, aux_channels=o.aux_channels, mean=a.mean, std=a.std)
+                                head_channels=o.head_channels,
+                                aux_channels=o.aux_channels if o.aux_weight > 0 else 0,  # weight 0 disables the head
+                                mean=a.mean, std=a.std)
 
     def example_input(self) -> torch.Tensor:
         size = self.options.crop_size
