@@ -7,9 +7,9 @@ variable ``ANCHORFORMER_ANCHOR_MIX`` (``auto``, ``triton``, ``compile``, ``torch
 wins over the variable.
 
 Why these defaults (forward + backward of the mixing op; ``tools/benchmark.py anchor-mix``):
-- CPU: eager. On the 2-core build machine (B=8, h=3, dh=64, m=30, fp32, 1 thread, shared with
-  other jobs so +-2x): n=197 eager 7-19 ms vs compiled 19 ms; n=785 eager 33-89 ms vs compiled
-  42 ms; every new shape costs torch.compile 5-34 s first. No steady-state win pays for that.
+- CPU: eager. On the 2-core build machine, 1 thread (B=8, h=3, dh=64, m=30, fp32; section
+  ``anchor-mix-cpu`` of docs/benchmarks.md): n=197 eager 6.1 ms vs compiled 7.0 ms, n=785
+  27.4 ms vs 26.7 ms, and torch.compile costs 5-34 s per new shape. Nothing pays for that.
 - CUDA: Triton. The fused kernels read each token tile twice per direction and never write the
   (n, m) assignment, which eager writes and rereads across about ten kernels per direction; the
   H100 numbers of all three backends are in docs/benchmarks.md, section ``anchor-mix-cuda``.
