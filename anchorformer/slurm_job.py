@@ -11,7 +11,7 @@ pickle and runs ``scontrol requeue``; the requeued job (same id) resumes where i
 """
 from __future__ import annotations
 
-import dataclasses
+import copy
 import logging
 import os
 import signal
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import submitit
 
-from anchorformer.config import RootConfig
+from anchorformer.config import RootConfig, from_dict, to_dict
 
 if TYPE_CHECKING:
     from anchorformer.dist import DistEnv
@@ -61,13 +61,25 @@ class TrainingJob:
     """A picklable, checkpointable training run (submitit calls it in every task).
 
     Args:
-        cfg: the resolved, validated configuration (frozen at submission, so a requeued job
-            trains with exactly the options it was submitted with).
+        config: the resolved configuration as plain data (``config.to_dict``), fixed at
+            submission so a requeued job trains with exactly the options it was submitted with.
+            Plain data, not the dataclasses: a requeued job may start on newer code, which
+            validates it again (new options take their defaults).
         requeues: how many times this run was requeued already.
     """
 
-    cfg: RootConfig
+    config: dict[str, Any]
     requeues: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: RootConfig) -> TrainingJob:
+        """The job that trains ``cfg``."""
+        return cls(to_dict(cfg))
+
+    @property
+    def cfg(self) -> RootConfig:
+        """The validated configuration (raises ConfigError if this code cannot accept it)."""
+        return from_dict(self.config)
 
     def __call__(self) -> JobSummary:
         """Run training in this task; requeue the job when the trainer stopped on a signal.
@@ -105,12 +117,13 @@ class TrainingJob:
             A fresh copy that resumes from the run folder's latest checkpoint, or None (submitit
             then gives up with an error) once ``slurm.max_requeues`` is reached.
         """
-        if self.requeues >= self.cfg.slurm.max_requeues:
+        max_requeues = self.cfg.slurm.max_requeues
+        if self.requeues >= max_requeues:
             logger.error("not requeuing: the run was requeued %d times (slurm.max_requeues=%d)",
-                         self.requeues, self.cfg.slurm.max_requeues)
+                         self.requeues, max_requeues)
             return None
-        resumed = dataclasses.replace(
-            self.cfg, train=dataclasses.replace(self.cfg.train, resume="auto"))
+        resumed = copy.deepcopy(self.config)
+        resumed["train"]["resume"] = "auto"
         return submitit.helpers.DelayedSubmission(TrainingJob(resumed, self.requeues + 1))
 
     def _requeue(self, job_env: submitit.JobEnvironment,
@@ -120,6 +133,10 @@ class TrainingJob:
         Leaving with SystemExit keeps submitit from writing a result file, so the submitter
         keeps waiting for the requeued job.
         """
+        # The checkpoint is written: a repeated signal (scancel twice, TERM after USR1) must
+        # not start a second requeue while this one runs.
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
         if job_env.global_rank != 0:
             logger.info("stopped after the checkpoint; rank 0 requeues the job")
             raise SystemExit(0)

@@ -301,7 +301,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except RuntimeError as error:
         print(f"error: {error}\nnothing was submitted", file=sys.stderr)
         return 2
-    job = executor.submit(TrainingJob(cfg))
+    job = executor.submit(TrainingJob.from_config(cfg))
     _write_job_id(run_folder(cfg), job.job_id)
     print(f"submitted job {job.job_id} ({'local' if args.local else 'SLURM'}, {layout})")
     print(f"logs: {job.paths.stdout} (rank 0 output), {job.paths.stderr} (rank 0 errors)")

@@ -20,7 +20,7 @@ import pytest
 import submitit
 from omegaconf import OmegaConf
 
-from anchorformer.config import from_dict, load
+from anchorformer.config import SlurmConfig, from_dict, load
 from anchorformer.slurm_job import TrainingJob
 
 REPO = Path(__file__).resolve().parents[1]
@@ -168,15 +168,29 @@ def test_submission_without_sbatch_is_refused(capsys, monkeypatch, recipe: Path)
 
 def test_checkpoint_requeues_a_fresh_copy_that_resumes(recipe: Path):
     cfg = load(recipe, ["train.resume=none", "slurm.max_requeues=2"])
-    job = TrainingJob(cfg)
+    job = TrainingJob.from_config(cfg)
+    assert job.cfg == cfg
     delayed = job.checkpoint()
     # What submitit dumps over the job pickle must survive the trip.
     resumed = cloudpickle.loads(cloudpickle.dumps(delayed)).function
     assert isinstance(resumed, TrainingJob) and resumed is not job
     assert resumed.requeues == 1 and resumed.cfg.train.resume == "auto"
     assert resumed.cfg.slurm == cfg.slurm and resumed.cfg.model == cfg.model
+    assert job.cfg.train.resume == "none", "the submitted job must stay as it was"
     assert resumed.checkpoint().function.requeues == 2
-    assert TrainingJob(cfg, requeues=2).checkpoint() is None, "slurm.max_requeues must stop requeuing"
+    assert TrainingJob(job.config, requeues=2).checkpoint() is None, \
+        "slurm.max_requeues must stop requeuing"
+
+
+def test_requeued_job_validates_its_config_with_the_code_it_runs_on(recipe: Path):
+    job = TrainingJob.from_config(load(recipe))
+    older = {**job.config, "slurm": {k: v for k, v in job.config["slurm"].items()
+                                     if k != "max_requeues"}}
+    # An option added since the submission takes its default.
+    assert TrainingJob(older).cfg.slurm.max_requeues == SlurmConfig().max_requeues
+    retired = {**job.config, "slurm": {**job.config["slurm"], "gpus": 8}}
+    with pytest.raises(ValueError, match="slurm.gpus"):
+        TrainingJob(retired).cfg
 
 
 def test_cluster_profile_sits_between_recipe_and_options(capsys, monkeypatch, recipe: Path):
@@ -359,6 +373,15 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(reference_run,
     assert not latest.exists()
     signalled = time.time()
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
+    # Keep signalling until the checkpoint is complete: signals arriving while the ranks agree
+    # and write must neither corrupt it nor requeue twice. (scancel retries for minutes once
+    # the job is being requeued; such a retrying call is cut short.)
+    while not latest.exists() and time.time() - signalled < 120:
+        try:
+            subprocess.run(["scancel", "--signal=USR1", job_id], capture_output=True, timeout=2)
+        except subprocess.TimeoutExpired:
+            break
+        time.sleep(0.05)
     _wait_until("the checkpoint written on USR1", latest.exists, timeout=120, interval=0.05)
     signal_to_checkpoint = latest.stat().st_mtime - signalled
     record_property("signal_to_checkpoint_s", round(signal_to_checkpoint, 3))
