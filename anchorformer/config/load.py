@@ -10,7 +10,6 @@ import ast
 import dataclasses
 import difflib
 import inspect
-import logging
 import textwrap
 import types
 import typing
@@ -26,7 +25,6 @@ from anchorformer.config.schema import ConfigError, RootConfig
 __all__ = ["load", "from_dict", "to_yaml", "to_dict", "check_world_size", "field_help",
            "describe", "BASE_KEY"]
 
-logger = logging.getLogger(__name__)
 
 BASE_KEY = "base"
 """Top-level YAML key naming another recipe (path relative to this file) whose values this one

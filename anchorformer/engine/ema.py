@@ -8,7 +8,6 @@ first so that the forward gathers them again), then swapped back.
 """
 from __future__ import annotations
 
-import logging
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -18,8 +17,6 @@ from torch import nn
 from anchorformer import dist
 
 __all__ = ["ShardedEma"]
-
-logger = logging.getLogger(__name__)
 
 
 def _is_partitioned(param: nn.Parameter) -> bool:

@@ -2,7 +2,6 @@
 model's measured FLOPs, device memory."""
 from __future__ import annotations
 
-import logging
 import resource
 import sys
 import time
@@ -15,8 +14,6 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["measure_forward_flops", "peak_memory_gb", "Throughput", "TensorBoardLogger"]
-
-logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
