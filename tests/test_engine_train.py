@@ -4,12 +4,14 @@ refused checkpoints. Each test runs ``run_training`` in this process (gloo, one 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+import timm
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -174,4 +176,30 @@ def test_resume_refuses_checkpoint_of_other_model_or_layout(tmp_path, embedded_c
     run_dir, _, _ = uninterrupted
     cfg = _cfg(tmp_path, embedded_cache_dir, "other", train={"resume": str(run_dir / "checkpoints")}, **change)
     with pytest.raises(CheckpointError, match=message):
+        run_training(cfg)
+
+
+def test_hard_distillation_from_a_local_teacher_checkpoint(tmp_path, embedded_cache_dir):
+    arch = {"patch_size": 4, "depth": 2, "embed_dim": 48, "num_heads": 2, "num_anchors": 8}
+    teacher = timm.create_model("anchorformer_tiny_patch16_224", num_classes=10, img_size=16, **arch)
+    torch.save({"state_dict": teacher.state_dict()}, tmp_path / "teacher.pth")
+    cfg = _cfg(tmp_path, embedded_cache_dir, "distilled", train={"max_steps": 3, "ema": {"enabled": False}},
+               model={"name": "anchorformer_tiny_distilled_patch16_224"},
+               loss={"distillation": "hard", "teacher_model": "anchorformer_tiny_patch16_224",
+                     "teacher_checkpoint": str(tmp_path / "teacher.pth"),
+                     "teacher_kwargs": {"img_size": 16, **arch}})
+    result = run_training(cfg)
+    assert result.status == "completed" and result.step == 3
+    losses = _losses(tmp_path / "distilled")
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert 0.0 <= result.metrics["eval/top1"] <= 100.0
+
+
+def test_distillation_needs_a_model_with_a_distillation_token(tmp_path, embedded_cache_dir):
+    torch.save(timm.create_model("anchorformer_tiny_patch16_224", num_classes=10).state_dict(),
+               tmp_path / "teacher.pth")
+    cfg = _cfg(tmp_path, embedded_cache_dir, "plain",
+               loss={"distillation": "soft", "teacher_model": "anchorformer_tiny_patch16_224",
+                     "teacher_checkpoint": str(tmp_path / "teacher.pth")})
+    with pytest.raises(ValueError, match="needs a model with a distillation token"):
         run_training(cfg)

@@ -236,6 +236,8 @@ class LossConfig:
     """timm name of the teacher (e.g. regnety_160); required when distillation is not none."""
     teacher_checkpoint: Optional[str] = None
     """Local checkpoint file of the teacher's weights; required when distillation is not none."""
+    teacher_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for timm.create_model of the teacher (e.g. {img_size: 384})."""
     distillation_alpha: float = 0.5
     """Weight of the distillation term: loss = (1 - alpha) * base + alpha * distill, in [0, 1]."""
     distillation_tau: float = 1.0

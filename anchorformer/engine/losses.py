@@ -88,7 +88,7 @@ def load_teacher(cfg: LossConfig, num_classes: int, device: torch.device,
     if not path.is_file():
         raise ValueError(f"loss.teacher_checkpoint={str(path)!r} does not exist; point it at the "
                          f"teacher's weights file")
-    teacher = timm.create_model(cfg.teacher_model, num_classes=num_classes)
+    teacher = timm.create_model(cfg.teacher_model, num_classes=num_classes, **cfg.teacher_kwargs)
     try:
         timm.models.load_checkpoint(teacher, str(path), strict=True)
     except RuntimeError as err:
