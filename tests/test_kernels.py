@@ -16,9 +16,16 @@ import torch
 
 INTERPRETED = not torch.cuda.is_available()
 if INTERPRETED:
-    # triton decides interpreted vs compiled when the kernels are defined (module import): import
-    # them under the variable, then restore it so that no other test module runs the interpreter
+    # triton decides interpreted vs compiled when a function is defined: for its own library
+    # (tl.sum, tl.max, tl.zeros) when triton is first imported, which torch does while other test
+    # modules are collected, and for our kernels when their module is imported. Define both again
+    # under the variable, then restore it so that no other test module runs the interpreter.
     os.environ["TRITON_INTERPRET"] = "1"
+    import triton.language
+    import triton.language.standard
+
+    importlib.reload(triton.language.standard)
+    importlib.reload(triton.language)  # rebinds tl.sum & co. to the reloaded library
     if "anchorformer.kernels.anchor_mix_triton" in sys.modules:
         importlib.reload(sys.modules["anchorformer.kernels.anchor_mix_triton"])
     else:
