@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from anchorformer import config  # noqa: E402
 from anchorformer.dist import detect  # noqa: E402
 from anchorformer.engine import run_training  # noqa: E402
-from anchorformer.engine.trainer import uses_cuda  # noqa: E402
+from anchorformer.engine.trainer import run_directory, uses_cuda  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,12 +48,14 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"%(asctime)s [rank {env.rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
     result = run_training(cfg, env=env)
     if env.rank == 0:
-        run_dir = Path(cfg.logging.output_dir) / (cfg.logging.run_name or "run")
+        run_dir = run_directory(cfg)
         metrics = result.metrics
-        top1 = metrics.get("eval/top1")
-        print(f"\n{result.status}: epoch {result.epoch}, step {result.step}"
-              + (f", validation top-1 {top1:.2f}%" if top1 is not None else "")
-              + (f" (EMA {metrics['eval_ema/top1']:.2f}%)" if "eval_ema/top1" in metrics else ""))
+        if "eval/top1" in metrics:
+            evaluation = f", validation top-1 {metrics['eval/top1']:.2f}%" + (
+                f" (EMA {metrics['eval_ema/top1']:.2f}%)" if "eval_ema/top1" in metrics else "")
+        else:
+            evaluation = "".join(f", {k} {v:.4g}" for k, v in metrics.items() if k.startswith("eval/"))
+        print(f"\n{result.status}: epoch {result.epoch}, step {result.step}{evaluation}")
         print(f"run folder:  {run_dir}  (config.yaml, summary.json, checkpoints/)")
         print(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
     return 0

@@ -30,7 +30,7 @@ from anchorformer.engine.metrics import (
 from anchorformer.engine.optim import LrSchedule, build_optimizer, peak_lr, set_lr
 from anchorformer.tasks import Runtime, Task, build_task
 
-__all__ = ["FitResult", "TrainingDiverged", "Trainer", "uses_cuda", "resolve_device"]
+__all__ = ["FitResult", "TrainingDiverged", "Trainer", "run_directory", "uses_cuda", "resolve_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,11 @@ class FitResult:
 
 class TrainingDiverged(RuntimeError):
     """The loss was NaN/inf for ``train.nonfinite_patience`` optimizer steps in a row."""
+
+
+def run_directory(cfg: RootConfig) -> Path:
+    """The run folder: ``{logging.output_dir}/{logging.run_name}`` (``run`` when unnamed)."""
+    return Path(cfg.logging.output_dir) / (cfg.logging.run_name or "run")
 
 
 def uses_cuda(cfg: RootConfig) -> bool:
@@ -96,7 +101,7 @@ class Trainer:
         self.accumulation = check_world_size(cfg, env.world_size)
         self.device = resolve_device(cfg, env)
         self.dtype = _DTYPES[cfg.train.precision]
-        self.run_dir = Path(cfg.logging.output_dir) / (cfg.logging.run_name or "run")
+        self.run_dir = run_directory(cfg)
         self._stop_requested = False
         self._start_time = time.perf_counter()
         if env.is_main:
