@@ -33,8 +33,6 @@ from anchorformer.config import (
 )
 from anchorformer.slurm_job import PREEMPT_SIGNAL, TrainingJob
 
-logger = logging.getLogger("anchorformer.submit")
-
 SUBMITIT_SIGNAL_VARIABLE = "SUBMITIT_PREEMPT_SIGNAL"
 """Environment variable naming the signal submitit's job-side handler listens for."""
 
