@@ -64,12 +64,17 @@ def backend_calls() -> dict[str, int]:
     return dict(_calls_per_backend)
 
 
+@functools.lru_cache(maxsize=1)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def _triton_unsupported_reason(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor) -> Optional[str]:
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return "triton is not installed"
     if not (qk.is_cuda or _triton_interpreted()):
         return f"tensors are on {qk.device}, the kernels need CUDA (or TRITON_INTERPRET=1)"
