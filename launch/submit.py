@@ -31,6 +31,7 @@ from submitit.slurm.slurm import SlurmExecutor
 from anchorformer.config import (
     ConfigError, RootConfig, check_world_size, from_dict, load, to_dict, to_yaml,
 )
+from anchorformer.engine.trainer import run_directory
 from anchorformer.slurm_job import PREEMPT_SIGNAL, TrainingJob
 
 SUBMITIT_SIGNAL_VARIABLE = "SUBMITIT_PREEMPT_SIGNAL"
@@ -185,8 +186,8 @@ def _check_launch(cfg: RootConfig, local: bool) -> None:
 
 
 def run_folder(cfg: RootConfig) -> Path:
-    """The run folder: ``logging.output_dir / logging.run_name``, absolute."""
-    return (Path(cfg.logging.output_dir) / (cfg.logging.run_name or "run")).absolute()
+    """The run folder the trainer writes to, absolute (the job may run from elsewhere)."""
+    return run_directory(cfg).absolute()
 
 
 def submitit_folder(cfg: RootConfig) -> Path:

@@ -13,6 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from anchorformer.config import ConfigError, load  # noqa: E402
+from anchorformer.engine.trainer import run_directory  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -24,7 +25,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print((Path(cfg.logging.output_dir) / (cfg.logging.run_name or "run")).absolute())
+    print(run_directory(cfg).absolute())
     return 0
 
 
