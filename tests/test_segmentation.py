@@ -161,9 +161,9 @@ def test_training_on_separable_shapes_reaches_the_miou_bar(tmp_path):
     write_ade20k(tmp_path, "validation", 8, seed=7)
     model = _segmentor()
     dataset = ADE20KSegmentation(tmp_path, "training", train=True, base_size=64, crop_size=64, scale_range=(0.75, 1.5))
-    _train(model, dataset, steps=60, lr=2e-3)
+    _train(model, dataset, steps=40, lr=2e-3)
     metrics = evaluate_segmentation(model, _val_loader(tmp_path), NUM_CLASSES, torch.device("cpu"))
-    # measured: mIoU 89.4, aAcc 94.9 after these 60 steps
+    # measured: mIoU 88.6, aAcc 94.4 after these 40 steps (89.4 after 60)
     assert metrics["mIoU"] >= 70.0, metrics
 
 

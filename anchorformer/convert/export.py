@@ -24,7 +24,7 @@ from torch import nn
 import anchorformer.models  # noqa: F401  (registers the AnchorFormer models with timm)
 from anchorformer.convert.source import SourceCheckpoint
 from anchorformer.models.anchorformer import checkpoint_filter_fn
-from anchorformer.tasks.backbone import load_backbone_weights
+from anchorformer.tasks.backbone import TOOLBOX_PREFIX, load_backbone_weights
 
 __all__ = ["Layout", "Exported", "build_source_model", "export_classification", "export_backbone",
            "read_metadata", "create_model_from_export", "config_path"]
@@ -32,7 +32,6 @@ __all__ = ["Layout", "Exported", "build_source_model", "export_classification", 
 logger = logging.getLogger(__name__)
 
 Layout = Literal["anchorformer", "mmdet"]
-_TOOLBOX_PREFIX = "backbone."
 
 
 @dataclass
@@ -143,7 +142,7 @@ def export_backbone(source: SourceCheckpoint, output: str | Path, image_size: in
     load_backbone_weights(encoder, model.state_dict())
     tensors = encoder.state_dict()
     if layout == "mmdet":
-        tensors = {_TOOLBOX_PREFIX + key: value for key, value in tensors.items()}
+        tensors = {TOOLBOX_PREFIX + key: value for key, value in tensors.items()}
     metadata = _metadata(source, "backbone", name, encoder_args, image_size, layout)
     path = _write(tensors, Path(output), metadata)
     return Exported(path, name, encoder_args, metadata)

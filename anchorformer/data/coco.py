@@ -67,7 +67,6 @@ class CocoInstances(Dataset):
                              "folder holding the images (e.g. coco/val2017)")
         data = _read_instances(self.annotation_file)
         self.category_ids = sorted(category["id"] for category in data["categories"])
-        self.category_names = {c["id"]: c.get("name", str(c["id"])) for c in data["categories"]}
         self._label_of = {category_id: i + 1 for i, category_id in enumerate(self.category_ids)}
         annotations: Dict[int, List[Dict[str, Any]]] = {}
         for annotation in data["annotations"]:

@@ -23,7 +23,7 @@ from timm.layers import LayerNorm2d
 import anchorformer.models  # noqa: F401  (registers the AnchorFormer models with timm)
 from anchorformer.models.anchorformer import checkpoint_filter_fn
 
-__all__ = ["PYRAMID_STRIDES", "SimpleFeaturePyramid", "AnchorFormerBackbone", "DenseModelMixin",
+__all__ = ["PYRAMID_STRIDES", "TOOLBOX_PREFIX", "SimpleFeaturePyramid", "AnchorFormerBackbone", "DenseModelMixin",
            "load_backbone_weights", "read_weights", "full_parameters", "encoder_kwargs", "task_options"]
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,8 @@ PYRAMID_STRIDES = (4, 8, 16, 32)
 """Strides of the pyramid levels, in pixels, for a patch-16 backbone."""
 
 _CLASSIFIER_PREFIXES = ("head.", "head_dist.", "fc_norm.")
-_TOOLBOX_PREFIX = "backbone."
+TOOLBOX_PREFIX = "backbone."
+"""Key prefix of the mmdetection / mmsegmentation layout of backbone weights."""
 
 
 class SimpleFeaturePyramid(nn.Module):
@@ -172,8 +173,8 @@ def load_backbone_weights(encoder: nn.Module, state_dict: Dict[str, torch.Tensor
         encoder: the timm AnchorFormer model.
         state_dict: exported weights.
     """
-    if state_dict and all(key.startswith(_TOOLBOX_PREFIX) for key in state_dict):
-        state_dict = {key[len(_TOOLBOX_PREFIX):]: value for key, value in state_dict.items()}
+    if state_dict and all(key.startswith(TOOLBOX_PREFIX) for key in state_dict):
+        state_dict = {key[len(TOOLBOX_PREFIX):]: value for key, value in state_dict.items()}
     dropped = sorted(key for key in state_dict if key.startswith(_CLASSIFIER_PREFIXES))
     if dropped:
         logger.info("backbone: ignoring classifier weights %s", dropped)
