@@ -8,6 +8,7 @@ BENCHMARKS = {
     "loader": "anchorformer.benchmarks.loader",
     "anchor-mix": "anchorformer.benchmarks.anchor_mix",
     "model": "anchorformer.benchmarks.model",
+    "backbone": "anchorformer.benchmarks.backbone",
 }
 
 
