@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 export DS_BUILD_OPS := 0
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench slurm-up slurm-down clean
 
 install: $(STAMP)
 
@@ -27,6 +27,12 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python tools/benchmark.py all
+
+slurm-up: $(STAMP)
+	$(BIN)/python tools/slurm_cluster.py start
+
+slurm-down: $(STAMP)
+	$(BIN)/python tools/slurm_cluster.py stop
 
 clean:
 	rm -rf $(VENV) runs .cache
