@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import timm
@@ -267,3 +268,15 @@ def test_checkpoint_lookup_and_compatibility_messages(tmp_path):
         Checkpointer.check(tag, {**signature, "zero_stage": 3, "world_size": 8})
     with pytest.raises(CheckpointError, match="stage 2 on 8 ranks; this run uses stage 2 on 4"):
         Checkpointer.check(tag, {**signature, "zero_stage": 2, "world_size": 4})
+
+
+def test_init_and_shutdown_leave_the_environment_as_they_found_it(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    env = dist.detect(cuda_available=False)
+    dist.init(env)
+    try:
+        assert dist.world_size() == 1 and os.environ["WORLD_SIZE"] == "1"
+    finally:
+        dist.shutdown()
+    assert "RANK" not in os.environ and dist.detect(cuda_available=False).launcher == "single"

@@ -23,6 +23,9 @@ logger = logging.getLogger(__name__)
 
 Launcher = Literal["single", "torchrun", "deepspeed", "slurm"]
 
+_environ_before_init: dict[str, Optional[str]] = {}
+"""Rendezvous variables as they were before :func:`init` set them (restored by shutdown)."""
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -118,10 +121,13 @@ def init(env: DistEnv, timeout_s: float = 1800.0) -> None:
 
     if env.backend == "nccl":
         torch.cuda.set_device(env.local_rank)
-    # DeepSpeed and torch's env:// rendezvous read these; set them so every launcher looks alike.
-    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size),
-                      LOCAL_RANK=str(env.local_rank), LOCAL_WORLD_SIZE=str(env.local_world_size),
-                      MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    # DeepSpeed and torch's env:// rendezvous read these; set them so every launcher looks alike
+    # (shutdown() restores the previous values: a later detect() in this process starts clean).
+    rendezvous = dict(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
+                      LOCAL_WORLD_SIZE=str(env.local_world_size), MASTER_ADDR=env.master_addr,
+                      MASTER_PORT=str(env.master_port))
+    _environ_before_init.update({key: os.environ.get(key) for key in rendezvous})
+    os.environ.update(rendezvous)
     deepspeed.init_distributed(dist_backend=env.backend, auto_mpi_discovery=False, verbose=False,
                                timeout=timedelta(seconds=timeout_s), rank=env.rank,
                                world_size=env.world_size)
@@ -132,13 +138,20 @@ def init(env: DistEnv, timeout_s: float = 1800.0) -> None:
 def shutdown() -> None:
     """Destroy the process group if one is up (avoids the ZeRO-3 abort at interpreter exit).
 
-    Goes through DeepSpeed's comm layer, which also drops its cached sub-groups, so a later
-    :func:`init` in the same process starts clean.
+    Goes through DeepSpeed's comm layer, which also drops its cached sub-groups, and restores
+    the rendezvous variables :func:`init` set, so a later :func:`detect` / :func:`init` in the
+    same process starts clean.
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         import deepspeed.comm
 
         deepspeed.comm.destroy_process_group()
+    for key, value in _environ_before_init.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _environ_before_init.clear()
 
 
 def slurm_port(job_id: int) -> int:
