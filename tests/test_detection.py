@@ -15,6 +15,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 
+from dense_fixtures import train_steps
+
 from anchorformer.convert import export_backbone, load_source
 from anchorformer.data.coco import CocoInstances, collate_detection
 from anchorformer.tasks.backbone import AnchorFormerBackbone
@@ -70,21 +72,7 @@ def _detector(seed: int = 0, **kwargs):
 
 
 def _train(model, dataset, steps: int, lr: float, batch_size: int = 4) -> list:
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate_detection,
-                        generator=torch.Generator().manual_seed(0))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    model.train()
-    losses = []
-    while len(losses) < steps:
-        for batch in loader:
-            loss, _ = detection_loss(model, batch, torch.device("cpu"))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            if len(losses) == steps:
-                break
-    return losses
+    return train_steps(model, dataset, collate_detection, detection_loss, steps, lr, batch_size)
 
 
 def test_reader_targets_match_the_drawn_shapes(tmp_path):

@@ -14,6 +14,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 
+from dense_fixtures import train_steps
+
 from anchorformer.convert import export_backbone, load_source
 from anchorformer.data.ade20k import IGNORE_INDEX, ADE20KSegmentation, collate_segmentation
 from anchorformer.tasks.segmentation import (
@@ -58,21 +60,7 @@ def _segmentor(seed: int = 0, image_size: int = 64):
 
 
 def _train(model, dataset, steps: int, lr: float, batch_size: int = 4) -> list:
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate_segmentation,
-                        generator=torch.Generator().manual_seed(0))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    model.train()
-    losses = []
-    while len(losses) < steps:
-        for batch in loader:
-            loss, _ = segmentation_loss(model, batch, torch.device("cpu"))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            if len(losses) == steps:
-                break
-    return losses
+    return train_steps(model, dataset, collate_segmentation, segmentation_loss, steps, lr, batch_size)
 
 
 def _val_loader(root: Path) -> DataLoader:
