@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="images per step (default: 8 on CUDA, 1 on CPU)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps, median reported "
-                        "(default: 10 on CUDA, 2 on CPU)")
+                        "(default: 10 on CUDA, 5 on CPU)")
     parser.add_argument("--section", default=None, help="docs/benchmarks.md section (default: backbone-DEVICE)")
 
 
@@ -51,7 +51,7 @@ def _measure(family: str, size: str, resolution: int, batch: int, repeats: int, 
         backbone.zero_grad(set_to_none=True)
 
     try:
-        seconds = time_call(step, device, warmup=1, repeats=repeats)
+        seconds = time_call(step, device, warmup=2, repeats=repeats)
         peak = peak_memory_bytes(step, device)
     except torch.cuda.OutOfMemoryError:
         logger.warning("%s-%s at %d px, batch %d: out of memory", family, size, resolution, batch)
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> str:
     """Measure both families at every resolution; return the markdown section."""
     device = torch.device(args.device)
     batch = args.batch_size or (8 if device.type == "cuda" else 1)
-    repeats = args.repeats or (10 if device.type == "cuda" else 2)
+    repeats = args.repeats or (10 if device.type == "cuda" else 5)
     bad = [r for r in args.resolutions if r < 32 or r % 32]
     if bad or batch < 1 or repeats < 1:
         raise ValueError(f"resolutions must be multiples of 32 (got {bad}), --batch-size and --repeats >= 1")
