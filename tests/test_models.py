@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 import anchorformer  # noqa: F401  (registers the models)
-from anchorformer.models import AnchorAttention, AnchorFormer, AnchorFormerDistilled
+from anchorformer.models import AnchorAttention, AnchorFormer, AnchorFormerDistilled, default_weights_file
 from anchorformer.models.complexity import param_count, shape_of
 
 VARIANTS = sorted(timm.list_models("anchorformer_*"))
@@ -183,6 +183,14 @@ def test_authors_checkpoint_names_are_converted(tmp_path):
     torch.save({"model": authors}, path)
     loaded = timm.create_model("anchorformer_tiny_distilled_patch16_224", pretrained=True, img_size=SMALL_IMAGE,
                                pretrained_cfg_overlay=dict(file=str(path))).eval()
+    torch.testing.assert_close(loaded(images()), model(images()), rtol=0, atol=0)
+
+
+def test_pretrained_true_loads_the_default_weights_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANCHORFORMER_WEIGHTS", str(tmp_path))  # after import: resolved at creation
+    model = build("anchorformer_tiny_patch16_224").eval()
+    save_file(model.state_dict(), str(default_weights_file("anchorformer_tiny_patch16_224")))
+    loaded = timm.create_model("anchorformer_tiny_patch16_224.in1k", pretrained=True, img_size=SMALL_IMAGE).eval()
     torch.testing.assert_close(loaded(images()), model(images()), rtol=0, atol=0)
 
 

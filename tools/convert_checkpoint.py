@@ -28,14 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from anchorformer.convert import (  # noqa: E402
     backbone_parity, classification_parity, export_backbone, export_classification, load_source,
 )
-from anchorformer.models import weights_dir  # noqa: E402
+from anchorformer.models import default_weights_file  # noqa: E402
 
 
 def _default_output(args: argparse.Namespace, model_name: str) -> Path:
     suffix = "" if args.format == "classification" else f"-backbone{args.image_size}"
     if args.layout == "mmdet":
         suffix += "-mmdet"
-    return weights_dir() / f"{model_name}.{args.tag}{suffix}.safetensors"
+    return default_weights_file(model_name, args.tag, suffix)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 from .anchor_attention import AnchorAttention
 
-__all__ = ["AnchorBlock", "AnchorFormer", "AnchorFormerDistilled", "checkpoint_filter_fn", "weights_dir"]
+__all__ = ["AnchorBlock", "AnchorFormer", "AnchorFormerDistilled", "checkpoint_filter_fn", "default_weights_file",
+           "weights_dir"]
 
 
 class AnchorBlock(nn.Module):
@@ -195,9 +196,14 @@ def weights_dir() -> Path:
     return Path(os.environ.get("ANCHORFORMER_WEIGHTS", Path.home() / ".cache" / "anchorformer" / "weights"))
 
 
+def default_weights_file(model_name: str, tag: str = "in1k", suffix: str = "") -> Path:
+    """Where ``timm.create_model(f"{model_name}.{tag}", pretrained=True)`` looks for weights
+    (``suffix`` names other exports of the same weights, e.g. ``-backbone1024``)."""
+    return weights_dir() / f"{model_name}.{tag}{suffix}.safetensors"
+
+
 def _cfg(name: str, **kwargs: Any) -> Dict[str, Any]:
     return {
-        "file": str(weights_dir() / f"{name}.safetensors"),
         "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
         "crop_pct": 0.9, "interpolation": "bicubic", "fixed_input_size": True,
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
@@ -223,18 +229,27 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+def _with_default_weights(variant: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The pretrained-cfg overlay, with the default weights file (resolved now, so that
+    ``$ANCHORFORMER_WEIGHTS`` set after import counts) unless the caller gave a file or state dict."""
+    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
+    if overlay.get("file") or overlay.get("state_dict") is not None:
+        return overlay
+    tag = kwargs.get("pretrained_cfg") if isinstance(kwargs.get("pretrained_cfg"), str) else "in1k"
+    weights = default_weights_file(variant, tag)
+    if not weights.is_file():
+        raise ValueError(
+            f"no weights for {variant}.{tag} at {weights}; convert a training checkpoint with "
+            "`python tools/convert_checkpoint.py RUN_DIR --format classification` (it writes there), "
+            "set ANCHORFORMER_WEIGHTS, or pass pretrained_cfg_overlay=dict(file=PATH)")
+    return dict(overlay, file=str(weights))
+
+
 def _create_anchorformer(variant: str, pretrained: bool = False, distilled: bool = False,
                          **kwargs: Any) -> VisionTransformer:
     out_indices = kwargs.pop("out_indices", 3)
     if pretrained:
-        overlay = kwargs.get("pretrained_cfg_overlay") or {}
-        tag = kwargs.get("pretrained_cfg") if isinstance(kwargs.get("pretrained_cfg"), str) else None
-        weights = overlay.get("file") or str(weights_dir() / f"{variant}.{tag or 'in1k'}.safetensors")
-        if not overlay.get("state_dict") and not Path(weights).is_file():
-            raise ValueError(
-                f"no weights for {variant} at {weights}; convert a training checkpoint with "
-                "`python tools/convert_checkpoint.py RUN_DIR --format classification` (it writes there), "
-                "set ANCHORFORMER_WEIGHTS, or pass pretrained_cfg_overlay=dict(file=PATH)")
+        kwargs["pretrained_cfg_overlay"] = _with_default_weights(variant, kwargs)
     return build_model_with_cfg(
         AnchorFormerDistilled if distilled else AnchorFormer,
         variant,
