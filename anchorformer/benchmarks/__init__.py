@@ -9,6 +9,7 @@ BENCHMARKS = {
     "anchor-mix": "anchorformer.benchmarks.anchor_mix",
     "model": "anchorformer.benchmarks.model",
     "backbone": "anchorformer.benchmarks.backbone",
+    "quality": "anchorformer.benchmarks.quality",
 }
 
 
