@@ -13,6 +13,7 @@ import sys
 import textwrap
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 INTERPRETED = not torch.cuda.is_available()
 if INTERPRETED:
@@ -210,6 +211,46 @@ def test_model_compiled_whole_traces_the_pytorch_path():
     assert dispatch.backend_calls() == calls_before  # no backend dispatched: the compiler took the torch path
     eager = _mix_with_grads(anchor_mix, qk, anchors, v, grad)
     for name, actual, expected in zip(["out", "d_qk", "d_anchors", "d_v"], compiled, eager):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_flop_counter_counts_the_kernels_as_the_pytorch_path():
+    # MFU counts the maths' FLOPs: the fused ops must count what the reference path counts
+    qk, anchors, v, grad = _inputs((2, 3, 40, 16, 5), torch.float32)
+    counts = {}
+    for backend in ("triton", "torch"):
+        set_backend(backend)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            _mix_with_grads(anchor_mix_fast, qk, anchors, v, grad)
+        counts[backend] = counter.get_flop_counts()
+    fused = counts["triton"]["Global"]
+    assert set(map(str, fused)) == {"anchorformer.anchor_mix_forward", "anchorformer.anchor_mix_backward"}
+    assert sum(fused.values()) == sum(counts["torch"]["Global"].values()) == 3 * 6 * 2 * 3 * 40 * 5 * 16
+
+
+def test_custom_ops_pass_torch_library_checks():
+    # schema, fake (meta) outputs with the kernels' strides, autograd registration, AOT tracing
+    qk, anchors, v, _ = _inputs((1, 2, 20, 16, 5), torch.float32)
+    leaves = [t.detach().clone().requires_grad_() for t in (qk, anchors, v)]
+    torch.library.opcheck(torch.ops.anchorformer.anchor_mix_forward.default, (*leaves, 0.25))
+
+
+def test_compiled_model_keeps_the_kernels_when_asked_by_name():
+    # fullgraph=True: the custom op traces without a graph break, and the graph calls it
+    set_backend("triton")
+    qk, anchors, v, grad = _inputs((1, 2, 20, 16, 5), torch.float32)
+    traced = []
+
+    def record_graph(graph_module, example_inputs):
+        traced.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    fused = _mix_with_grads(torch.compile(anchor_mix_fast, backend=record_graph, fullgraph=True), qk, anchors, v, grad)
+    assert "anchorformer.anchor_mix_forward.default" in traced
+    eager = _mix_with_grads(anchor_mix, qk, anchors, v, grad)
+    for name, actual, expected in zip(["out", "d_qk", "d_anchors", "d_v"], fused, eager):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5, msg=name)
 
 

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["unsupported_reason", "forward", "backward", "ForwardState"]
+__all__ = ["unsupported_reason", "forward", "backward", "forward_outputs_like", "token_major_like", "ForwardState"]
 
 _NUM_WARPS = 4
 
@@ -344,11 +344,20 @@ def _gather(x: torch.Tensor, y: torch.Tensor, anchors: torch.Tensor, scale: floa
     return partial, degree
 
 
-def _token_major_like(x: torch.Tensor) -> torch.Tensor:
+def token_major_like(x: torch.Tensor) -> torch.Tensor:
     """An empty (B, h, n, dh) tensor stored as (B, n, h, dh), so that the caller's
     ``transpose(1, 2).reshape(B, n, h * dh)`` is free."""
     batch, heads, tokens, head_dim = x.shape
     return x.new_empty(batch, tokens, heads, head_dim).transpose(1, 2)
+
+
+def forward_outputs_like(qk: torch.Tensor, anchors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty tensors shaped, typed and strided as :func:`forward`'s output, ``context`` and
+    ``inv_degree`` (for tracing, e.g. torch.compile's fake tensors)."""
+    batch, heads, _, head_dim = qk.shape
+    block_m, block_d = _padded(anchors.shape[0]), _padded(head_dim)
+    return (token_major_like(qk), qk.new_empty(batch * heads, block_m, block_d, dtype=torch.float32),
+            qk.new_empty(batch * heads, block_m, dtype=torch.float32))
 
 
 def forward(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, ForwardState]:
@@ -367,11 +376,9 @@ def forward(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor, scale: flo
     plan = _plan(qk, anchors)
     batch, heads, tokens, head_dim = qk.shape
     partial, degree = _gather(qk, v, anchors, scale, plan)
-    context = qk.new_empty(batch * heads, plan.block_m, plan.block_d, dtype=torch.float32)
-    inv_degree = qk.new_empty(batch * heads, plan.block_m, dtype=torch.float32)
+    out, context, inv_degree = forward_outputs_like(qk, anchors)
     _finish_forward_kernel[(batch * heads,)](partial, degree, context, inv_degree, plan.splits,
                                              BLOCK_M=plan.block_m, BLOCK_D=plan.block_d)
-    out = _token_major_like(qk)
     _scatter_kernel[(batch * heads, plan.n_blocks)](
         qk, anchors, context, out,
         heads, tokens, anchors.shape[0], head_dim, scale,
@@ -402,8 +409,8 @@ def backward(grad_out: torch.Tensor, qk: torch.Tensor, anchors: torch.Tensor, v:
     weight = torch.empty_like(state.inv_degree)  # w_j = <D_j, C_j>
     _finish_backward_kernel[(batch * heads,)](partial, state.inv_degree, state.context, dpartial, weight, plan.splits,
                                               BLOCK_M=plan.block_m, BLOCK_D=plan.block_d)
-    d_qk = _token_major_like(qk)
-    d_v = _token_major_like(v)
+    d_qk = token_major_like(qk)
+    d_v = token_major_like(v)
     d_anchors_partial = qk.new_empty(batch * heads, plan.splits, plan.block_m, plan.block_d, dtype=torch.float32)
     _backward_kernel[(batch * heads, plan.splits)](
         qk, v, grad_out, anchors, state.context, dpartial, weight,

@@ -20,9 +20,10 @@ import functools
 import importlib.util
 import logging
 import os
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 __all__ = ["BACKENDS", "ENV_VAR", "set_backend", "requested_backend", "select_backend", "anchor_mix_fast", "backend_calls"]
 
@@ -32,6 +33,7 @@ BACKENDS = ("auto", "triton", "compile", "torch")
 ENV_VAR = "ANCHORFORMER_ANCHOR_MIX"
 _forced_backend: Optional[str] = None
 _calls_per_backend: collections.Counter = collections.Counter()
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # looked up, not imported
 
 
 def _check_backend(name: str, source: str) -> str:
@@ -64,17 +66,12 @@ def backend_calls() -> dict[str, int]:
     return dict(_calls_per_backend)
 
 
-@functools.lru_cache(maxsize=1)
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def _triton_unsupported_reason(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor) -> Optional[str]:
-    if not _triton_installed():
+    if not _TRITON_INSTALLED:
         return "triton is not installed"
     if not (qk.is_cuda or _triton_interpreted()):
         return f"tensors are on {qk.device}, the kernels need CUDA (or TRITON_INTERPRET=1)"
@@ -110,28 +107,80 @@ def _kernel_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
-class _FusedAnchorMix(torch.autograd.Function):
-    """Autograd wrapper of the Triton forward and backward (anchors already in the dtype of qk)."""
+# The fused kernels as two torch custom ops: autograd runs the backward op, FlopCounterMode
+# counts them with the formulas below (the maths' FLOPs, as for the PyTorch path), and
+# torch.compile keeps them as opaque calls without a graph break.
+@torch.library.custom_op("anchorformer::anchor_mix_forward", mutates_args=())
+def _fused_forward(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Output, C and 1/Lambda of the Triton forward (anchors in the dtype of qk)."""
+    from anchorformer.kernels import anchor_mix_triton
 
-    @staticmethod
-    def forward(ctx, qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        from anchorformer.kernels import anchor_mix_triton
+    with _kernel_device(qk):
+        out, state = anchor_mix_triton.forward(qk, anchors, v, scale)
+    return out, state.context, state.inv_degree
 
-        with _kernel_device(qk):
-            out, state = anchor_mix_triton.forward(qk, anchors, v, scale)
-        ctx.save_for_backward(qk, anchors, v, state.context, state.inv_degree)
-        ctx.scale = scale
-        return out
 
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        from anchorformer.kernels import anchor_mix_triton
+@_fused_forward.register_fake
+def _fused_forward_shapes(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from anchorformer.kernels import anchor_mix_triton
 
-        qk, anchors, v, context, inv_degree = ctx.saved_tensors
-        state = anchor_mix_triton.ForwardState(context, inv_degree)
-        with _kernel_device(qk):
-            d_qk, d_anchors, d_v = anchor_mix_triton.backward(grad_out, qk, anchors, v, ctx.scale, state)
-        return d_qk, d_anchors, d_v, None
+    return anchor_mix_triton.forward_outputs_like(qk, anchors)
+
+
+@torch.library.custom_op("anchorformer::anchor_mix_backward", mutates_args=())
+def _fused_backward(grad_out: torch.Tensor, qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor, scale: float,
+                    context: torch.Tensor, inv_degree: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of qk, anchors and v from the Triton backward."""
+    from anchorformer.kernels import anchor_mix_triton
+
+    with _kernel_device(qk):
+        return anchor_mix_triton.backward(grad_out, qk, anchors, v, scale,
+                                          anchor_mix_triton.ForwardState(context, inv_degree))
+
+
+@_fused_backward.register_fake
+def _fused_backward_shapes(grad_out: torch.Tensor, qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor,
+                           scale: float, context: torch.Tensor,
+                           inv_degree: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from anchorformer.kernels import anchor_mix_triton
+
+    return (anchor_mix_triton.token_major_like(qk), torch.empty_like(anchors, memory_format=torch.contiguous_format),
+            anchor_mix_triton.token_major_like(v))
+
+
+def _save_for_backward(ctx, inputs: tuple, output: tuple) -> None:
+    qk, anchors, v, scale = inputs
+    _, context, inv_degree = output
+    ctx.save_for_backward(qk, anchors, v, context, inv_degree)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(context, inv_degree)
+
+
+def _backward(ctx, grad_out: torch.Tensor, _grad_context, _grad_inv_degree) -> tuple:
+    qk, anchors, v, context, inv_degree = ctx.saved_tensors
+    d_qk, d_anchors, d_v = _fused_backward(grad_out, qk, anchors, v, ctx.scale, context, inv_degree)
+    return d_qk, d_anchors, d_v, None
+
+
+_fused_forward.register_autograd(_backward, setup_context=_save_for_backward)
+
+
+def _mix_macs(qk_shape: Sequence[int], anchors_shape: Sequence[int]) -> int:
+    """Multiply-adds of one anchor mix: logits, A^T V and A C, each B h n m dh."""
+    batch, heads, tokens, head_dim = qk_shape
+    return 3 * batch * heads * tokens * anchors_shape[0] * head_dim
+
+
+@register_flop_formula(torch.ops.anchorformer.anchor_mix_forward)
+def _forward_flops(qk_shape, anchors_shape, v_shape, scale, **kwargs) -> int:
+    return 2 * _mix_macs(qk_shape, anchors_shape)
+
+
+@register_flop_formula(torch.ops.anchorformer.anchor_mix_backward)
+def _backward_flops(grad_shape, qk_shape, anchors_shape, *args, **kwargs) -> int:
+    return 4 * _mix_macs(qk_shape, anchors_shape)  # each product's two gradients: twice the forward
 
 
 @functools.lru_cache(maxsize=1)
@@ -148,7 +197,8 @@ def _pytorch_anchor_mix() -> Callable[..., torch.Tensor]:
 
 def anchor_mix_fast(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """``anchor_mix`` through the backend :func:`select_backend` picks; same maths, same signature.
-    Inside a region that torch.compile traces, always the PyTorch path (the compiler fuses it).
+    Inside a region that torch.compile traces: the PyTorch path (the compiler fuses it), or the
+    kernels as custom ops where ``triton`` is requested by name.
 
     Args:
         qk: (B, h, n, dh) tokens serving as queries and keys.
@@ -160,12 +210,15 @@ def anchor_mix_fast(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor, sc
         (B, h, n, dh) tensor in the dtype of ``v``.
     """
     if torch.compiler.is_compiling():
-        # inside a torch.compile'd model: let the compiler trace (and fuse) the PyTorch path
+        # inside a torch.compile'd model: the compiler traces (and fuses) the PyTorch path, unless
+        # the kernels were asked for by name (then they run as opaque custom ops in the graph)
+        if requested_backend() == "triton" and _triton_unsupported_reason(qk, anchors, v) is None:
+            return _fused_forward(qk, anchors.to(qk.dtype), v, scale)[0]
         return _pytorch_anchor_mix()(qk, anchors, v, scale)
     backend = select_backend(qk, anchors, v)
     _calls_per_backend[backend] += 1
     if backend == "triton":
-        return _FusedAnchorMix.apply(qk, anchors.to(qk.dtype), v, scale)
+        return _fused_forward(qk, anchors.to(qk.dtype), v, scale)[0]
     if backend == "compile":
         return _compiled_anchor_mix()(qk, anchors, v, scale)
     return _pytorch_anchor_mix()(qk, anchors, v, scale)
