@@ -10,6 +10,8 @@ BENCHMARKS = {
     "model": "anchorformer.benchmarks.model",
     "backbone": "anchorformer.benchmarks.backbone",
     "quality": "anchorformer.benchmarks.quality",
+    "train": "anchorformer.benchmarks.train",
+    "profile": "anchorformer.benchmarks.profile",
 }
 
 

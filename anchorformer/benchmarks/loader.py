@@ -16,14 +16,11 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
 import torch
-from PIL import Image
-from sklearn.datasets import load_sample_images
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from anchorformer.benchmarks.report import machine_description, markdown_table
+from anchorformer.benchmarks.report import machine_description, markdown_table, photo_crops
 from anchorformer.data import TrainTransformConfig, build_train_stream
 from anchorformer.data.sources import list_image_folder
 from anchorformer.data.transforms import build_train_transform
@@ -51,16 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _photo_crops(folder: Path, count: int) -> None:
-    """``count`` JPEGs (quality 90) cropped from scikit-learn's two sample photos at random
-    positions and sizes (shorter side 300-427 px, like ImageNet), into ``_CLASSES`` class folders."""
-    photos = [Image.fromarray(photo) for photo in load_sample_images().images]
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        photo = photos[i % len(photos)]
-        height = int(rng.integers(300, photo.height + 1))
-        width = int(min(photo.width, round(height * rng.uniform(1.0, 1.5))))
-        left, top = int(rng.integers(0, photo.width - width + 1)), int(rng.integers(0, photo.height - height + 1))
-        crop = photo.crop((left, top, left + width, top + height))
+    """``count`` JPEGs (quality 90) of :func:`photo_crops` into ``_CLASSES`` class folders."""
+    for i, crop in enumerate(photo_crops(count)):
         target = folder / f"class_{i % _CLASSES}" / f"image_{i:05d}.jpg"
         target.parent.mkdir(parents=True, exist_ok=True)
         crop.save(target, format="JPEG", quality=90)

@@ -9,7 +9,7 @@ the maths is the same) x images/s / the device's peak.
 """
 import argparse
 import logging
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import timm
 import torch
@@ -21,7 +21,7 @@ import anchorformer.models  # noqa: F401  (registers the anchorformer_* models w
 from anchorformer.benchmarks.report import machine_description, markdown_table, time_call
 from anchorformer.kernels import BACKENDS, backend_calls, set_backend
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "run", "measure_training_step", "peak_flops"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "batch (default: 128 images at 224 on CUDA, 2 on CPU)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="anchor-mix backend of the AnchorFormer layers (see anchorformer.kernels)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile both models (the anchor mix then runs as the compiler fuses it, "
+                             "or as the Triton custom ops with --backend triton)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="device peak for MFU in TFLOP/s (default: known bf16 dense peak of the GPU, "
                              "e.g. 989 for an H100 SXM; MFU is left out when unknown)")
@@ -72,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="name of the docs/benchmarks.md section (default: model-DEVICE)")
 
 
-def _peak_flops(device: torch.device, peak_tflops: Optional[float]) -> Optional[float]:
+def peak_flops(device: torch.device, peak_tflops: Optional[float]) -> Optional[float]:
     if peak_tflops is not None:
         if peak_tflops <= 0:
             raise ValueError(f"--peak-tflops must be > 0, got {peak_tflops}")
@@ -89,10 +92,16 @@ def _build(family: str, size: str, resolution: int, backbone: bool, device: torc
     return model.to(device).train()
 
 
-def _loss(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, backbone: bool) -> torch.Tensor:
+def _forward(model: torch.nn.Module, backbone: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What a step runs: the classifier, or the backbone's token features (no head)."""
+    return model.forward_features if backbone else model
+
+
+def _loss(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, labels: torch.Tensor,
+          backbone: bool) -> torch.Tensor:
     if backbone:
-        return model.forward_features(images).float().square().mean()
-    return F.cross_entropy(model(images).float(), labels)
+        return forward(images).float().square().mean()
+    return F.cross_entropy(forward(images).float(), labels)
 
 
 def _flops_per_image(model: torch.nn.Module, resolution: int, backbone: bool, device: torch.device) -> float:
@@ -103,25 +112,31 @@ def _flops_per_image(model: torch.nn.Module, resolution: int, backbone: bool, de
     set_backend("torch")
     try:
         with counter, sdpa_kernel(SDPBackend.MATH), torch.autocast(device.type, dtype=torch.bfloat16):
-            _loss(model, images, labels, backbone).backward()
+            _loss(_forward(model, backbone), images, labels, backbone).backward()
     finally:
         set_backend(None)
     model.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())
 
 
-def _measure(family: str, size: str, resolution: int, batch: int, backbone: bool, backend: str, repeats: int,
-             device: torch.device) -> dict:
-    """img/s of full training steps, FLOPs per image and the anchor-mix backend the layers ran."""
+def measure_training_step(family: str, size: str, resolution: int, batch: int, backbone: bool, backend: str,
+                          repeats: int, device: torch.device,
+                          timer: Optional[Callable[[Callable[[], None]], float]] = None, compile: bool = False) -> dict:
+    """img/s of full training steps, FLOPs per image and the anchor-mix backend the layers ran.
+
+    ``timer(step)`` returns seconds per step (default: median of ``repeats`` after 2 warm-up
+    steps); the ``profile`` benchmark passes one that runs the steps under the profiler. With
+    ``compile`` the model is torch.compile'd after its FLOPs are counted (the first step compiles)."""
     model = _build(family, size, resolution, backbone, device)
     flops = _flops_per_image(model, resolution, backbone, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    forward = torch.compile(_forward(model, backbone)) if compile else _forward(model, backbone)
     images = torch.randn(batch, 3, resolution, resolution, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = _loss(model, images, labels, backbone)
+            loss = _loss(forward, images, labels, backbone)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -131,11 +146,11 @@ def _measure(family: str, size: str, resolution: int, batch: int, backbone: bool
         calls_before = backend_calls()
         step()
         used = {name: count - calls_before.get(name, 0) for name, count in backend_calls().items()}
-        seconds = time_call(step, device, warmup=2, repeats=repeats)
+        seconds = timer(step) if timer is not None else time_call(step, device, warmup=2, repeats=repeats)
     finally:
         set_backend(None)
     ran = sorted(name for name, count in used.items() if count > 0)
-    del model, optimizer
+    del model, forward, optimizer
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"img_s": batch / seconds, "flops": flops, "backends": "+".join(ran) or "-"}
@@ -162,7 +177,7 @@ def run(args: argparse.Namespace) -> str:
     if any(res % 16 for res in args.resolutions + [args.backbone_resolution]):
         raise ValueError(f"resolutions must be multiples of the patch size 16, got {args.resolutions} "
                          f"and --backbone-resolution {args.backbone_resolution}")
-    peak = _peak_flops(device, args.peak_tflops)
+    peak = peak_flops(device, args.peak_tflops)
     cases = [(size, res, False) for res in args.resolutions for size in sizes]
     if args.backbone_resolution:
         cases += [(size, args.backbone_resolution, True) for size in backbone_sizes]
@@ -172,8 +187,8 @@ def run(args: argparse.Namespace) -> str:
     for size, resolution, backbone in cases:
         batch = max(1, tokens_per_step // ((resolution // 16) ** 2 + 1))
         logger.info("model benchmark: %s at %d px, batch %d%s", size, resolution, batch, " (backbone)" if backbone else "")
-        deit = _measure("deit", size, resolution, batch, backbone, args.backend, repeats, device)
-        anchor = _measure("anchorformer", size, resolution, batch, backbone, args.backend, repeats, device)
+        deit, anchor = (measure_training_step(family, size, resolution, batch, backbone, args.backend, repeats, device,
+                                              compile=args.compile) for family in ("deit", "anchorformer"))
         ratio = anchor["img_s"] / deit["img_s"]
         target = TARGET_SPEEDUP.get(resolution)
         rows.append([
@@ -191,7 +206,8 @@ def run(args: argparse.Namespace) -> str:
         f"{device.type})",
         "",
         f"Device: {machine_description(device)}; {peak_note}. One step = forward + backward + AdamW "
-        f"under bf16 autocast, median of {repeats} steps; GFLOP/img = forward + backward; "
+        f"under bf16 autocast{' (both models compiled with torch.compile)' if args.compile else ''}, median of {repeats} "
+        f"steps; GFLOP/img = forward + backward; "
         f"'AF anchor mix' = the backend(s) the anchor layers ran through anchorformer.kernels "
         f"(requested: {args.backend}; '-': they called the PyTorch anchor_mix directly).",
         "",

@@ -1,5 +1,6 @@
-"""Shared pieces of the benchmarks: timing, peak memory, the machine's name, and writing one
-named section of docs/benchmarks.md atomically (other sections are kept as they are)."""
+"""Shared pieces of the benchmarks: timing, peak memory, the machine's name, real photo crops as
+test images, and writing one named section of docs/benchmarks.md atomically (other sections are
+kept as they are)."""
 import os
 import platform
 import re
@@ -7,11 +8,13 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 
-__all__ = ["machine_description", "time_call", "peak_memory_bytes", "markdown_table", "write_section"]
+__all__ = ["machine_description", "time_call", "peak_memory_bytes", "photo_crops", "markdown_table", "write_section"]
 
 
 def machine_description(device: torch.device) -> str:
@@ -72,6 +75,22 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
         current += event.cpu_memory_usage if not event.cpu_children else 0
         peak = max(peak, current)
     return peak
+
+
+def photo_crops(count: int, seed: int = 0) -> Iterator[Image.Image]:
+    """``count`` RGB crops of scikit-learn's two sample photos at random positions and sizes
+    (shorter side 300-427 px, aspect 1-1.5, like ImageNet's images): real image statistics for
+    decode and augmentation costs without any download."""
+    from sklearn.datasets import load_sample_images  # imported here: only benchmarks that write images need it
+
+    photos = [Image.fromarray(photo) for photo in load_sample_images().images]
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        height = int(rng.integers(300, photo.height + 1))
+        width = int(min(photo.width, round(height * rng.uniform(1.0, 1.5))))
+        left, top = int(rng.integers(0, photo.width - width + 1)), int(rng.integers(0, photo.height - height + 1))
+        yield photo.crop((left, top, left + width, top + height))
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
