@@ -5,7 +5,8 @@
 # Installs the wheels in .whl/ into a temporary site dir, then runs, most important first, each
 # under its own time limit and whatever the others do: nvidia-smi, the kernel tests on the GPU,
 # the attention, model (224 px), train (through the Trainer), profile, anchor-mix backend, model
-# (384 px, 1024 px backbone) and compiled-model benchmarks; each writes its section of
+# (384 px, 1024 px backbone) and compiled-model (PyTorch path fused by the compiler, then the
+# kernels as custom ops) benchmarks; each writes its section of
 # docs/benchmarks.md. A step starts only while the budget has time left and is cut at its end.
 # Logs go to $GPU_CHECK_LOGS (default: a temporary folder). When $OUT is set, docs/benchmarks.md,
 # summary.txt and logs.tar.gz are refreshed there after every step, so an outer time limit keeps
@@ -90,6 +91,10 @@ run_step model-1024 35 "${bench[@]}" model --device cuda --backend "$mix_backend
   --resolutions "" --backbone-resolution 1024 --section model-1024-cuda
 run_step model-224-compiled 150 "${bench[@]}" model --device cuda --compile --sizes base \
   --resolutions 224 --backbone-resolution 0 --section model-224-compiled-cuda
+if [ "$mix_backend" = auto ]; then  # the kernels as custom ops inside the compiled graph
+  run_step model-224-compiled-triton 120 "${bench[@]}" model --device cuda --compile --backend triton --sizes base \
+    --resolutions 224 --backbone-resolution 0 --section model-224-compiled-triton-cuda
+fi
 
 echo "== summary ($failed failed or skipped)"
 cat "$summary"
