@@ -63,6 +63,8 @@ def test_quality_rejects_bad_options(tmp_path):
         quality.run(_args(["--recipe", str(deit_recipe)]))
     with pytest.raises(ValueError, match="--calibration-steps"):
         quality.run(_args(["--calibration-steps", "0"]))
+    with pytest.raises(ValueError, match="--calibration-rounds"):
+        quality.run(_args(["--calibration-rounds", "0"]))
     with pytest.raises(ValueError, match="--threads"):
         quality.run(_args(["--threads", "0"]))
 
@@ -71,16 +73,19 @@ def test_quality_trains_both_models_for_the_budget(embedded_cache_dir):
     budget = 2.0
     overrides = [f"data.cache_dir={embedded_cache_dir}", *SMALL]
     section = quality.run(_args(["--budget-s", str(budget), "--seeds", "0", "--calibration-steps", "8",
+                                 "--calibration-rounds", "2",
                                  *(f"--set={o}" for o in overrides)]))
     rows = _table_rows(section)
     assert [row[0].split()[0] for row in rows] == ["AnchorFormer", "DeiT"]
     assert "`deit_tiny_patch16_224`" in rows[1][0]
     for row in rows:
-        params, gmacs, seconds_per_step, epochs = float(row[1]), float(row[2]), float(row[3]), int(row[4])
+        params, gmacs, seconds_per_step, epochs = float(row[1]), float(row[2]), float(row[3].split()[0]), int(row[4])
         steps, planned = (float(x) for x in row[5].replace("(", "").replace(")", "").split())
         train_s = float(row[6].split()[0])
         mean, best, per_seed = float(row[7].split()[0]), float(row[8]), float(row[9])
         assert params > 0 and gmacs > 0 and seconds_per_step > 0
+        low, high = (float(x) for x in row[3].split()[1].strip("()").split("-"))
+        assert low <= seconds_per_step <= high  # the median of the calibration rounds
         assert 0.0 <= mean <= 100.0 and 0.0 <= best <= 100.0 and mean == best == per_seed  # one seed
         # planned = budget / s/step; whole epochs, as close to the plan as whole epochs allow
         assert planned == pytest.approx(budget / seconds_per_step, rel=0.02, abs=1)

@@ -8,10 +8,12 @@ Protocol (identical for both models; everything else comes from the recipe):
 1. Models. AnchorFormer is the recipe's ``model`` (an ``anchorformer_*`` name); DeiT is the timm
    model of the same name with ``deit_`` instead of ``anchorformer_`` and the same ``kwargs`` less
    ``num_anchors`` (same patch size, depth, width, heads, image size, classes, drop path).
-2. Calibration, once per model, seed 0: a short run of ``--calibration-steps`` optimizer steps
-   after 3 warm-up steps; seconds per step = mean time between the ends of the timed steps. It
-   includes data waits and epoch boundaries (loader restart), as real training does; evaluation
-   and checkpoints are kept out of it (none run inside the window).
+2. Calibration, seed 0: ``--calibration-rounds`` rounds, the two models alternating within each;
+   one round of a model is a short run of ``--calibration-steps`` optimizer steps after 3 warm-up
+   steps, timed as the mean time between the ends of the timed steps (data waits and epoch
+   boundaries with their loader restart included, as in real training; no evaluation or
+   checkpoint inside the window). A model's s/step is the median of its rounds, so a busy moment
+   of a shared machine during one round does not decide the plan.
 3. Schedule. Each model gets ``--budget-s`` of training: planned steps = budget / (s/step),
    ``schedule.epochs = max(1, round(planned steps / steps per epoch))`` so the recipe's whole
    learning-rate schedule (linear warm-up + cosine) fits, and ``schedule.warmup_epochs`` keeps the
@@ -79,7 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override for both models, e.g. data.cache_dir=/tmp/digits (repeatable)")
     parser.add_argument("--calibration-steps", type=int, default=30,
-                        help="timed optimizer steps per model when measuring s/step")
+                        help="timed optimizer steps of one calibration round (30: a bit more than an epoch "
+                             "of the demo, so a loader restart is in it)")
+    parser.add_argument("--calibration-rounds", type=int, default=3,
+                        help="calibration rounds per model (models alternate); s/step = median of the rounds")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads during the runs (CPU only; the data worker is separate)")
     parser.add_argument("--section", default=None,
@@ -166,21 +171,53 @@ def _fit(cfg: config.RootConfig) -> _Run:
         dist.shutdown()
 
 
-def _calibrate(name: str, base: dict[str, Any], steps: int) -> _Run:
-    """A run of WARMUP_STEPS + ``steps`` steps with no evaluation or checkpoint before its end."""
-    cfg = _with(base, schedule={"epochs": _NEVER},
-                train={"seed": 0, "max_steps": WARMUP_STEPS + steps, "eval_every_epochs": _NEVER},
-                logging={"run_name": f"{name}-calibration"})
-    calibration = _fit(cfg)
-    logger.info("quality: %s calibrated at %.4f s/step (%d steps/epoch)", name,
-                calibration.seconds_per_step(WARMUP_STEPS), calibration.steps_per_epoch)
-    return calibration
+@dataclass
+class _Calibration:
+    rounds: list[_Run]
+    """One short run per round, in order."""
+
+    @property
+    def seconds_per_step(self) -> float:
+        """Median over the rounds of each round's mean s/step."""
+        return statistics.median(r.seconds_per_step(WARMUP_STEPS) for r in self.rounds)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.rounds[0].steps_per_epoch
+
+    @property
+    def params(self) -> int:
+        return self.rounds[0].params
+
+    @property
+    def macs(self) -> float:
+        """Forward multiply-adds per image (FlopCounterMode counts 2 FLOPs each)."""
+        return self.rounds[0].result.metrics["run/flops_per_sample"] / 2
+
+    def round_range(self) -> str:
+        """The lowest and highest round, for the table."""
+        times = [r.seconds_per_step(WARMUP_STEPS) for r in self.rounds]
+        return f"{min(times):.4f}-{max(times):.4f}"
+
+    def budget_epochs(self, budget_s: float) -> tuple[int, float]:
+        """(epochs, planned steps) of a run that fits ``budget_s`` at this s/step."""
+        planned = budget_s / self.seconds_per_step
+        return max(1, round(planned / self.steps_per_epoch)), planned
 
 
-def _budget_epochs(budget_s: float, calibration: _Run) -> tuple[int, float]:
-    """(epochs, planned steps) of a run that fits ``budget_s`` at the calibrated s/step."""
-    planned = budget_s / calibration.seconds_per_step(WARMUP_STEPS)
-    return max(1, round(planned / calibration.steps_per_epoch)), planned
+def _calibrate(bases: dict[str, dict[str, Any]], steps: int, rounds: int) -> dict[str, _Calibration]:
+    """Alternate short runs of WARMUP_STEPS + ``steps`` steps (no evaluation or checkpoint before
+    their end) of every model for ``rounds`` rounds."""
+    runs: dict[str, list[_Run]] = {name: [] for name in bases}
+    for index in range(rounds):
+        for name, base in bases.items():
+            cfg = _with(base, schedule={"epochs": _NEVER},
+                        train={"seed": 0, "max_steps": WARMUP_STEPS + steps, "eval_every_epochs": _NEVER},
+                        logging={"run_name": f"{name}-calibration{index}"})
+            runs[name].append(_fit(cfg))
+            logger.info("quality: %s calibration round %d: %.4f s/step", name, index,
+                        runs[name][-1].seconds_per_step(WARMUP_STEPS))
+    return {name: _Calibration(model_runs) for name, model_runs in runs.items()}
 
 
 def _train_within_budget(name: str, base: dict[str, Any], seed: int, epochs: int) -> _Run:
@@ -201,8 +238,9 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--budget-s must be a positive number of seconds, got {args.budget_s}")
     if not args.seeds or not all(isinstance(seed, int) for seed in args.seeds):
         raise ValueError(f"--seeds must be a non-empty list of integers, got {args.seeds!r}")
-    if args.calibration_steps < 1:
-        raise ValueError(f"--calibration-steps must be >= 1, got {args.calibration_steps}")
+    if args.calibration_steps < 1 or args.calibration_rounds < 1:
+        raise ValueError(f"--calibration-steps and --calibration-rounds must be >= 1, got "
+                         f"{args.calibration_steps} and {args.calibration_rounds}")
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -226,8 +264,8 @@ def run(args: argparse.Namespace) -> str:
                                    checkpoint={"every_steps": 0, "at_epoch_end": False, "keep_last": 1},
                                    logging={"output_dir": out, "progress_bar": False, "tensorboard": False})
                      for name, base in bases.items()}
-            calibration = {name: _calibrate(name, base, args.calibration_steps) for name, base in bases.items()}
-            plans = {name: _budget_epochs(args.budget_s, cal) for name, cal in calibration.items()}
+            calibration = _calibrate(bases, args.calibration_steps, args.calibration_rounds)
+            plans = {name: cal.budget_epochs(args.budget_s) for name, cal in calibration.items()}
             runs: dict[str, list[_Run]] = {name: [] for name in bases}
             for seed in args.seeds:  # models alternate: a slower phase of the machine hits both
                 for name, base in bases.items():
@@ -244,7 +282,7 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def _section(args: argparse.Namespace, machine: str, bases: dict[str, dict[str, Any]],
-             calibration: dict[str, _Run], plans: dict[str, tuple[int, float]], runs: dict[str, list[_Run]],
+             calibration: dict[str, _Calibration], plans: dict[str, tuple[int, float]], runs: dict[str, list[_Run]],
              total_s: float) -> str:
     stats, rows = {}, []
     for name, model_runs in runs.items():
@@ -252,16 +290,16 @@ def _section(args: argparse.Namespace, machine: str, bases: dict[str, dict[str, 
         top1 = [r.result.metrics["eval/top1"] for r in model_runs]
         train_s = [r.train_s for r in model_runs]
         mean, std = _mean_std(top1)
-        stats[name] = {"mean": mean, "std": std, "n": len(top1), "s_step": cal.seconds_per_step(WARMUP_STEPS),
-                       "macs": cal.result.metrics["run/flops_per_sample"] / 2}
+        stats[name] = {"mean": mean, "std": std, "n": len(top1), "s_step": cal.seconds_per_step,
+                       "macs": cal.macs}
         rows.append([
             f"{name} (`{bases[name]['model']['name']}`)", f"{cal.params / 1e6:.2f}",
-            f"{stats[name]['macs'] / 1e9:.4f}", f"{stats[name]['s_step']:.4f}", epochs,
+            f"{stats[name]['macs'] / 1e9:.4f}", f"{stats[name]['s_step']:.4f} ({cal.round_range()})", epochs,
             f"{statistics.fmean(r.result.step for r in model_runs):.0f} ({planned:.0f})",
             f"{statistics.fmean(train_s):.1f} ({min(train_s):.1f}-{max(train_s):.1f})",
             f"{mean:.2f} ± {std:.2f}", f"{max(top1):.2f}", ", ".join(f"{t:.2f}" for t in top1),
         ])
-    header = ["model", "params (M)", "GMACs/img", "s/step", "epochs", "steps trained (planned)",
+    header = ["model", "params (M)", "GMACs/img", "s/step (rounds)", "epochs", "steps trained (planned)",
               "train s, mean (range)", "top-1 % mean ± std", "best top-1 %", "top-1 % per seed"]
     af, deit = stats["AnchorFormer"], stats["DeiT"]
     diff = af["mean"] - deit["mean"]
@@ -285,8 +323,9 @@ def _section(args: argparse.Namespace, machine: str, bases: dict[str, dict[str, 
         f"{base['train']['global_batch_size']}, {base['train']['precision']}, {base['optim']['name']} "
         f"lr {base['optim']['lr']:g}, warm-up + cosine; seeds {', '.join(map(str, args.seeds))}.",
         "",
-        f"Protocol: s/step = mean of {args.calibration_steps} training steps after {WARMUP_STEPS} warm-up "
-        f"steps (seed 0; data loading and epoch boundaries included, no evaluation). Each run gets "
+        f"Protocol: s/step = median over {args.calibration_rounds} rounds (models alternating) of the mean "
+        f"of {args.calibration_steps} training steps after {WARMUP_STEPS} warm-up steps (seed 0; data "
+        f"loading and epoch boundaries included, no evaluation). Each run gets "
         f"epochs = max(1, round(budget / s/step / steps per epoch)), so the recipe's whole warm-up + "
         f"cosine schedule fits the budget (warm-up keeps the recipe's fraction), then one evaluation of "
         f"the final weights on the validation split. 'train s' = wall-clock from the start of fit() to "
