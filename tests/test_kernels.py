@@ -229,6 +229,15 @@ def test_flop_counter_counts_the_kernels_as_the_pytorch_path():
     assert sum(fused.values()) == sum(counts["torch"]["Global"].values()) == 3 * 6 * 2 * 3 * 40 * 5 * 16
 
 
+def test_eager_autograd_takes_the_short_path_and_dispatch_modes_the_custom_op():
+    set_backend("triton")
+    qk, anchors, v, _ = _inputs((1, 2, 20, 16, 5), torch.float32)
+    leaves = [t.detach().clone().requires_grad_() for t in (qk, anchors, v)]
+    assert type(anchor_mix_fast(*leaves, 0.25).grad_fn).__name__ == "_FusedAnchorMixBackward"
+    with FlopCounterMode(display=False):
+        assert "anchor_mix_forward" in type(anchor_mix_fast(*leaves, 0.25).grad_fn).__name__.lower()
+
+
 def test_custom_ops_pass_torch_library_checks():
     # schema, fake (meta) outputs with the kernels' strides, autograd registration, AOT tracing
     qk, anchors, v, _ = _inputs((1, 2, 20, 16, 5), torch.float32)

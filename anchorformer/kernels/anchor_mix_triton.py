@@ -38,6 +38,7 @@ anchor has logit -inf, so ``A`` is 0 there and so are its ``C``, ``D`` and gradi
 memory; :func:`unsupported_reason` names the inputs outside those bounds (the dispatcher then
 uses the PyTorch path).
 """
+import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -307,12 +308,18 @@ def _padded(size: int) -> int:
     return max(16, triton.next_power_of_2(size))
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    """Streaming multiprocessors of a GPU (cached: the query costs about 14 us per call)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _plan(qk: torch.Tensor, anchors: torch.Tensor) -> _Launch:
     batch, heads, tokens, head_dim = qk.shape
     block_n = _LIMITS[qk.dtype].block_n
     n_blocks = triton.cdiv(tokens, block_n)
     if qk.is_cuda:
-        target = _PROGRAMS_PER_SM * torch.cuda.get_device_properties(qk.device).multi_processor_count
+        target = _PROGRAMS_PER_SM * _multiprocessors(qk.device.index)
     else:
         target = _INTERPRETER_PROGRAMS
     wanted_splits = min(n_blocks, max(1, math.ceil(target / (batch * heads))))

@@ -104,21 +104,53 @@ def select_backend(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor) -> 
 
 def _kernel_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     """Triton launches on the current CUDA device: make it the tensor's (several GPUs per process)."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+    if tensor.is_cuda and tensor.device.index != torch.cuda.current_device():
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
 
 
-# The fused kernels as two torch custom ops: autograd runs the backward op, FlopCounterMode
-# counts them with the formulas below (the maths' FLOPs, as for the PyTorch path), and
-# torch.compile keeps them as opaque calls without a graph break.
-@torch.library.custom_op("anchorformer::anchor_mix_forward", mutates_args=())
-def _fused_forward(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor,
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _launch_forward(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Output, C and 1/Lambda of the Triton forward (anchors in the dtype of qk)."""
     from anchorformer.kernels import anchor_mix_triton
 
     with _kernel_device(qk):
         out, state = anchor_mix_triton.forward(qk, anchors, v, scale)
     return out, state.context, state.inv_degree
+
+
+def _launch_backward(grad_out: torch.Tensor, qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor, scale: float,
+                     context: torch.Tensor, inv_degree: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of qk, anchors and v from the Triton backward."""
+    from anchorformer.kernels import anchor_mix_triton
+
+    with _kernel_device(qk):
+        return anchor_mix_triton.backward(grad_out, qk, anchors, v, scale,
+                                          anchor_mix_triton.ForwardState(context, inv_degree))
+
+
+class _FusedAnchorMix(torch.autograd.Function):
+    """The kernels under eager autograd: the shortest path from Python to the launches (the
+    custom ops below cost about 0.8 ms more per forward + backward on an H200, see
+    docs/benchmarks.md), taken whenever nothing traces or watches the dispatcher."""
+
+    @staticmethod
+    def forward(ctx, qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        out, context, inv_degree = _launch_forward(qk, anchors, v, scale)
+        ctx.save_for_backward(qk, anchors, v, context, inv_degree)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        return (*_launch_backward(grad_out, *ctx.saved_tensors[:3], ctx.scale, *ctx.saved_tensors[3:]), None)
+
+
+# The same kernels as two torch custom ops, for whatever traces or watches the dispatcher:
+# FlopCounterMode counts them with the formulas below (the maths' FLOPs, as for the PyTorch
+# path), fake tensors get their shapes, and torch.compile keeps them as opaque calls without a
+# graph break. Autograd runs the backward op.
+_fused_forward = torch.library.custom_op("anchorformer::anchor_mix_forward", _launch_forward, mutates_args=())
 
 
 @_fused_forward.register_fake
@@ -129,15 +161,7 @@ def _fused_forward_shapes(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tens
     return anchor_mix_triton.forward_outputs_like(qk, anchors)
 
 
-@torch.library.custom_op("anchorformer::anchor_mix_backward", mutates_args=())
-def _fused_backward(grad_out: torch.Tensor, qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor, scale: float,
-                    context: torch.Tensor, inv_degree: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of qk, anchors and v from the Triton backward."""
-    from anchorformer.kernels import anchor_mix_triton
-
-    with _kernel_device(qk):
-        return anchor_mix_triton.backward(grad_out, qk, anchors, v, scale,
-                                          anchor_mix_triton.ForwardState(context, inv_degree))
+_fused_backward = torch.library.custom_op("anchorformer::anchor_mix_backward", _launch_backward, mutates_args=())
 
 
 @_fused_backward.register_fake
@@ -218,7 +242,10 @@ def anchor_mix_fast(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor, sc
     backend = select_backend(qk, anchors, v)
     _calls_per_backend[backend] += 1
     if backend == "triton":
-        return _fused_forward(qk, anchors.to(qk.dtype), v, scale)[0]
+        anchors = anchors.to(qk.dtype)
+        if torch._C._len_torch_dispatch_stack() > 0:  # e.g. FlopCounterMode: let it see the op
+            return _fused_forward(qk, anchors, v, scale)[0]
+        return _FusedAnchorMix.apply(qk, anchors, v, scale)
     if backend == "compile":
         return _compiled_anchor_mix()(qk, anchors, v, scale)
     return _pytorch_anchor_mix()(qk, anchors, v, scale)
