@@ -30,9 +30,11 @@ def _args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _table_rows(section: str) -> list[list[str]]:
+def _table(section: str) -> list[dict[str, str]]:
+    """The rows of the section's table as {column: cell}."""
     lines = [line for line in section.splitlines() if line.startswith("|")]
-    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+    header, *rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[:1] + lines[2:]]
+    return [dict(zip(header, row)) for row in rows]
 
 
 def test_quality_is_registered_and_builds_a_deit_twin_of_the_recipe():
@@ -75,18 +77,21 @@ def test_quality_trains_both_models_for_the_budget(embedded_cache_dir):
     section = quality.run(_args(["--budget-s", str(budget), "--seeds", "0", "--calibration-steps", "8",
                                  "--calibration-rounds", "2",
                                  *(f"--set={o}" for o in overrides)]))
-    rows = _table_rows(section)
-    assert [row[0].split()[0] for row in rows] == ["AnchorFormer", "DeiT"]
-    assert "`deit_tiny_patch16_224`" in rows[1][0]
+    rows = _table(section)
+    assert [row["model"].split()[0] for row in rows] == ["AnchorFormer", "DeiT"]
+    assert "`deit_tiny_patch16_224`" in rows[1]["model"]
     for row in rows:
-        params, gmacs, seconds_per_step, epochs = float(row[1]), float(row[2]), float(row[3].split()[0]), int(row[4])
-        steps, planned = (float(x) for x in row[5].replace("(", "").replace(")", "").split())
-        train_s = float(row[6].split()[0])
-        mean, best, per_seed = float(row[7].split()[0]), float(row[8]), float(row[9])
-        assert params > 0 and gmacs > 0 and seconds_per_step > 0
-        low, high = (float(x) for x in row[3].split()[1].strip("()").split("-"))
-        assert low <= seconds_per_step <= high  # the median of the calibration rounds
-        assert 0.0 <= mean <= 100.0 and 0.0 <= best <= 100.0 and mean == best == per_seed  # one seed
+        assert float(row["params (M)"]) > 0 and float(row["GMACs/img"]) > 0
+        seconds_per_step, rounds = row["s/step calibrated (rounds)"].split()
+        seconds_per_step = float(seconds_per_step)
+        low, high = (float(x) for x in rounds.strip("()").split("-"))
+        assert 0 < low <= seconds_per_step <= high  # the median of the calibration rounds
+        epochs = int(row["epochs"])
+        steps, planned = (float(x.strip("()")) for x in row["steps trained (planned)"].split())
+        train_s = float(row["train s, mean (range)"].split()[0])
+        assert float(row["s/step in training"]) == pytest.approx(train_s / steps, rel=0.05)
+        mean, best = float(row["top-1 % mean ± std"].split()[0]), float(row["best top-1 %"])
+        assert 0.0 <= mean <= 100.0 and mean == best == float(row["top-1 % per seed"])  # one seed
         # planned = budget / s/step; whole epochs, as close to the plan as whole epochs allow
         assert planned == pytest.approx(budget / seconds_per_step, rel=0.02, abs=1)
         steps_per_epoch = steps / epochs
