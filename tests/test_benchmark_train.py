@@ -35,9 +35,12 @@ def test_train_benchmark_reads_the_trainers_own_throughput_for_both_families(tmp
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # shards and runs go to a temporary folder, removed after
     section = train_benchmark.run(_args(train_benchmark, [
         "--device", "cpu", "--resolution", "32", "--batch", "4", "--steps", "2", "--workers", "1",
-        "--zero-stage", "0", "--peak-tflops", "1"]))
-    rows = _table(section)
-    assert list(rows) == ["deit tiny", "anchorformer tiny"]
+        "--zero-stage", "0", "--peak-tflops", "1", "--precisions", "bf16,bf16-autocast"]))
+    lines = [line for line in section.splitlines() if line.startswith("|")][2:]
+    assert [tuple(cell.strip() for cell in line.strip("|").split("|")[:2]) for line in lines] == [
+        ("deit tiny", "bf16"), ("anchorformer tiny", "bf16"),
+        ("deit tiny", "bf16-autocast"), ("anchorformer tiny", "bf16-autocast")]
+    rows = {name: cells[1:] for name, cells in _table("|h|\n|-|\n" + "\n".join(lines[2:])).items()}  # autocast
     for name, (bare, trained, share, data_wait, mfu, memory, ratio, target) in rows.items():
         assert float(bare) > 0 and float(trained) > 0
         assert float(share) == pytest.approx(float(trained) / float(bare), rel=0.05, abs=0.02)
@@ -51,7 +54,7 @@ def test_train_benchmark_reads_the_trainers_own_throughput_for_both_families(tmp
 
 def test_train_benchmark_rejects_bad_options():
     for argv, message in ((["--resolution", "30"], "multiple of the patch size"), (["--sizes", "huge"], "--sizes"),
-                          (["--steps", "0"], "--steps")):
+                          (["--steps", "0"], "--steps"), (["--precisions", "fp8"], "--precisions")):
         with pytest.raises(ValueError, match=message):
             train_benchmark.run(_args(train_benchmark, ["--device", "cpu", *argv]))
 

@@ -158,6 +158,14 @@ def test_deepspeed_config_per_stage():
         deepspeed_config.build(cfg, world_size=3)
 
 
+def test_autocast_keeps_fp32_weights_and_needs_bf16():
+    ds = deepspeed_config.build(_cfg(train={"precision": "bf16", "autocast": True}), world_size=1)
+    assert not ds["bf16"]["enabled"] and ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert not deepspeed_config.build(_cfg(), world_size=1)["torch_autocast"]["enabled"]
+    with pytest.raises(config.ConfigError, match="train.autocast.*needs train.precision=bf16"):
+        _cfg(train={"precision": "fp32", "autocast": True})
+
+
 # ---------------------------------------------------------------- losses
 def test_soft_targets_equal_hard_cross_entropy_for_one_hot():
     logits, labels = torch.randn(6, 5), torch.randint(0, 5, (6,))

@@ -203,3 +203,26 @@ def test_distillation_needs_a_model_with_a_distillation_token(tmp_path, embedded
                      "teacher_checkpoint": str(tmp_path / "teacher.pth")})
     with pytest.raises(ValueError, match="needs a model with a distillation token"):
         run_training(cfg)
+
+
+def test_autocast_trains_fp32_weights_with_bf16_matmuls(tmp_path, embedded_cache_dir, monkeypatch):
+    from anchorformer.engine import trainer as trainer_module
+
+    seen: dict[str, set] = {"weights": set(), "matmul outputs": set()}
+    original_step = trainer_module.Trainer._train_step
+
+    def recording_step(self, batches):
+        fc = self.engine.module.blocks[0].mlp.fc1
+        seen["weights"].add(fc.weight.dtype)
+        hook = fc.register_forward_hook(lambda module, args, out: seen["matmul outputs"].add(out.dtype))
+        try:
+            return original_step(self, batches)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(trainer_module.Trainer, "_train_step", recording_step)
+    result = run_training(_cfg(tmp_path, embedded_cache_dir, "autocast",
+                               train={"precision": "bf16", "autocast": True, "max_steps": 3, "ema": {"enabled": False}},
+                               deepspeed={"zero_stage": 1}))
+    assert result.status == "completed" and math.isfinite(result.metrics["eval/loss"])
+    assert seen == {"weights": {torch.float32}, "matmul outputs": {torch.bfloat16}}

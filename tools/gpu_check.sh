@@ -4,7 +4,7 @@
 #     bash tools/gpu_check.sh                # on the GPU machine; at most $GPU_CHECK_BUDGET s (480)
 # Installs the wheels in .whl/ into a temporary site dir, then runs, most important first, each
 # under its own time limit and whatever the others do: nvidia-smi, the kernel tests on the GPU,
-# the attention, model (224 px), train (through the Trainer), profile, anchor-mix backend, model
+# the model (224 px), train (through the Trainer), attention, profile, anchor-mix backend, model
 # (384 px, 1024 px backbone) and compiled-model (PyTorch path fused by the compiler, then the
 # kernels as custom ops) benchmarks; each writes its section of
 # docs/benchmarks.md. A step starts only while the budget has time left and is cut at its end.
@@ -79,10 +79,10 @@ if ! run_step kernel-tests 150 "$PYTHON" -m pytest -q -p no:cacheprovider -m "no
   echo "kernel tests failed: the benchmarks run the PyTorch anchor-mix path" | tee -a "$summary"
 fi
 bench=("$PYTHON" tools/benchmark.py)
-run_step attention 70 "${bench[@]}" attention --device cuda --backend "$mix_backend"
 run_step model-224 80 "${bench[@]}" model --device cuda --backend "$mix_backend" \
   --resolutions 224 --backbone-resolution 0 --section model-224-cuda
-run_step train 100 "${bench[@]}" train --device cuda --backend "$mix_backend"
+run_step train 120 "${bench[@]}" train --device cuda --backend "$mix_backend" --precisions bf16,bf16-autocast
+run_step attention 70 "${bench[@]}" attention --device cuda --backend "$mix_backend"
 run_step profile 50 "${bench[@]}" profile --device cuda --backend "$mix_backend"
 run_step anchor-mix-backends 90 "${bench[@]}" anchor-mix --device cuda --heads 12 --batch 32 --tokens 197 785 4097
 run_step model-384 45 "${bench[@]}" model --device cuda --backend "$mix_backend" \

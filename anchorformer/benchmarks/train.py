@@ -1,7 +1,7 @@
 """train: end-to-end training img/s through the framework, AnchorFormer vs DeiT, next to the bare step.
 
 Each model trains through the real ``run_training`` path: the Trainer, DeepSpeed (``--zero-stage``,
-``--precision``), webdataset shards of JPEG photo crops decoded and augmented (random resized crop
+``--precisions``: DeepSpeed bf16, torch.autocast or fp32), webdataset shards of JPEG photo crops decoded and augmented (random resized crop
 and flip; RandAugment's cost is the ``loader`` benchmark's) in ``--workers`` DataLoader workers,
 TensorBoard logging. The first ``--steps`` steps warm up (loader start, allocator, kernel
 compilation); the next ``--steps`` are timed, as the Trainer itself logs them (``perf/*`` in
@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 _CLASSES = 1000
 _FAMILIES = ("deit", "anchorformer")
+# Trainer precision modes: name -> (train.precision, train.autocast), and what each means.
+PRECISIONS = {"bf16": "DeepSpeed bf16 (bf16 weights, fp32 master copies)",
+              "bf16-autocast": "torch.autocast (fp32 weights, bf16 matmuls)", "fp32": "fp32"}
 _DISTINCT_IMAGES = 512  # encoded once, then repeated: decoding costs the same
 
 
@@ -54,8 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None,
                         help="DataLoader workers (default: CPU cores - 1, at most 16, on CUDA; 1 on CPU)")
     parser.add_argument("--zero-stage", type=int, default=1, choices=(0, 1, 2, 3), help="DeepSpeed ZeRO stage")
-    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"),
-                        help="Trainer precision (the bare step autocasts to bf16 either way)")
+    parser.add_argument("--precisions", type=lambda text: [p for p in text.split(",") if p], default=["bf16"],
+                        help=f"Trainer precision modes, comma-separated, from {list(PRECISIONS)}: "
+                             f"{'; '.join(f'{k}: {v}' for k, v in PRECISIONS.items())} (the bare step "
+                             f"autocasts to bf16 either way)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="anchor-mix backend of the AnchorFormer layers (see anchorformer.kernels)")
     parser.add_argument("--peak-tflops", type=float, default=None,
@@ -87,8 +92,8 @@ def _shards(folder: Path, images: int, resolution: int, shards: int) -> dict[str
     return keys
 
 
-def _train_config(family: str, size: str, args: argparse.Namespace, shard_keys: dict[str, str], run_root: Path,
-                  peak: Optional[float]) -> config.RootConfig:
+def _train_config(family: str, size: str, precision: str, args: argparse.Namespace, shard_keys: dict[str, str],
+                  run_root: Path, peak: Optional[float]) -> config.RootConfig:
     return config.from_dict({
         "model": {"name": f"{family}_{size}_patch16_224", "num_classes": _CLASSES, "img_size": args.resolution,
                   "drop_path_rate": 0.1},
@@ -97,12 +102,14 @@ def _train_config(family: str, size: str, args: argparse.Namespace, shard_keys: 
                  "mixup": {"prob": 0.0}},
         "optim": {"lr": 5e-4, "lr_reference_batch": 512},
         "schedule": {"epochs": 1, "warmup_epochs": 0.5},
-        "train": {"global_batch_size": args.batch, "micro_batch_size": args.batch, "precision": args.precision,
+        "train": {"global_batch_size": args.batch, "micro_batch_size": args.batch,
+                  "precision": precision.removesuffix("-autocast"), "autocast": precision.endswith("-autocast"),
                   "device": args.device, "max_steps": 2 * args.steps, "seed": 0},
         "deepspeed": {"zero_stage": args.zero_stage},
         "checkpoint": {"every_steps": 0, "at_epoch_end": False, "keep_last": 1},
-        "logging": {"output_dir": str(run_root), "run_name": f"{family}_{size}", "every_steps": args.steps,
-                    "progress_bar": False, "peak_tflops": peak / 1e12 if peak else 0.0},
+        "logging": {"output_dir": str(run_root), "every_steps": args.steps,
+                    "progress_bar": False, "peak_tflops": peak / 1e12 if peak else 0.0,
+                    "run_name": f"{family}_{size}_{precision}"},
     })
 
 
@@ -130,6 +137,22 @@ def _trainer_rate(cfg: config.RootConfig, args: argparse.Namespace) -> dict[str,
     return _timed_interval(Path(cfg.logging.output_dir) / cfg.logging.run_name, result.step)
 
 
+def _row(family: str, size: str, precision: str, bare: dict, trained: dict[str, dict], resolution: int) -> list:
+    """One table row: the bare step, the Trainer's timed interval, and AnchorFormer's ratio to DeiT."""
+    measured = trained[family]
+    rate = measured["perf/samples_per_s"]
+    data_share = measured["perf/data_wait_s"] / measured["perf/step_time_s"]
+    mfu = f"{100 * measured['perf/mfu']:.1f} %" if "perf/mfu" in measured else "n/a"
+    ratio = target = "-"
+    if family == "anchorformer":
+        speedup = rate / trained["deit"]["perf/samples_per_s"]
+        ratio = f"{speedup:.2f}x"
+        goal = TARGET_SPEEDUP.get(resolution)
+        target = f">= {goal}x ({'met' if speedup >= goal else 'missed'})" if goal else "-"
+    return [f"{family} {size}", precision, f"{bare['img_s']:.1f}", f"{rate:.1f}", f"{rate / bare['img_s']:.2f}",
+            f"{100 * data_share:.0f} %", mfu, f"{measured.get('memory/peak_gb', 0.0):.1f}", ratio, target]
+
+
 def _check(args: argparse.Namespace) -> None:
     if args.resolution <= 0 or args.resolution % 16:
         raise ValueError(f"--resolution must be a positive multiple of the patch size 16, got {args.resolution}")
@@ -141,6 +164,9 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    unknown = [precision for precision in args.precisions if precision not in PRECISIONS]
+    if unknown or not args.precisions:
+        raise ValueError(f"--precisions must name modes from {list(PRECISIONS)}, got {args.precisions}")
 
 
 def run(args: argparse.Namespace) -> str:
@@ -163,34 +189,25 @@ def run(args: argparse.Namespace) -> str:
         images = args.batch * (2 * args.steps + args.workers + 1)
         shard_keys = _shards(Path(tmp) / "shards", images, args.resolution, shards=max(1, args.workers))
         for size in args.sizes:
-            measured = {}
-            for family in _FAMILIES:
-                logger.info("train benchmark: %s %s at %d px, batch %d", family, size, args.resolution, args.batch)
-                bare = measure_training_step(family, size, args.resolution, args.batch, False, args.backend,
-                                             repeats=args.steps, device=device)
-                trained = _trainer_rate(_train_config(family, size, args, shard_keys, Path(tmp) / "runs", peak), args)
-                measured[family] = (bare, trained)
-            for family in _FAMILIES:
-                bare, trained = measured[family]
-                rate = trained["perf/samples_per_s"]
-                data_share = trained["perf/data_wait_s"] / trained["perf/step_time_s"]
-                mfu = f"{100 * trained['perf/mfu']:.1f} %" if "perf/mfu" in trained else "n/a"
-                ratio = target = "-"
-                if family == "anchorformer":
-                    speedup = rate / measured["deit"][1]["perf/samples_per_s"]
-                    ratio = f"{speedup:.2f}x"
-                    goal = TARGET_SPEEDUP.get(args.resolution)
-                    target = f">= {goal}x ({'met' if speedup >= goal else 'missed'})" if goal else "-"
-                rows.append([f"{family} {size}", f"{bare['img_s']:.1f}", f"{rate:.1f}", f"{rate / bare['img_s']:.2f}",
-                             f"{100 * data_share:.0f} %", mfu, f"{trained.get('memory/peak_gb', 0.0):.1f}", ratio, target])
-    header = ["model", "bare step img/s", "trainer img/s", "trainer / bare", "data wait", "trainer MFU",
+            bare = {family: measure_training_step(family, size, args.resolution, args.batch, False, args.backend,
+                                                  repeats=args.steps, device=device) for family in _FAMILIES}
+            for precision in args.precisions:
+                trained = {}
+                for family in _FAMILIES:
+                    logger.info("train benchmark: %s %s at %d px, batch %d, %s", family, size, args.resolution,
+                                args.batch, precision)
+                    cfg = _train_config(family, size, precision, args, shard_keys, Path(tmp) / "runs", peak)
+                    trained[family] = _trainer_rate(cfg, args)
+                rows += [_row(family, size, precision, bare[family], trained, args.resolution) for family in _FAMILIES]
+    header = ["model", "precision", "bare step img/s", "trainer img/s", "trainer / bare", "data wait", "trainer MFU",
               "peak GiB", "AF / DeiT (trainer)", "target"]
     peak_note = f"peak {peak / 1e12:.0f} TFLOP/s bf16" if peak else "no peak known (MFU n/a)"
     return "\n".join([
         f"## End-to-end training throughput through the Trainer ({args.resolution} px, {device.type})",
         "",
         f"Device: {machine_description(device)}; {peak_note}. Trainer: DeepSpeed ZeRO-{args.zero_stage}, "
-        f"{args.precision}, batch {args.batch}, {args.workers} loader workers reading JPEG shards "
+        f"precision {', '.join(f'{name} = {PRECISIONS[name]}' for name in args.precisions)}, fused AdamW on GPUs; "
+        f"batch {args.batch}, {args.workers} loader workers reading JPEG shards "
         f"(random resized crop + flip), drop path 0.1; {args.steps} warm-up steps, then {args.steps} timed "
         f"steps as the Trainer logs them (MFU from its FLOP count). Bare step: the `model` benchmark's loop "
         f"(bf16 autocast, fused AdamW, one resident batch). Anchor mix backend: {args.backend}.",

@@ -279,6 +279,11 @@ class TrainConfig:
     """Images per forward/backward on one rank; accumulation steps are derived from the world size."""
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     """Training precision (bf16 / fp16 keep fp32 master weights in the DeepSpeed optimizer)."""
+    autocast: bool = False
+    """bf16 through torch.autocast (DeepSpeed's torch_autocast): fp32 weights, gradients and
+    optimizer, matmuls and attention in bf16, as a plain PyTorch loop does. False keeps
+    DeepSpeed's bf16 mode (bf16 weights, fp32 master copies in its optimizer). Needs
+    precision=bf16; docs/benchmarks.md compares the two."""
     grad_clip: float = 0.0
     """Global gradient-norm clip; 0 disables."""
     activation_checkpointing: bool = False
@@ -315,6 +320,8 @@ class TrainConfig:
         _require(self.nonfinite_patience >= 1, "nonfinite_patience",
                  f"must be >= 1, got {self.nonfinite_patience}")
         _require(bool(self.resume), "resume", "must be 'auto', 'none' or a checkpoint path")
+        _require(not self.autocast or self.precision == "bf16", "autocast",
+                 f"needs train.precision=bf16 (got {self.precision}); set train.autocast=false")
 
 
 @dataclass(frozen=True)

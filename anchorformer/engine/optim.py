@@ -63,13 +63,15 @@ def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
     return groups
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
-    """The torch optimizer handed to ``deepspeed.initialize`` (which wraps it per ZeRO stage)."""
+def build_optimizer(model: nn.Module, optim: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """The torch optimizer handed to ``deepspeed.initialize`` (which wraps it per ZeRO stage);
+    ``fused`` selects torch's single-kernel implementation (GPUs)."""
     groups = param_groups(model, optim)
     if optim.name == "adamw":
         return AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps,
-                     weight_decay=optim.weight_decay)
-    return SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+                     weight_decay=optim.weight_decay, fused=fused or None)
+    return SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
+               fused=fused or None)
 
 
 def peak_lr(cfg: RootConfig) -> float:

@@ -100,7 +100,7 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.accumulation = check_world_size(cfg, env.world_size)
         self.device = resolve_device(cfg, env)
-        self.dtype = _DTYPES[cfg.train.precision]
+        self.dtype = torch.float32 if cfg.train.autocast else _DTYPES[cfg.train.precision]  # of the weights
         self.run_dir = run_directory(cfg)
         self._stop_requested = False
         self._start_time = time.perf_counter()
@@ -124,7 +124,9 @@ class Trainer:
 
         import deepspeed  # after dist.init chose DeepSpeed's accelerator
 
-        self.optimizer = build_optimizer(model, cfg.optim)  # the basic optimizer, wrapped per ZeRO stage
+        # the basic optimizer, wrapped per ZeRO stage; one fused kernel per step on GPUs
+        self.optimizer = build_optimizer(model, cfg.optim, fused=self.device.type == "cuda"
+                                         and cfg.deepspeed.offload_optimizer == "none")
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=self.optimizer, dist_init_required=False,
             config=deepspeed_config.build(cfg, env.world_size))
