@@ -128,12 +128,14 @@ def run(args: argparse.Namespace) -> str:
                  f"{1e3 * busy[1]:.2f}", f"{100 * busy[1] / walls[1]:.0f} %"])
     rows.append(["**wall-clock step**", f"{1e3 * walls[0]:.2f}", "100 %", f"{1e3 * walls[1]:.2f}", "100 %"])
     unit = "GPU kernel time" if on_gpu else "operator self time"
+    gap = ("the sum below 100 % is time the GPU waited for the host" if on_gpu
+           else "the sum below 100 % is Python and framework time outside the operators")
     return "\n".join([
         f"## Where a training step's time goes: {size}, {args.resolution} px, batch {batch} ({device.type})",
         "",
-        f"Device: {machine_description(device)}. The `model` benchmark's step (bf16 autocast, fused AdamW) "
+        f"Device: {machine_description(device)}. The `model` benchmark's step (bf16 autocast, AdamW, fused on GPUs) "
         f"under torch.profiler, {args.steps} steps after 3 warm-up steps; ms per step of {unit} by category "
-        f"and its share of the wall-clock step (the sum below 100 % is time the device waited). "
+        f"and its share of the wall-clock step ({gap}). "
         f"Anchor mix backend: {args.backend}.",
         "",
         markdown_table(["category", "DeiT ms", "DeiT share", "AnchorFormer ms", "AnchorFormer share"], rows),
