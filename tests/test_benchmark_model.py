@@ -1,34 +1,12 @@
 """The ``model`` (training img/s and MFU, AnchorFormer vs DeiT) and ``anchor-mix`` (backend
 timing) benchmarks, on CPU with tiny images so that they finish in seconds."""
-import argparse
-
 import pytest
 import torch
 
 from anchorformer.benchmarks import anchor_mix as anchor_mix_benchmark
 from anchorformer.benchmarks import model as model_benchmark
 from anchorformer.benchmarks.report import machine_description
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a CPU shared with other jobs, two threads that wait on each other
-    make tiny steps take seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _args(module, argv):
-    parser = argparse.ArgumentParser()
-    module.add_arguments(parser)
-    return parser.parse_args(argv)
-
-
-def _table_rows(section: str) -> list[list[str]]:
-    lines = [line for line in section.splitlines() if line.startswith("|")]
-    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+from benchmark_fixtures import benchmark_args as _args, one_torch_thread, table_rows as _table_rows  # noqa: F401
 
 
 def test_model_benchmark_measures_both_families_for_classification_and_backbone():

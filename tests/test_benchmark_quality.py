@@ -9,25 +9,15 @@ import torch
 from anchorformer.benchmarks import load
 from anchorformer.benchmarks import quality
 from anchorformer.benchmarks.report import machine_description
+from benchmark_fixtures import benchmark_args, one_torch_thread  # noqa: F401
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 SMALL = ["model.kwargs.depth=2", "model.kwargs.embed_dim=48", "model.kwargs.num_heads=2",
          "model.kwargs.num_anchors=8"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread, as the benchmark's runs use (a shared 2-core CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    quality.add_arguments(parser)
-    return parser.parse_args(argv)
+    return benchmark_args(quality, argv)
 
 
 def _table(section: str) -> list[dict[str, str]]:

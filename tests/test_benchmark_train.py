@@ -1,34 +1,14 @@
 """The ``train`` (img/s through the Trainer vs the bare step) and ``profile`` (step time by kind
 of work) benchmarks, on CPU with tiny images so that they finish in seconds."""
-import argparse
-
 import pytest
-import torch
 
 from anchorformer.benchmarks import profile as profile_benchmark
 from anchorformer.benchmarks import train as train_benchmark
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: two threads that wait on each other on a shared 2-core CPU make tiny
-    steps take seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _args(module, argv):
-    parser = argparse.ArgumentParser()
-    module.add_arguments(parser)
-    return parser.parse_args(argv)
+from benchmark_fixtures import benchmark_args as _args, one_torch_thread, table_rows  # noqa: F401
 
 
 def _table(section: str) -> dict[str, list[str]]:
-    lines = [line for line in section.splitlines() if line.startswith("|")]
-    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
-    return {row[0]: row[1:] for row in rows}
+    return {row[0]: row[1:] for row in table_rows(section)}
 
 
 def test_train_benchmark_reads_the_trainers_own_throughput_for_both_families(tmp_path, monkeypatch):
