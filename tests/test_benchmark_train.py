@@ -15,12 +15,12 @@ def test_train_benchmark_reads_the_trainers_own_throughput_for_both_families(tmp
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # shards and runs go to a temporary folder, removed after
     section = train_benchmark.run(_args(train_benchmark, [
         "--device", "cpu", "--resolution", "32", "--batch", "4", "--steps", "2", "--workers", "1",
-        "--zero-stage", "0", "--peak-tflops", "1", "--precisions", "bf16,bf16-autocast"]))
+        "--zero-stage", "0", "--peak-tflops", "1", "--precisions", "bf16,bf16-mixed"]))
     lines = [line for line in section.splitlines() if line.startswith("|")][2:]
     assert [tuple(cell.strip() for cell in line.strip("|").split("|")[:2]) for line in lines] == [
         ("deit tiny", "bf16"), ("anchorformer tiny", "bf16"),
-        ("deit tiny", "bf16-autocast"), ("anchorformer tiny", "bf16-autocast")]
-    rows = {name: cells[1:] for name, cells in _table("|h|\n|-|\n" + "\n".join(lines[2:])).items()}  # autocast
+        ("deit tiny", "bf16-mixed"), ("anchorformer tiny", "bf16-mixed")]
+    rows = {name: cells[1:] for name, cells in _table("|h|\n|-|\n" + "\n".join(lines[2:])).items()}  # bf16-mixed
     for name, (bare, trained, share, data_wait, mfu, memory, ratio, target) in rows.items():
         assert float(bare) > 0 and float(trained) > 0
         assert float(share) == pytest.approx(float(trained) / float(bare), rel=0.05, abs=0.02)

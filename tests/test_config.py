@@ -53,7 +53,7 @@ def test_yaml_round_trip(recipe, tmp_path):
     (["deepspeed.zero_stag=2"], "deepspeed.zero_stag", "did you mean 'deepspeed.zero_stage'"),
     (["optim.lr=-0.1"], "optim.lr", "must be > 0"),
     (["deepspeed.zero_stage=4"], "deepspeed.zero_stage", "one of 0, 1, 2, 3"),
-    (["train.precision=fp8"], "train.precision", "'fp32', 'bf16', 'fp16'"),
+    (["train.precision=fp8"], "train.precision", "'fp32', 'bf16', 'bf16-mixed', 'fp16'"),
     (["train.micro_batch_size=abc"], "train.micro_batch_size", "must be an integer"),
     (["train.micro_batch_size=1.5"], "train.micro_batch_size", "must be an integer"),
     (["train.activation_checkpointing=maybe"], "train.activation_checkpointing", "true or false"),

@@ -158,12 +158,11 @@ def test_deepspeed_config_per_stage():
         deepspeed_config.build(cfg, world_size=3)
 
 
-def test_autocast_keeps_fp32_weights_and_needs_bf16():
-    ds = deepspeed_config.build(_cfg(train={"precision": "bf16", "autocast": True}), world_size=1)
+def test_bf16_mixed_keeps_fp32_weights_under_torch_autocast():
+    ds = deepspeed_config.build(_cfg(train={"precision": "bf16-mixed"}), world_size=1)
     assert not ds["bf16"]["enabled"] and ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
-    assert not deepspeed_config.build(_cfg(), world_size=1)["torch_autocast"]["enabled"]
-    with pytest.raises(config.ConfigError, match="train.autocast.*needs train.precision=bf16"):
-        _cfg(train={"precision": "fp32", "autocast": True})
+    plain = deepspeed_config.build(_cfg(train={"precision": "bf16"}), world_size=1)
+    assert plain["bf16"]["enabled"] and not plain["torch_autocast"]["enabled"]
 
 
 # ---------------------------------------------------------------- losses

@@ -205,7 +205,7 @@ def test_distillation_needs_a_model_with_a_distillation_token(tmp_path, embedded
         run_training(cfg)
 
 
-def test_autocast_trains_fp32_weights_with_bf16_matmuls(tmp_path, embedded_cache_dir, monkeypatch):
+def test_bf16_mixed_trains_fp32_weights_with_bf16_matmuls(tmp_path, embedded_cache_dir, monkeypatch):
     from anchorformer.engine import trainer as trainer_module
 
     seen: dict[str, set] = {"weights": set(), "matmul outputs": set()}
@@ -221,8 +221,8 @@ def test_autocast_trains_fp32_weights_with_bf16_matmuls(tmp_path, embedded_cache
             hook.remove()
 
     monkeypatch.setattr(trainer_module.Trainer, "_train_step", recording_step)
-    result = run_training(_cfg(tmp_path, embedded_cache_dir, "autocast",
-                               train={"precision": "bf16", "autocast": True, "max_steps": 3, "ema": {"enabled": False}},
+    result = run_training(_cfg(tmp_path, embedded_cache_dir, "bf16-mixed",
+                               train={"precision": "bf16-mixed", "max_steps": 3, "ema": {"enabled": False}},
                                deepspeed={"zero_stage": 1}))
     assert result.status == "completed" and math.isfinite(result.metrics["eval/loss"])
     assert seen == {"weights": {torch.float32}, "matmul outputs": {torch.bfloat16}}

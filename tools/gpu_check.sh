@@ -81,7 +81,7 @@ fi
 bench=("$PYTHON" tools/benchmark.py)
 run_step model-224 80 "${bench[@]}" model --device cuda --backend "$mix_backend" \
   --resolutions 224 --backbone-resolution 0 --section model-224-cuda
-run_step train 120 "${bench[@]}" train --device cuda --backend "$mix_backend" --precisions bf16,bf16-autocast
+run_step train 120 "${bench[@]}" train --device cuda --backend "$mix_backend" --precisions bf16,bf16-mixed
 run_step attention 70 "${bench[@]}" attention --device cuda --backend "$mix_backend"
 run_step profile 50 "${bench[@]}" profile --device cuda --backend "$mix_backend"
 run_step anchor-mix-backends 90 "${bench[@]}" anchor-mix --device cuda --heads 12 --batch 32 --tokens 197 785 4097

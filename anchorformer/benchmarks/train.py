@@ -37,9 +37,9 @@ logger = logging.getLogger(__name__)
 
 _CLASSES = 1000
 _FAMILIES = ("deit", "anchorformer")
-# Trainer precision modes: name -> (train.precision, train.autocast), and what each means.
+# The Trainer's precision modes (train.precision) and what each means.
 PRECISIONS = {"bf16": "DeepSpeed bf16 (bf16 weights, fp32 master copies)",
-              "bf16-autocast": "torch.autocast (fp32 weights, bf16 matmuls)", "fp32": "fp32"}
+              "bf16-mixed": "torch.autocast (fp32 weights, bf16 matmuls)", "fp32": "fp32"}
 _DISTINCT_IMAGES = 512  # encoded once, then repeated: decoding costs the same
 
 
@@ -103,7 +103,7 @@ def _train_config(family: str, size: str, precision: str, args: argparse.Namespa
         "optim": {"lr": 5e-4, "lr_reference_batch": 512},
         "schedule": {"epochs": 1, "warmup_epochs": 0.5},
         "train": {"global_batch_size": args.batch, "micro_batch_size": args.batch,
-                  "precision": precision.removesuffix("-autocast"), "autocast": precision.endswith("-autocast"),
+                  "precision": precision,
                   "device": args.device, "max_steps": 2 * args.steps, "seed": 0},
         "deepspeed": {"zero_stage": args.zero_stage},
         "checkpoint": {"every_steps": 0, "at_epoch_end": False, "keep_last": 1},

@@ -277,13 +277,11 @@ class TrainConfig:
     """Images per optimizer step over all ranks (= micro_batch_size x world size x accumulation)."""
     micro_batch_size: int = 128
     """Images per forward/backward on one rank; accumulation steps are derived from the world size."""
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
-    """Training precision (bf16 / fp16 keep fp32 master weights in the DeepSpeed optimizer)."""
-    autocast: bool = False
-    """bf16 through torch.autocast (DeepSpeed's torch_autocast): fp32 weights, gradients and
-    optimizer, matmuls and attention in bf16, as a plain PyTorch loop does. False keeps
-    DeepSpeed's bf16 mode (bf16 weights, fp32 master copies in its optimizer). Needs
-    precision=bf16; docs/benchmarks.md compares the two."""
+    precision: Literal["fp32", "bf16", "bf16-mixed", "fp16"] = "bf16"
+    """Training precision. bf16 / fp16: DeepSpeed's modes (16-bit weights and gradients, fp32
+    master weights in its optimizer). bf16-mixed: fp32 weights, gradients and optimizer with the
+    forward under torch.autocast(bf16) (DeepSpeed's torch_autocast), as a plain PyTorch loop;
+    faster on GPUs (docs/training.md)."""
     grad_clip: float = 0.0
     """Global gradient-norm clip; 0 disables."""
     activation_checkpointing: bool = False
@@ -320,8 +318,6 @@ class TrainConfig:
         _require(self.nonfinite_patience >= 1, "nonfinite_patience",
                  f"must be >= 1, got {self.nonfinite_patience}")
         _require(bool(self.resume), "resume", "must be 'auto', 'none' or a checkpoint path")
-        _require(not self.autocast or self.precision == "bf16", "autocast",
-                 f"needs train.precision=bf16 (got {self.precision}); set train.autocast=false")
 
 
 @dataclass(frozen=True)
@@ -578,4 +574,4 @@ class RootConfig:
                      f"mixup applies to classification only; set data.mixup.prob=0 for task={self.task}")
         if self.train.precision == "fp16" and self.deepspeed.communication_data_type == "bf16":
             raise ConfigError("deepspeed.communication_data_type",
-                              "bf16 communication needs train.precision=bf16 or fp32")
+                              "bf16 communication needs train.precision=bf16, bf16-mixed or fp32")

@@ -52,9 +52,9 @@ def build(cfg: RootConfig, world_size: int) -> dict[str, Any]:
         "zero_force_ds_cpu_optimizer": False,
         # DeepSpeed knows optimizers by exact class; ours subclass torch's AdamW / SGD (skippable step).
         "zero_allow_untested_optimizer": True,
-        # with train.autocast the weights stay fp32 and torch.autocast runs the forward in bf16
-        "bf16": {"enabled": cfg.train.precision == "bf16" and not cfg.train.autocast},
-        "torch_autocast": {"enabled": cfg.train.autocast, "dtype": "bfloat16"},
+        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        # bf16-mixed: the weights stay fp32 and torch.autocast runs the engine's forward in bf16
+        "torch_autocast": {"enabled": cfg.train.precision == "bf16-mixed", "dtype": "bfloat16"},
         "fp16": {"enabled": cfg.train.precision == "fp16",
                  "loss_scale": 0,
                  "initial_scale_power": ds.fp16_initial_scale_power,

@@ -34,7 +34,7 @@ __all__ = ["FitResult", "TrainingDiverged", "Trainer", "run_directory", "uses_cu
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-mixed": torch.float32, "fp16": torch.float16}
 
 
 @dataclass
@@ -100,7 +100,7 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.accumulation = check_world_size(cfg, env.world_size)
         self.device = resolve_device(cfg, env)
-        self.dtype = torch.float32 if cfg.train.autocast else _DTYPES[cfg.train.precision]  # of the weights
+        self.dtype = _WEIGHT_DTYPES[cfg.train.precision]
         self.run_dir = run_directory(cfg)
         self._stop_requested = False
         self._start_time = time.perf_counter()
