@@ -9,7 +9,7 @@ the maths is the same) x images/s / the device's peak.
 """
 import argparse
 import logging
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import timm
 import torch
@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import anchorformer.models  # noqa: F401  (registers the anchorformer_* models with timm)
-from anchorformer.benchmarks.report import machine_description, markdown_table, time_call
+from anchorformer.benchmarks.report import comma_separated, machine_description, markdown_table, time_call
 from anchorformer.kernels import BACKENDS, backend_calls, set_backend
 
 __all__ = ["add_arguments", "run", "measure_training_step", "peak_flops"]
@@ -32,31 +32,17 @@ PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A1
 TARGET_SPEEDUP = {224: 1.1, 384: 1.4, 1024: 3.0}
 
 
-def _csv(kind, choices: Optional[Sequence[str]] = None):
-    """An argparse type: a comma-separated list of ``kind`` values, each from ``choices`` if given."""
-    def parse(text: str) -> list:
-        try:
-            values = [kind(item) for item in text.split(",") if item]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from None
-        bad = [value for value in values if choices is not None and value not in choices]
-        if bad:
-            raise argparse.ArgumentTypeError(f"{bad} not in {list(choices)}")
-        return values
-    return parse
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the ``model`` benchmark; defaults are sized for the device that runs it."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device to train on (default: cuda when available)")
-    parser.add_argument("--sizes", type=_csv(str, SIZES), default=None,
+    parser.add_argument("--sizes", type=comma_separated(str, SIZES), default=None,
                         help="model sizes, comma-separated (default: tiny,small,base on CUDA, tiny on CPU)")
-    parser.add_argument("--resolutions", type=_csv(int), default=[224, 384],
+    parser.add_argument("--resolutions", type=comma_separated(int), default=[224, 384],
                         help="classification image sizes, comma-separated (\"\" for none)")
     parser.add_argument("--backbone-resolution", type=int, default=1024,
                         help="image size of the backbone-only rows (0 disables them)")
-    parser.add_argument("--backbone-sizes", type=_csv(str, SIZES), default=None,
+    parser.add_argument("--backbone-sizes", type=comma_separated(str, SIZES), default=None,
                         help="sizes of the backbone rows (default: base on CUDA, tiny on CPU)")
     parser.add_argument("--tokens-per-step", type=int, default=None,
                         help="batch = this // tokens per image, at least 1; both models get the same "

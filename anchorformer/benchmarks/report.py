@@ -1,6 +1,7 @@
 """Shared pieces of the benchmarks: timing, peak memory, the machine's name, real photo crops as
 test images, and writing one named section of docs/benchmarks.md atomically (other sections are
 kept as they are)."""
+import argparse
 import os
 import platform
 import re
@@ -8,13 +9,27 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["machine_description", "time_call", "peak_memory_bytes", "photo_crops", "markdown_table", "write_section"]
+__all__ = ["comma_separated", "machine_description", "time_call", "peak_memory_bytes", "photo_crops", "markdown_table", "write_section"]
+
+
+def comma_separated(kind: Callable[[str], object], choices: Optional[Sequence[object]] = None) -> Callable[[str], list]:
+    """An argparse type: a comma-separated list of ``kind`` values, each from ``choices`` if given."""
+    def parse(text: str) -> list:
+        try:
+            values = [kind(item) for item in text.split(",") if item]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from None
+        bad = [value for value in values if choices is not None and value not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{bad} not in {list(choices)}")
+        return values
+    return parse
 
 
 def machine_description(device: torch.device) -> str:

@@ -24,7 +24,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from anchorformer import config
 from anchorformer.benchmarks.model import SIZES, TARGET_SPEEDUP, measure_training_step, peak_flops
-from anchorformer.benchmarks.report import machine_description, markdown_table, photo_crops
+from anchorformer.benchmarks.report import comma_separated, machine_description, markdown_table, photo_crops
 from anchorformer.data.index import index_path
 from anchorformer.data.sources import SourceListing, SourceSample
 from anchorformer.data.writer import write_shards
@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     on_gpu = torch.cuda.is_available()
     parser.add_argument("--device", default="cuda" if on_gpu else "cpu", choices=("cuda", "cpu"),
                         help="device to train on (default: cuda when available)")
-    parser.add_argument("--sizes", type=lambda text: [s for s in text.split(",") if s], default=None,
+    parser.add_argument("--sizes", type=comma_separated(str, SIZES), default=None,
                         help=f"model sizes from {list(SIZES)}, comma-separated (default: base on CUDA, tiny on CPU)")
     parser.add_argument("--resolution", type=int, default=224, help="image size in pixels (multiple of 16)")
     parser.add_argument("--batch", type=int, default=None, help="images per step (default: 128 on CUDA, 4 on CPU)")
@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None,
                         help="DataLoader workers (default: CPU cores - 1, at most 16, on CUDA; 1 on CPU)")
     parser.add_argument("--zero-stage", type=int, default=1, choices=(0, 1, 2, 3), help="DeepSpeed ZeRO stage")
-    parser.add_argument("--precisions", type=lambda text: [p for p in text.split(",") if p], default=["bf16"],
+    parser.add_argument("--precisions", type=comma_separated(str, PRECISIONS), default=["bf16"],
                         help=f"Trainer precision modes, comma-separated, from {list(PRECISIONS)}: "
                              f"{'; '.join(f'{k}: {v}' for k, v in PRECISIONS.items())} (the bare step "
                              f"autocasts to bf16 either way)")
@@ -94,22 +94,21 @@ def _shards(folder: Path, images: int, resolution: int, shards: int) -> dict[str
 
 def _train_config(family: str, size: str, precision: str, args: argparse.Namespace, shard_keys: dict[str, str],
                   run_root: Path, peak: Optional[float]) -> config.RootConfig:
+    """One short run: 2 x ``--steps`` steps, a log (the Trainer's throughput) every ``--steps``."""
     return config.from_dict({
         "model": {"name": f"{family}_{size}_patch16_224", "num_classes": _CLASSES, "img_size": args.resolution,
                   "drop_path_rate": 0.1},
-        "data": {"source": "shards", **shard_keys, "image_size": args.resolution, "num_workers": args.workers, "shuffle_buffer": 0,
-                 "augment": {"auto_augment": None, "color_jitter": 0.0, "re_prob": 0.0, "interpolation": "bilinear"},
-                 "mixup": {"prob": 0.0}},
+        "data": {"source": "shards", **shard_keys, "image_size": args.resolution, "num_workers": args.workers,
+                 "shuffle_buffer": 0, "mixup": {"prob": 0.0},
+                 "augment": {"auto_augment": None, "color_jitter": 0.0, "re_prob": 0.0, "interpolation": "bilinear"}},
         "optim": {"lr": 5e-4, "lr_reference_batch": 512},
         "schedule": {"epochs": 1, "warmup_epochs": 0.5},
-        "train": {"global_batch_size": args.batch, "micro_batch_size": args.batch,
-                  "precision": precision,
+        "train": {"global_batch_size": args.batch, "micro_batch_size": args.batch, "precision": precision,
                   "device": args.device, "max_steps": 2 * args.steps, "seed": 0},
         "deepspeed": {"zero_stage": args.zero_stage},
         "checkpoint": {"every_steps": 0, "at_epoch_end": False, "keep_last": 1},
-        "logging": {"output_dir": str(run_root), "every_steps": args.steps,
-                    "progress_bar": False, "peak_tflops": peak / 1e12 if peak else 0.0,
-                    "run_name": f"{family}_{size}_{precision}"},
+        "logging": {"output_dir": str(run_root), "run_name": f"{family}_{size}_{precision}",
+                    "every_steps": args.steps, "progress_bar": False, "peak_tflops": peak / 1e12 if peak else 0.0},
     })
 
 
@@ -156,17 +155,15 @@ def _row(family: str, size: str, precision: str, bare: dict, trained: dict[str, 
 def _check(args: argparse.Namespace) -> None:
     if args.resolution <= 0 or args.resolution % 16:
         raise ValueError(f"--resolution must be a positive multiple of the patch size 16, got {args.resolution}")
-    bad = [size for size in args.sizes if size not in SIZES]
-    if bad or not args.sizes:
-        raise ValueError(f"--sizes must name sizes from {list(SIZES)}, got {args.sizes}")
+    if not args.sizes or not args.precisions:
+        raise ValueError(f"--sizes and --precisions must name at least one each, got {args.sizes} and "
+                         f"{args.precisions}")
     for name in ("batch", "steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
-    unknown = [precision for precision in args.precisions if precision not in PRECISIONS]
-    if unknown or not args.precisions:
-        raise ValueError(f"--precisions must name modes from {list(PRECISIONS)}, got {args.precisions}")
+
 
 
 def run(args: argparse.Namespace) -> str:
