@@ -266,15 +266,20 @@ def test_checkpoint_lookup_and_compatibility_messages(tmp_path):
     signature = model_signature(_tiny(), "anchorformer_tiny_patch16_224")
     tag = tmp_path / "ckpt" / "step_7"
     tag.mkdir()
-    (tag / "meta.json").write_text(json.dumps({**signature, "zero_stage": 2, "world_size": 8}))
+    layout = {"zero_stage": 2, "world_size": 8, "precision": "bf16"}
+    (tag / "meta.json").write_text(json.dumps({**signature, **layout}))
     assert checkpoints.find("auto") == tag == checkpoints.find(str(tag))
-    Checkpointer.check(tag, {**signature, "zero_stage": 2, "world_size": 8})
+    Checkpointer.check(tag, {**signature, **layout})
     with pytest.raises(CheckpointError, match="another model"):
-        Checkpointer.check(tag, {**model_signature(_tiny(depth=4), "x"), "zero_stage": 2, "world_size": 8})
+        Checkpointer.check(tag, {**model_signature(_tiny(depth=4), "x"), **layout})
     with pytest.raises(CheckpointError, match="ZeRO stage 2 on 8 ranks; this run uses stage 3 on 8"):
-        Checkpointer.check(tag, {**signature, "zero_stage": 3, "world_size": 8})
+        Checkpointer.check(tag, {**signature, **layout, "zero_stage": 3})
     with pytest.raises(CheckpointError, match="stage 2 on 8 ranks; this run uses stage 2 on 4"):
-        Checkpointer.check(tag, {**signature, "zero_stage": 2, "world_size": 4})
+        Checkpointer.check(tag, {**signature, **layout, "world_size": 4})
+    with pytest.raises(CheckpointError, match="train.precision=bf16; this run uses bf16-mixed"):
+        Checkpointer.check(tag, {**signature, **layout, "precision": "bf16-mixed"})
+    (tag / "meta.json").write_text(json.dumps({**signature, "zero_stage": 2, "world_size": 8}))  # before precision
+    Checkpointer.check(tag, {**signature, **layout, "precision": "bf16-mixed"})
 
 
 def test_init_and_shutdown_leave_the_environment_as_they_found_it(monkeypatch):

@@ -140,7 +140,7 @@ class Checkpointer:
 
     @staticmethod
     def check(tag_dir: Path, expected: dict[str, Any]) -> None:
-        """Refuse a checkpoint written by another model or in another ZeRO layout.
+        """Refuse a checkpoint written by another model, in another ZeRO layout or precision.
 
         Raises:
             CheckpointError: naming what differs and how to proceed.
@@ -165,6 +165,13 @@ class Checkpointer:
                     f"on {expected['world_size']} ranks. Exact resume needs the same ZeRO layout "
                     f"(deepspeed.zero_stage and the number of processes); to change it, convert the "
                     f"checkpoint to fp32 weights and start from model.pretrained_checkpoint")
+        precision = saved.get("precision", expected["precision"])  # older checkpoints did not record it
+        if precision != expected["precision"]:
+            raise CheckpointError(
+                f"checkpoint {tag_dir} was written with train.precision={precision}; this run uses "
+                f"{expected['precision']}. DeepSpeed stores weights and optimizer state differently in "
+                f"each mode, so exact resume needs the same precision: set train.precision={precision}, "
+                f"or convert the checkpoint to fp32 weights and start from model.pretrained_checkpoint")
 
     def load(self, engine: Any, tag_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         """Load model and optimizer into ``engine`` and read back the trainer state.

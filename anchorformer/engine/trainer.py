@@ -354,7 +354,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _meta(self) -> dict[str, Any]:
-        return {**self.signature, "zero_stage": self.cfg.deepspeed.zero_stage,
+        return {**self.signature, "zero_stage": self.cfg.deepspeed.zero_stage, "precision": self.cfg.train.precision,
                 "world_size": self.env.world_size, "step": self.step, "epoch": self.epoch}
 
     def _save(self) -> None:
