@@ -131,6 +131,10 @@ class Trainer:
             model=model, optimizer=self.optimizer, dist_init_required=False,
             config=deepspeed_config.build(cfg, env.world_size))
         self.ema = ShardedEma(self.engine.module, cfg.train.ema.decay) if cfg.train.ema.enabled else None
+        if env.world_size == 1 and cfg.deepspeed.zero_stage in (1, 2) and cfg.deepspeed.offload_optimizer == "none":
+            logger.info("ZeRO stage %d on one process partitions nothing but still copies and norms every "
+                        "parameter on the host each step; deepspeed.zero_stage=0 skips that (docs/training.md)",
+                        cfg.deepspeed.zero_stage)
 
         data = self.task.build_data()
         self.train_stream, self.val_stream = data["train"], data["val"]
