@@ -221,3 +221,17 @@ def test_non_multiple_image_size_is_fine_with_dynamic_padding():
 def test_num_anchors_reaches_every_layer():
     model = build("anchorformer_tiny_patch16_224", num_anchors=12)
     assert {block.attn.anchors.weight.shape for block in model.blocks} == {(12, 64)}
+
+
+@pytest.mark.parametrize("family", ["anchorformer_tiny_patch16_224", "anchorformer_tiny_distilled_patch16_224"])
+def test_blocks_start_from_the_reference_init_unless_timm_is_asked_for(family):
+    # the authors build their blocks after timm's init: PyTorch's default U(+-1/sqrt(fan_in)) there
+    reference, timm_init = (timm.create_model(family, depth=2, block_init=mode) for mode in ("reference", "timm"))
+    for model, linear_std in ((reference, 1 / (3 * 192) ** 0.5), (timm_init, 0.02)):
+        fc1 = model.blocks[0].mlp.fc1
+        assert fc1.weight.std().item() == pytest.approx(linear_std, rel=0.05)
+        assert model.pos_embed.std().item() == pytest.approx(0.02, rel=0.1)  # timm's, outside the blocks
+    assert reference.blocks[1].attn.anchors.weight.abs().max() <= 1 / 64 ** 0.5  # fan_in = head dim
+    assert torch.count_nonzero(reference.blocks[0].mlp.fc1.bias) > 0 and not timm_init.blocks[0].mlp.fc1.bias.any()
+    with pytest.raises(ValueError, match="block_init must be one of"):
+        timm.create_model(family, depth=1, block_init="xavier")
