@@ -149,7 +149,8 @@ class _FusedAnchorMix(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        return (*_launch_backward(grad_out, *ctx.saved_tensors[:3], ctx.scale, *ctx.saved_tensors[3:]), None)
+        qk, anchors, v, context, inv_degree = ctx.saved_tensors
+        return (*_launch_backward(grad_out, qk, anchors, v, ctx.scale, context, inv_degree), None)
 
 
 # The same kernels as two torch custom ops, for whatever traces or watches the dispatcher:
