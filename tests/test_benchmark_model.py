@@ -3,9 +3,9 @@ timing) benchmarks, on CPU with tiny images so that they finish in seconds."""
 import pytest
 import torch
 
-from anchorformer.benchmarks import anchor_mix as anchor_mix_benchmark
-from anchorformer.benchmarks import model as model_benchmark
-from anchorformer.benchmarks.report import machine_description
+from benchmarks import anchor_mix as anchor_mix_benchmark
+from benchmarks import model as model_benchmark
+from benchmarks.report import machine_description
 from benchmark_fixtures import benchmark_args as _args, one_torch_thread, table_rows as _table_rows  # noqa: F401
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from anchorformer.benchmarks import load
-from anchorformer.benchmarks import quality
-from anchorformer.benchmarks.report import machine_description
+from benchmarks import load
+from benchmarks import quality
+from benchmarks.report import machine_description
 from benchmark_fixtures import benchmark_args, one_torch_thread  # noqa: F401
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"

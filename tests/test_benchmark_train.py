@@ -2,8 +2,8 @@
 of work) benchmarks, on CPU with tiny images so that they finish in seconds."""
 import pytest
 
-from anchorformer.benchmarks import profile as profile_benchmark
-from anchorformer.benchmarks import train as train_benchmark
+from benchmarks import profile as profile_benchmark
+from benchmarks import train as train_benchmark
 from benchmark_fixtures import benchmark_args as _args, one_torch_thread, table_rows  # noqa: F401
 
 

@@ -10,10 +10,11 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/: the benchmarks package
 
-from anchorformer.benchmarks import BENCHMARKS, load  # noqa: E402
-from anchorformer.benchmarks.report import write_section  # noqa: E402
+from benchmarks import BENCHMARKS, load  # noqa: E402
+from benchmarks.report import write_section  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

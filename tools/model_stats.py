@@ -9,13 +9,14 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/: the benchmarks package
 
 import timm  # noqa: E402
 
 import anchorformer  # noqa: E402,F401  (registers the models)
-from anchorformer.benchmarks.report import markdown_table  # noqa: E402
 from anchorformer.models.complexity import forward_macs, measure, param_count  # noqa: E402
+from benchmarks.report import markdown_table  # noqa: E402
 
 IMAGE_SIZES = (224, 384, 1024)
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Attention
 
-from anchorformer.benchmarks.report import machine_description, markdown_table, peak_memory_bytes, time_call
+from benchmarks.report import machine_description, markdown_table, peak_memory_bytes, time_call
 from anchorformer.kernels import anchor_mix_fast, backend_calls, set_backend
 from anchorformer.models.anchor_attention import AnchorAttention
 

@@ -12,7 +12,7 @@ from typing import Dict, Optional
 
 import torch
 
-from anchorformer.benchmarks.report import machine_description, markdown_table, peak_memory_bytes, time_call
+from benchmarks.report import machine_description, markdown_table, peak_memory_bytes, time_call
 from anchorformer.tasks.backbone import AnchorFormerBackbone
 
 __all__ = ["add_arguments", "run"]

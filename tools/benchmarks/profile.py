@@ -19,8 +19,8 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from anchorformer.benchmarks.model import SIZES, measure_training_step
-from anchorformer.benchmarks.report import machine_description, markdown_table
+from benchmarks.model import SIZES, measure_training_step
+from benchmarks.report import machine_description, markdown_table
 from anchorformer.kernels import BACKENDS
 
 __all__ = ["add_arguments", "run", "categorize"]

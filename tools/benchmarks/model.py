@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import anchorformer.models  # noqa: F401  (registers the anchorformer_* models with timm)
-from anchorformer.benchmarks.report import comma_separated, machine_description, markdown_table, time_call
+from benchmarks.report import comma_separated, machine_description, markdown_table, time_call
 from anchorformer.kernels import BACKENDS, backend_calls, set_backend
 
 __all__ = ["add_arguments", "run", "measure_training_step", "peak_flops"]

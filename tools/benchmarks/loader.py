@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from anchorformer.benchmarks.report import machine_description, markdown_table, photo_crops
+from benchmarks.report import machine_description, markdown_table, photo_crops
 from anchorformer.data import TrainTransformConfig, build_train_stream
 from anchorformer.data.sources import list_image_folder
 from anchorformer.data.transforms import build_train_transform

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from anchorformer.benchmarks.report import machine_description, markdown_table, time_call
+from benchmarks.report import machine_description, markdown_table, time_call
 from anchorformer.kernels import anchor_mix_fast, select_backend, set_backend
 
 __all__ = ["add_arguments", "run"]

@@ -4,14 +4,14 @@ import importlib
 from types import ModuleType
 
 BENCHMARKS = {
-    "attention": "anchorformer.benchmarks.attention",
-    "loader": "anchorformer.benchmarks.loader",
-    "anchor-mix": "anchorformer.benchmarks.anchor_mix",
-    "model": "anchorformer.benchmarks.model",
-    "backbone": "anchorformer.benchmarks.backbone",
-    "quality": "anchorformer.benchmarks.quality",
-    "train": "anchorformer.benchmarks.train",
-    "profile": "anchorformer.benchmarks.profile",
+    "attention": "benchmarks.attention",
+    "loader": "benchmarks.loader",
+    "anchor-mix": "benchmarks.anchor_mix",
+    "model": "benchmarks.model",
+    "backbone": "benchmarks.backbone",
+    "quality": "benchmarks.quality",
+    "train": "benchmarks.train",
+    "profile": "benchmarks.profile",
 }
 
 

@@ -48,7 +48,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from anchorformer import config, dist
-from anchorformer.benchmarks.report import machine_description, markdown_table
+from benchmarks.report import machine_description, markdown_table
 from anchorformer.engine.metrics import Throughput
 from anchorformer.engine.trainer import FitResult, Trainer
 
