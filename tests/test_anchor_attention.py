@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from anchorformer.models.anchor_attention import AnchorAttention, anchor_mix
+from anchorformer.kernels import anchor_mix
+from anchorformer.models.anchor_attention import AnchorAttention
 
 
 def reference_similarity(qk: torch.Tensor, anchors: torch.Tensor, scale: float) -> torch.Tensor:

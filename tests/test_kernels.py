@@ -35,9 +35,9 @@ if INTERPRETED:
 
 import pytest  # noqa: E402
 
-from anchorformer.kernels import dispatch  # noqa: E402
+from anchorformer.kernels import anchor_mix, dispatch  # noqa: E402
 from anchorformer.kernels.dispatch import anchor_mix_fast, select_backend, set_backend  # noqa: E402
-from anchorformer.models.anchor_attention import AnchorAttention, anchor_mix  # noqa: E402
+from anchorformer.models.anchor_attention import AnchorAttention  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # bfloat16 (the training dtype) on a GPU; float16 takes the same code path, and each extra dtype

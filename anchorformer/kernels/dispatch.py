@@ -1,5 +1,5 @@
 """Choose how anchor attention mixes its tokens: fused Triton kernels, torch.compile of the
-PyTorch path, or the PyTorch path itself (``anchorformer.models.anchor_attention.anchor_mix``).
+PyTorch path, or the PyTorch path itself (``anchorformer.kernels.reference.anchor_mix``).
 
 ``auto`` (the default) picks Triton for CUDA tensors when triton imports and the shapes are
 supported, else the PyTorch path; inside a model that torch.compile traces, the kernels enter
@@ -30,6 +30,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
+
+from anchorformer.kernels.reference import anchor_mix
 
 __all__ = ["BACKENDS", "ENV_VAR", "set_backend", "requested_backend", "select_backend", "anchor_mix_fast", "backend_calls"]
 
@@ -216,29 +218,14 @@ def _backward_flops(grad_shape, qk_shape, anchors_shape, *args, **kwargs) -> int
 
 @functools.lru_cache(maxsize=1)
 def _compiled_anchor_mix() -> Callable[..., torch.Tensor]:
-    return torch.compile(_pytorch_anchor_mix())
-
-
-def _pytorch_anchor_mix() -> Callable[..., torch.Tensor]:
-    # imported here, not at the top: anchorformer.models.anchor_attention imports this module
-    from anchorformer.models.anchor_attention import anchor_mix
-
-    return anchor_mix
+    return torch.compile(anchor_mix)
 
 
 def anchor_mix_fast(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """``anchor_mix`` through the backend :func:`select_backend` picks; same maths, same signature.
-    Inside a region that torch.compile traces: the kernels as custom ops where ``triton`` is
-    requested, or ``auto`` on CUDA; else the PyTorch path (the compiler fuses it).
-
-    Args:
-        qk: (B, h, n, dh) tokens serving as queries and keys.
-        anchors: (m, dh) anchor weight, shared by the heads.
-        v: (B, h, n, dh) values.
-        scale: logit scale, dh ** -0.5 in the paper.
-
-    Returns:
-        (B, h, n, dh) tensor in the dtype of ``v``.
+    """:func:`~anchorformer.kernels.reference.anchor_mix` (same arguments, same result) through the
+    backend :func:`select_backend` picks. Inside a region that torch.compile traces: the kernels as
+    custom ops where ``triton`` is requested, or ``auto`` on CUDA; else the PyTorch path (the
+    compiler fuses it).
     """
     if torch.compiler.is_compiling():
         # inside a torch.compile'd model: the kernels as opaque custom ops in the graph where
@@ -247,7 +234,7 @@ def anchor_mix_fast(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor, sc
         wanted = requested == "triton" or (requested == "auto" and qk.is_cuda)
         if wanted and _triton_unsupported_reason(qk, anchors, v) is None:
             return _fused_forward(qk, anchors.to(qk.dtype), v, scale)[0]
-        return _pytorch_anchor_mix()(qk, anchors, v, scale)
+        return anchor_mix(qk, anchors, v, scale)
     backend = select_backend(qk, anchors, v)
     _calls_per_backend[backend] += 1
     if backend == "triton":
@@ -257,4 +244,4 @@ def anchor_mix_fast(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor, sc
         return _FusedAnchorMix.apply(qk, anchors, v, scale)
     if backend == "compile":
         return _compiled_anchor_mix()(qk, anchors, v, scale)
-    return _pytorch_anchor_mix()(qk, anchors, v, scale)
+    return anchor_mix(qk, anchors, v, scale)

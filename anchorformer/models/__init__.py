@@ -1,7 +1,7 @@
 """AnchorFormer models; importing this package registers them with timm."""
-from .anchor_attention import AnchorAttention, anchor_mix
+from .anchor_attention import AnchorAttention
 from .anchorformer import (AnchorBlock, AnchorFormer, AnchorFormerDistilled, checkpoint_filter_fn, default_weights_file,
                            weights_dir)
 
-__all__ = ["AnchorAttention", "anchor_mix", "AnchorBlock", "AnchorFormer", "AnchorFormerDistilled",
+__all__ = ["AnchorAttention", "AnchorBlock", "AnchorFormer", "AnchorFormerDistilled",
            "checkpoint_filter_fn", "default_weights_file", "weights_dir"]
