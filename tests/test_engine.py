@@ -19,11 +19,11 @@ from anchorformer.config import LossConfig
 from anchorformer.engine import deepspeed_config
 from anchorformer.engine.checkpoint import CheckpointError, Checkpointer, model_signature
 from anchorformer.engine.ema import ShardedEma
-from anchorformer.engine.losses import ClassificationLoss, load_teacher, soft_target_cross_entropy
 from anchorformer.engine.metrics import measure_forward_flops
 from anchorformer.engine.optim import AdamW, LrSchedule, build_optimizer, param_groups, peak_lr
 from anchorformer.tasks import task_class
 from anchorformer.tasks.classification import load_pretrained
+from anchorformer.tasks.losses import ClassificationLoss, load_teacher, soft_target_cross_entropy
 
 
 def _tiny(**kwargs) -> nn.Module:

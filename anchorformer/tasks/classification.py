@@ -17,8 +17,8 @@ import anchorformer.models  # noqa: F401  (registers the anchorformer_* models w
 from anchorformer import data as shards
 from anchorformer.config import RootConfig
 from anchorformer.dist import in_lockstep, sum_across_ranks
-from anchorformer.engine.losses import ClassificationLoss, load_teacher
 from anchorformer.tasks.base import Runtime
+from anchorformer.tasks.losses import ClassificationLoss, load_teacher
 
 __all__ = ["ClassificationTask", "load_pretrained"]
 
