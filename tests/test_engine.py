@@ -1,5 +1,6 @@
 """Fast checks of the engine's parts: launcher detection, lr schedule, parameter groups,
-DeepSpeed config, skippable optimizer, losses, EMA, checkpoint lookup, pre-trained loading."""
+DeepSpeed config, skippable optimizer, losses, EMA, checkpoint lookup, pre-trained loading,
+the Trainer's per-step callbacks."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from engine_fixtures import STEPS, cpu_runtime, logged_scalars, synthetic_config, synthetic_task_class
 from safetensors.torch import save_file
 from torch import nn
 
@@ -21,6 +23,7 @@ from anchorformer.engine.checkpoint import CheckpointError, Checkpointer, model_
 from anchorformer.engine.ema import ShardedEma
 from anchorformer.engine.metrics import measure_forward_flops
 from anchorformer.engine.optim import AdamW, LrSchedule, build_optimizer, param_groups, peak_lr
+from anchorformer.engine.trainer import StepInfo, Trainer
 from anchorformer.tasks import task_class
 from anchorformer.tasks.classification import load_pretrained
 from anchorformer.tasks.losses import ClassificationLoss, load_teacher, soft_target_cross_entropy
@@ -292,3 +295,25 @@ def test_init_and_shutdown_leave_the_environment_as_they_found_it(monkeypatch):
     finally:
         dist.shutdown()
     assert "RANK" not in os.environ and dist.detect(cuda_available=False).launcher == "single"
+
+
+def test_step_callbacks_get_every_optimizer_step_of_a_fit(tmp_path):
+    env = dist.detect(environ={}, argv=[], cuda_available=False)
+    dist.init(env)
+    try:
+        cfg = synthetic_config(tmp_path, "callbacks", stage=0, micro=4)  # 2 micro-batches a step
+        trainer = Trainer(cfg, env, task=synthetic_task_class()(cfg, cpu_runtime(env)))
+        calls: list[tuple[Trainer, StepInfo]] = []
+        trainer.add_step_callback(lambda caller, info: calls.append((caller, info)))
+        try:
+            result = trainer.fit()
+        finally:
+            trainer.close()
+    finally:
+        dist.shutdown()
+    assert result.step == STEPS
+    assert [info.step for _, info in calls] == list(range(1, STEPS + 1))
+    assert all(caller is trainer for caller, _ in calls)
+    assert all(info.wall_s > 0 for _, info in calls)
+    # the step's loss is the one the trainer logs for it (logging.every_steps=1)
+    assert [info.loss for _, info in calls] == pytest.approx(logged_scalars(tmp_path / "callbacks", "train/loss"))

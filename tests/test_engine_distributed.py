@@ -4,126 +4,36 @@ Each launch runs this file as a script (``worker``) that loops over ZeRO stages 
 process group, re-creating the trainer per stage, so the one-time DeepSpeed start-up is paid once
 per launcher. A single-process launch of the same script gives the reference loss curve.
 
-The data is an in-memory synthetic set split so that the samples of global optimizer step k are
-the same whatever the world size and accumulation: rank r's micro-batch a of step k is slice
-``a * world + r`` of global batch k. Then a 2-process run must reproduce the 1-process loss curve up
-to float summation order: asserted with rtol 1e-5 (fp32).
+The synthetic data of tests/engine_fixtures.py gives every global optimizer step the same samples
+whatever the world size and accumulation, so a 2-process run must reproduce the 1-process loss
+curve up to float summation order: asserted with rtol 1e-5 (fp32).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from engine_fixtures import GLOBAL_BATCH, STEPS, cpu_runtime, logged_scalars, synthetic_config, synthetic_task_class
+from helpers import REPO, cpu_env
 
 STAGES = (0, 1, 2, 3)
-STEPS = 4
-GLOBAL_BATCH = 8
 LOSS_RTOL = 1e-5
-
-
-class SyntheticStream:
-    """Deterministic in-memory training stream implementing the TrainStream contract."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, rank: int, world: int,
-                 micro: int, seed: int):
-        self.images, self.labels = images, labels
-        self.rank, self.world, self.micro, self.seed = rank, world, micro, seed
-        self.steps_per_epoch = len(labels) // (micro * world)
-        self._epoch, self._batches = 0, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self._epoch:
-            self._epoch, self._batches = epoch, 0
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(self.seed + self._epoch))
-        while self._batches < self.steps_per_epoch:
-            slot = self._batches * self.world + self.rank  # global micro-batch index
-            index = order[slot * self.micro:(slot + 1) * self.micro]
-            self._batches += 1
-            yield self.images[index], self.labels[index]
-
-    def state_dict(self) -> dict:
-        return {"epoch": self._epoch, "batches": self._batches}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._epoch, self._batches = state["epoch"], state["batches"]
-
-    def skip_counts(self) -> dict[str, int]:
-        return {"corrupt": 0}
-
-
-def _synthetic_task_class():
-    from anchorformer.tasks.classification import ClassificationTask
-
-    class SyntheticTask(ClassificationTask):
-        """Classification with the synthetic split above instead of shards."""
-
-        def build_data(self) -> dict[str, Any]:
-            generator = torch.Generator().manual_seed(1234)
-            size = self.cfg.model.img_size
-            images = torch.randn(64, 3, size, size, generator=generator)
-            labels = torch.randint(0, self.cfg.model.num_classes, (64,), generator=generator)
-            env = self.runtime.env
-            train = SyntheticStream(images, labels, env.rank, env.world_size,
-                                    self.cfg.train.micro_batch_size, self.cfg.train.seed)
-            val = [(images[i:i + 5], labels[i:i + 5]) for i in range(env.rank * 5, 32, 5 * env.world_size)]
-            return {"train": train, "val": val}
-
-    return SyntheticTask
-
-
-def _config(out: Path, name: str, stage: int, micro: int, persistence: int = 0, **train: Any):
-    from anchorformer import config
-
-    return config.from_dict({
-        "model": {"name": "anchorformer_tiny_patch16_224", "num_classes": 10, "img_size": 16,
-                  "drop_path_rate": 0.0, "kwargs": {"patch_size": 4, "depth": 2, "embed_dim": 48,
-                                                    "num_heads": 2, "num_anchors": 8}},
-        "data": {"source": "embedded"},
-        "optim": {"lr": 1e-3, "lr_reference_batch": 0},
-        "schedule": {"epochs": 2, "warmup_epochs": 0.5},
-        "train": {"global_batch_size": GLOBAL_BATCH, "micro_batch_size": micro, "precision": "fp32",
-                  "device": "cpu", "max_steps": STEPS, "resume": "none", **train},
-        "deepspeed": {"zero_stage": stage, "stage3_param_persistence_threshold": persistence},
-        "checkpoint": {"every_steps": 0, "at_epoch_end": False},
-        "logging": {"output_dir": str(out), "run_name": name, "every_steps": 1, "progress_bar": False},
-    })
-
-
-def _scalars(run_dir: Path, tag: str) -> list[float]:
-    """Values of ``tag`` in the run's TensorBoard events, in step order."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir / "tensorboard"))
-    events.Reload()
-    return [e.value for e in sorted(events.Scalars(tag), key=lambda event: event.step)]
 
 
 def _fit(cfg, env, task=None):
     from anchorformer.engine import Trainer
 
-    trainer = Trainer(cfg, env, task=task or _synthetic_task_class()(cfg, _runtime(env)))
+    trainer = Trainer(cfg, env, task=task or synthetic_task_class()(cfg, cpu_runtime(env)))
     try:
         return trainer, trainer.fit()
     finally:
         trainer.close()
-
-
-def _runtime(env):
-    from anchorformer.tasks import Runtime
-
-    return Runtime(env=env, device=torch.device("cpu"), dtype=torch.float32)
 
 
 def _ema_matches_gathered_weights(out: Path, env) -> dict[str, bool]:
@@ -134,9 +44,9 @@ def _ema_matches_gathered_weights(out: Path, env) -> dict[str, bool]:
 
     from anchorformer.engine import Trainer
 
-    cfg = _config(out, "ema_zero3", 3, GLOBAL_BATCH // env.world_size, persistence=1000,
-                  ema={"enabled": True, "decay": 0.7})
-    trainer = Trainer(cfg, env, task=_synthetic_task_class()(cfg, _runtime(env)))
+    cfg = synthetic_config(out, "ema_zero3", 3, GLOBAL_BATCH // env.world_size, persistence=1000,
+                           ema={"enabled": True, "decay": 0.7})
+    trainer = Trainer(cfg, env, task=synthetic_task_class()(cfg, cpu_runtime(env)))
     params = dict(trainer.engine.module.named_parameters())
     with deepspeed.zero.GatheredParameters(list(params.values())):
         reference = {n: p.detach().float().clone() for n, p in params.items()}
@@ -180,9 +90,9 @@ def _checkpointing_keeps_gradients(out: Path, env, stage: int) -> float:
 
     grads = []
     for flag in (False, True):
-        cfg = _config(out, f"ckpt_{stage}_{flag}", stage, GLOBAL_BATCH // env.world_size,
-                      activation_checkpointing=flag)
-        task = _synthetic_task_class()(cfg, _runtime(env))
+        cfg = synthetic_config(out, f"ckpt_{stage}_{flag}", stage, GLOBAL_BATCH // env.world_size,
+                               activation_checkpointing=flag)
+        task = synthetic_task_class()(cfg, cpu_runtime(env))
         trainer = Trainer(cfg, env, task=task)
         try:
             assert trainer.engine.module.grad_checkpointing is flag
@@ -197,10 +107,10 @@ def _checkpointing_keeps_gradients(out: Path, env, stage: int) -> float:
 
 def _stop_resume_losses(out: Path, env, stage: int) -> list[float]:
     """Stop after step 2 (request_stop, as a signal handler would), resume, run to STEPS."""
-    task_class = _synthetic_task_class()
+    task_class = synthetic_task_class()
     micro = GLOBAL_BATCH // env.world_size
-    cfg = _config(out, f"resume_{stage}", stage, micro)
-    task = task_class(cfg, _runtime(env))
+    cfg = synthetic_config(out, f"resume_{stage}", stage, micro)
+    task = task_class(cfg, cpu_runtime(env))
     from anchorformer.engine import Trainer
 
     trainer = Trainer(cfg, env, task=task)
@@ -217,10 +127,10 @@ def _stop_resume_losses(out: Path, env, stage: int) -> list[float]:
     finally:
         trainer.close()
     assert first.status == "stopped" and first.step == 2, first
-    resumed_cfg = _config(out, f"resume_{stage}", stage, micro, resume="auto")
+    resumed_cfg = synthetic_config(out, f"resume_{stage}", stage, micro, resume="auto")
     _, second = _fit(resumed_cfg, env)
     assert second.status == "completed" and second.step == STEPS, second
-    return _scalars(out / f"resume_{stage}", "train/loss")
+    return logged_scalars(out / f"resume_{stage}", "train/loss")
 
 
 def worker(out: Path) -> None:
@@ -236,15 +146,15 @@ def worker(out: Path) -> None:
         stages = STAGES if env.world_size > 1 else (0,)
         for stage in stages:
             name = f"stage{stage}"
-            cfg = _config(out, name, stage, micro=4)
+            cfg = synthetic_config(out, name, stage, micro=4)
             start = time.perf_counter()
             _, result = _fit(cfg, env)
             results[name] = {"status": result.status, "steps": result.step,
                              "seconds": time.perf_counter() - start}
             if env.is_main:
-                results[name]["losses"] = _scalars(out / name, "train/loss")
+                results[name]["losses"] = logged_scalars(out / name, "train/loss")
                 # first step includes start-up; the median of the rest is the steady step time
-                times = sorted(_scalars(out / name, "perf/step_time_s")[1:])
+                times = sorted(logged_scalars(out / name, "perf/step_time_s")[1:])
                 results[name]["step_time_s"] = times[len(times) // 2]
         if env.world_size > 1:
             results["ema_zero3"] = _ema_matches_gathered_weights(out, env)
@@ -257,8 +167,7 @@ def worker(out: Path) -> None:
 
 
 def _launch(prefix: list[str], out: Path, timeout: int = 600) -> dict[str, Any]:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([*prefix, __file__, "--out", str(out)], cwd=REPO, env=env,
+    proc = subprocess.run([*prefix, __file__, "--out", str(out)], cwd=REPO, env=cpu_env(OMP_NUM_THREADS="1"),
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     (result,) = out.glob("results_*.json")

@@ -13,7 +13,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import torch
 from tqdm import tqdm
@@ -30,7 +30,7 @@ from anchorformer.engine.metrics import (
 from anchorformer.engine.optim import LrSchedule, build_optimizer, peak_lr, set_lr
 from anchorformer.tasks import Runtime, Task, build_task
 
-__all__ = ["FitResult", "TrainingDiverged", "Trainer", "run_directory", "uses_cuda", "resolve_device"]
+__all__ = ["FitResult", "StepInfo", "TrainingDiverged", "Trainer", "run_directory", "uses_cuda", "resolve_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,22 @@ class FitResult:
     """Optimizer steps done (skipped non-finite steps included)."""
     metrics: dict[str, float] = field(default_factory=dict)
     """Last evaluation (``eval/top1``, ``eval_ema/top1``, ...) and run totals."""
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """One finished optimizer step, as :meth:`Trainer.add_step_callback` callbacks get it."""
+
+    step: int
+    """Optimizer steps done, this one included (1 after the first step of a fresh run)."""
+    wall_s: float
+    """Host wall-clock of the step: its data waits, forward/backward passes and update (on GPUs
+    the step's kernels may still be running)."""
+    loss: float
+    """Mean training loss over the step's micro-batches and ranks; NaN when the update was skipped."""
+
+
+StepCallback = Callable[["Trainer", StepInfo], None]
 
 
 class TrainingDiverged(RuntimeError):
@@ -153,6 +169,7 @@ class Trainer:
         self.nonfinite_steps = 0
         self._nonfinite_in_a_row = 0
         self._grad_norm: Optional[float] = None
+        self._step_callbacks: list[StepCallback] = []
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint, env.is_main)
         self.resumed_from = self._resume()
 
@@ -171,6 +188,11 @@ class Trainer:
     def request_stop(self) -> None:
         """Ask the run to checkpoint and return at the next step boundary (async-signal-safe)."""
         self._stop_requested = True
+
+    def add_step_callback(self, callback: StepCallback) -> None:
+        """Call ``callback(trainer, info)`` with a :class:`StepInfo` after every optimizer step of
+        :meth:`fit` on this rank (benchmarks time steps with it)."""
+        self._step_callbacks.append(callback)
 
     def fit(self) -> FitResult:
         """Train until all epochs (or ``train.max_steps``) are done, or a stop is requested.
@@ -268,6 +290,7 @@ class Trainer:
 
     def _train_step(self, batches: Iterator[Any]) -> tuple[float, bool]:
         """One optimizer step over ``accumulation`` micro-batches; returns (mean loss, stop?)."""
+        started = time.perf_counter()
         set_lr(self.optimizer, self.schedule(self.step))
         self.engine.train()
         nonfinite = torch.zeros((), device=self.device)
@@ -302,6 +325,9 @@ class Trainer:
             if self.ema is not None and self.step % self.cfg.train.ema.every_steps == 0:
                 self.ema.update()
         mean_loss = float("nan") if skipped else agreed[1] / (self.accumulation * self.env.world_size)
+        info = StepInfo(self.step, time.perf_counter() - started, mean_loss)
+        for callback in self._step_callbacks:
+            callback(self, info)
         return mean_loss, agreed[2] > 0
 
     def _unclipped_grad_norm(self) -> Optional[float]:

@@ -49,7 +49,6 @@ import torch
 
 from anchorformer import config, dist
 from benchmarks.report import machine_description, markdown_table
-from anchorformer.engine.metrics import Throughput
 from anchorformer.engine.trainer import FitResult, Trainer
 
 __all__ = ["add_arguments", "run", "model_configs"]
@@ -127,18 +126,12 @@ def _with(base: dict[str, Any], **sections: dict[str, Any]) -> config.RootConfig
     return config.from_dict(_merged(base, **sections))
 
 
-class _StepClock(Throughput):
-    """The trainer's throughput meter, also noting when each optimizer step finished."""
-
-    def __init__(self, meter: Throughput):
-        super().__init__(meter.samples_per_step, meter.flops_per_sample, meter.world_size, meter.peak_tflops)
-        self.step_ends: list[float] = []
-
-    def add_step(self, data_wait_s: float) -> None:
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()  # the step's kernels are queued, not done, when it returns
-        self.step_ends.append(time.perf_counter())
-        super().add_step(data_wait_s)
+def _finished_now() -> float:
+    """``time.perf_counter()`` once the device is done (a step's kernels are queued, not done,
+    when it returns)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 @dataclass
@@ -168,10 +161,11 @@ def _fit(cfg: config.RootConfig) -> _Run:
     trainer: Optional[Trainer] = None
     try:
         trainer = Trainer(cfg, env)
-        clock = trainer.throughput = _StepClock(trainer.throughput)
+        step_ends: list[float] = []
+        trainer.add_step_callback(lambda _trainer, _info: step_ends.append(_finished_now()))
         start = time.perf_counter()
         result = trainer.fit()
-        return _Run(result, trainer.signature["num_params"], trainer.steps_per_epoch, start, clock.step_ends)
+        return _Run(result, trainer.signature["num_params"], trainer.steps_per_epoch, start, step_ends)
     finally:
         if trainer is not None:
             trainer.close()
