@@ -18,7 +18,7 @@ from anchorformer.convert import (
     backbone_parity, classification_parity, create_model_from_export, export_backbone, export_classification,
     fixed_input, load_source, read_metadata,
 )
-from anchorformer.tasks.backbone import AnchorFormerBackbone
+from anchorformer.models.backbone import AnchorFormerBackbone
 from anchorformer.tasks.detection import build_detector
 from anchorformer.tasks.segmentation import UperNetSegmentor
 

@@ -16,7 +16,7 @@ from dense_fixtures import train_recipe, train_steps
 
 from anchorformer.convert import export_backbone, load_source
 from anchorformer.data.coco import CocoInstances, collate_detection
-from anchorformer.tasks.backbone import AnchorFormerBackbone
+from anchorformer.models.backbone import AnchorFormerBackbone
 from anchorformer.tasks.dense_data import MapTrainStream, eval_loader
 from anchorformer.tasks.detection import build_detector, coco_metrics, detection_loss, evaluate_detection
 

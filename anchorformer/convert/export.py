@@ -24,7 +24,7 @@ from torch import nn
 import anchorformer.models  # noqa: F401  (registers the AnchorFormer models with timm)
 from anchorformer.convert.source import SourceCheckpoint
 from anchorformer.models.anchorformer import checkpoint_filter_fn
-from anchorformer.tasks.backbone import TOOLBOX_PREFIX, load_backbone_weights
+from anchorformer.models.backbone import TOOLBOX_PREFIX, load_backbone_weights
 
 __all__ = ["Layout", "Exported", "build_source_model", "export_classification", "export_backbone",
            "read_metadata", "create_model_from_export", "config_path"]

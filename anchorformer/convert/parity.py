@@ -9,7 +9,7 @@ import torch
 
 from anchorformer.convert.export import Exported, build_source_model, create_model_from_export
 from anchorformer.convert.source import SourceCheckpoint
-from anchorformer.tasks.backbone import AnchorFormerBackbone
+from anchorformer.models.backbone import AnchorFormerBackbone
 
 __all__ = ["fixed_input", "classification_parity", "backbone_parity"]
 

@@ -27,10 +27,9 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from anchorformer.config import RootConfig
 from anchorformer.data.coco import CocoInstances, DetectionBatch, collate_detection
 from anchorformer.dist import collectives
-from anchorformer.tasks.backbone import (
-    AnchorFormerBackbone, DenseModelMixin, encoder_kwargs, full_parameters, task_options,
-)
+from anchorformer.models.backbone import AnchorFormerBackbone, DenseModelMixin
 from anchorformer.tasks.base import Runtime
+from anchorformer.tasks.dense_common import encoder_kwargs, full_parameters, task_options
 from anchorformer.tasks.dense_data import MapTrainStream, eval_loader
 
 __all__ = ["DetectionTask", "AnchorFormerMaskRCNN", "build_detector", "detection_loss", "move_batch",

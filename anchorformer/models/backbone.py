@@ -8,11 +8,10 @@ the pyramid is built from it with deconvolutions and pooling, not from intermedi
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Optional
 
 import timm
 import torch
@@ -20,11 +19,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 
-import anchorformer.models  # noqa: F401  (registers the AnchorFormer models with timm)
-from anchorformer.models.anchorformer import checkpoint_filter_fn
+from .anchorformer import checkpoint_filter_fn  # (the package import registers the models with timm)
 
 __all__ = ["PYRAMID_STRIDES", "TOOLBOX_PREFIX", "SimpleFeaturePyramid", "AnchorFormerBackbone", "DenseModelMixin",
-           "load_backbone_weights", "read_weights", "full_parameters", "encoder_kwargs", "task_options"]
+           "load_backbone_weights", "read_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -180,40 +178,3 @@ def load_backbone_weights(encoder: nn.Module, state_dict: Dict[str, torch.Tensor
         logger.info("backbone: ignoring classifier weights %s", dropped)
     state_dict = {key: value for key, value in state_dict.items() if key not in dropped}
     encoder.load_state_dict(checkpoint_filter_fn(state_dict, encoder), strict=True)
-
-
-@contextlib.contextmanager
-def full_parameters(model: nn.Module) -> Iterator[None]:
-    """Hold every weight of ``model`` whole on this rank for the duration (inference).
-
-    Under ZeRO-3 each forward otherwise gathers weights collectively, so all ranks would have to
-    run the same number of forwards; evaluation runs a data-dependent number (uneven splits,
-    sliding windows). Outside ZeRO-3 this does nothing.
-    """
-    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
-    if not partitioned:
-        yield
-        return
-    import deepspeed  # only reached under ZeRO-3, where DeepSpeed is loaded already
-
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
-        yield
-
-
-def encoder_kwargs(model_cfg: Any) -> Dict[str, Any]:
-    """``timm.create_model`` overrides of the encoder from the ``model`` config section: its
-    ``kwargs`` plus the stochastic depth rate."""
-    return {**model_cfg.kwargs, "drop_path_rate": model_cfg.drop_path_rate}
-
-
-def task_options(cfg: Any, task: str) -> Any:
-    """The config section named after a dense task (``cfg.detection``, ``cfg.segmentation``).
-
-    Raises:
-        ValueError: when this installation's config schema has no such section.
-    """
-    section = getattr(cfg, task, None)
-    if section is None:
-        raise ValueError(f"task={task} needs the '{task}:' config section (dataset paths, sizes), which this "
-                         f"installation's config schema lacks; see docs/downstream.md")
-    return section
