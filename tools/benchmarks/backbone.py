@@ -13,7 +13,7 @@ from typing import Dict, Optional
 import torch
 
 from benchmarks.report import machine_description, markdown_table, peak_memory_bytes, time_call
-from anchorformer.tasks.backbone import AnchorFormerBackbone
+from anchorformer.models.backbone import AnchorFormerBackbone
 
 __all__ = ["add_arguments", "run"]
 
