@@ -29,10 +29,10 @@ bench: $(STAMP)
 	$(BIN)/python tools/benchmark.py all
 
 slurm-up: $(STAMP)
-	$(BIN)/python tools/slurm_cluster.py start
+	$(BIN)/python tests/slurm_cluster.py start
 
 slurm-down: $(STAMP)
-	$(BIN)/python tools/slurm_cluster.py stop
+	$(BIN)/python tests/slurm_cluster.py stop
 
 clean:
 	rm -rf $(VENV) runs .cache

@@ -3,20 +3,14 @@ launcher (its --local_rank argument) and srun (rank and master from SLURM variab
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import BIN, REPO, cpu_env
 
-REPO = Path(__file__).resolve().parent.parent
 TRAIN = str(REPO / "launch" / "train.py")
-BIN = Path(sys.executable).parent
-
-
-def _env() -> dict[str, str]:
-    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
 
 
 def _tiny_run(out: Path, cache: Path, name: str, zero_stage: int) -> list[str]:
@@ -29,7 +23,8 @@ def _tiny_run(out: Path, cache: Path, name: str, zero_stage: int) -> list[str]:
 
 
 def _run(command: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, cwd=REPO, env=cpu_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def _check_finished(proc: subprocess.CompletedProcess, run_dir: Path, world_size: int) -> None:
@@ -79,15 +74,8 @@ def test_deepspeed_launcher_two_processes_zero3(tmp_path, embedded_cache_dir):
     assert "(deepspeed launcher, gloo" in proc.stderr
 
 
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    """A real single-node SLURM (tools/slurm_cluster.py; starting an already running one is a no-op)."""
-    start = _run([sys.executable, str(REPO / "tools" / "slurm_cluster.py"), "start"], timeout=600)
-    assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-3000:]
-
-
 @pytest.mark.slow
-def test_srun_two_tasks_reads_slurm_variables(slurm, tmp_path, embedded_cache_dir):
+def test_srun_two_tasks_reads_slurm_variables(slurm_cluster, tmp_path, embedded_cache_dir):
     proc = _run(["srun", "--ntasks", "2", "--nodes", "1", "--cpus-per-task", "1", "--chdir", str(REPO),
                  sys.executable, TRAIN, *_tiny_run(tmp_path, embedded_cache_dir, "srun", 1)])
     _check_finished(proc, tmp_path / "srun", world_size=2)

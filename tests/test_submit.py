@@ -1,7 +1,7 @@
 """launch/submit.py: the sbatch script it renders, what it refuses, and (slow) real SLURM runs.
 
-The slow tests start a real single-node SLURM with job accounting (tools/slurm_cluster.py, needs
-root) once per session and stop it at the end.
+The slow tests start a real single-node SLURM with job accounting (the ``slurm_cluster`` fixture of
+tests/conftest.py, needs root) once per session and stop it at the end.
 """
 from __future__ import annotations
 
@@ -18,12 +18,11 @@ from pathlib import Path
 import cloudpickle
 import pytest
 import submitit
+from helpers import BIN, REPO
 from omegaconf import OmegaConf
 
 from anchorformer.config import SlurmConfig, from_dict, load
 from anchorformer.slurm_job import TrainingJob
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _load_submit_module():
@@ -212,7 +211,7 @@ def test_cluster_profile_with_unknown_key_is_refused(capsys, tmp_path: Path, rec
 
 
 # --------------------------------------------------------------------------------------------
-# Against a real SLURM (tools/slurm_cluster.py): the demo config, 1 node, 2 tasks, gloo on CPU.
+# Against a real SLURM (the slurm_cluster fixture): the demo config, 1 node, 2 tasks, gloo on CPU.
 
 MAX_STEPS = 40
 SIGNAL_AFTER_STEP = 5
@@ -225,16 +224,6 @@ JOB_OPTIONS = ["--nodes", "1", "--gpus-per-node", "2", "--cpus-per-task", "1", "
                "--signal-delay", "60"]
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                 "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    """A real single-node SLURM with accounting, started for the session and stopped after."""
-    script = [sys.executable, str(REPO / "tools" / "slurm_cluster.py")]
-    started = subprocess.run([*script, "start"], capture_output=True, text=True, timeout=1800)
-    assert started.returncode == 0, f"cannot start SLURM:\n{started.stdout}{started.stderr}"
-    yield
-    subprocess.run([*script, "stop"], capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -450,7 +439,7 @@ def test_srun_template_requeues_itself_after_usr1_and_resumes(reference_run, wor
 
 @pytest.mark.slow
 def test_deepspeed_template_trains_from_a_hostfile_of_the_node_list(reference_run, workdir: Path):
-    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
+    deepspeed = str(BIN / "deepspeed")
     job_id, output = _sbatch_template("train_deepspeed.sbatch", workdir, "deepspeed_template",
                                       "--cpus-per-task=2",
                                       env={"DEEPSPEED": deepspeed, "SLOTS_PER_NODE": "2"})

@@ -2,9 +2,9 @@
 
 Used by the SLURM tests (tests/test_submit.py) and for trying ``launch/submit.py`` locally:
 
-    python tools/slurm_cluster.py start [--state-dir DIR]   # installs what is missing, starts it
-    python tools/slurm_cluster.py status [--state-dir DIR]  # which daemons run, sinfo
-    python tools/slurm_cluster.py stop [--state-dir DIR]    # stops every daemon it started
+    python tests/slurm_cluster.py start [--state-dir DIR]   # installs what is missing, starts it
+    python tests/slurm_cluster.py status [--state-dir DIR]  # which daemons run, sinfo
+    python tests/slurm_cluster.py stop [--state-dir DIR]    # stops every daemon it started
 
 It needs root and a Debian-like system. What ``start`` does, in order (each step is skipped when
 already done, so running it again is harmless):
@@ -48,6 +48,8 @@ PARTITION_NAME = "debug"
 DB_NAME = "slurm_acct_db"
 DB_USER = "slurm"
 DB_PORT = 3307  # not MariaDB's usual 3306, so a system database server is left alone
+# First line of the configs it writes; it names tools/, where this script lived, so that configs
+# written before its move to tests/ are still recognised as its own.
 CONFIG_MARKER = "# Written by AnchorFormer tools/slurm_cluster.py"
 APT_PACKAGES = ("slurm-wlm", "munge", "mariadb-server", "slurmdbd")
 REQUIRED_PROGRAMS = ("slurmctld", "slurmd", "slurmdbd", "sacctmgr", "sacct", "sinfo", "munged",
