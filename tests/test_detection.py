@@ -16,8 +16,9 @@ from dense_fixtures import train_recipe, train_steps
 
 from anchorformer.convert import export_backbone, load_source
 from anchorformer.data.coco import CocoInstances, collate_detection
-from anchorformer.models.backbone import AnchorFormerBackbone
-from anchorformer.tasks.dense_data import MapTrainStream, eval_loader
+from anchorformer.data.dense import MapTrainStream, eval_loader
+from anchorformer.data.stages import SKIP_REASONS
+from anchorformer.tasks.backbone import AnchorFormerBackbone
 from anchorformer.tasks.detection import build_detector, coco_metrics, detection_loss, evaluate_detection
 
 TINY = dict(embed_dim=64, depth=2, num_heads=2, num_anchors=8)
@@ -97,12 +98,17 @@ def test_training_flip_moves_boxes_and_masks_together(tmp_path):
     assert torch.equal(flipped["boxes"][:, 0], IMAGE - plain["boxes"][:, 2])
 
 
-def test_corrupt_image_is_skipped_and_counted(tmp_path):
-    annotation_file, image_dir = write_coco(tmp_path, 3, seed=3)
+def test_corrupt_and_missing_images_are_skipped_and_counted_in_the_shard_vocabulary(tmp_path):
+    annotation_file, image_dir = write_coco(tmp_path, 4, seed=3)
     (image_dir / "00002.jpg").write_bytes(b"not a jpeg")
+    (image_dir / "00003.jpg").unlink()
     dataset = CocoInstances(annotation_file, image_dir, train=False)
-    batch = collate_detection([dataset[i] for i in range(3)])
-    assert batch.skipped == 1 and len(batch.images) == 2 and dataset.skipped == 1
+    batch = collate_detection([dataset[i] for i in range(4)])
+    assert batch.skips["decode_error"] == 1 and batch.skips["missing_image"] == 1 and len(batch.images) == 2
+    stream = MapTrainStream(dataset, collate_detection, rank=0, world_size=1, micro_batch_size=4, num_workers=0,
+                            seed=0)
+    list(stream)
+    assert stream.skip_counts() == {**dict.fromkeys(SKIP_REASONS, 0), "decode_error": 1, "missing_image": 1}
 
 
 @pytest.mark.parametrize("content, message", [

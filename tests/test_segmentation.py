@@ -89,9 +89,10 @@ def test_missing_label_and_corrupt_image(tmp_path):
     write_ade20k(tmp_path, "validation", 3, seed=3)
     images = sorted((tmp_path / "images" / "validation").iterdir())
     images[1].write_bytes(b"\xff\xd8 truncated")
+    Image.new("L", (5, 5)).save(tmp_path / "annotations" / "validation" / f"{images[0].stem}.png")
     dataset = ADE20KSegmentation(tmp_path, "validation", train=False, base_size=32)
     batch = collate_segmentation([dataset[i] for i in range(3)])
-    assert batch.skipped == 1 and len(batch.images) == 2
+    assert batch.skips["decode_error"] == 1 and batch.skips["missing_label"] == 1 and len(batch.images) == 1
     (tmp_path / "annotations" / "validation" / f"{images[2].stem}.png").unlink()
     with pytest.raises(ValueError, match="no label PNG"):
         ADE20KSegmentation(tmp_path, "validation", train=False)

@@ -6,15 +6,15 @@ Labels follow the usual ``reduce_zero_label``: value 0 ("other") becomes the ign
 get mmsegmentation's standard pipeline: random rescale (ratio 0.5-2 of the base size), random
 crop, horizontal flip, photometric distortion, padding to the crop size (label padded with 255).
 Evaluation samples are rescaled to the base size and keep their original-size label, which the
-prediction is resized back to. Images stay in [0, 1]; the segmentor normalises. An unreadable
-image is skipped and counted, never fatal.
+prediction is resized back to. Images stay in [0, 1]; the segmentor normalises. A sample whose
+image or label PNG cannot be decoded (``decode_error``) or whose label does not fit its image
+(``missing_label``) is skipped and counted, never fatal.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Literal, Optional, Tuple
+from typing import Dict, List, Literal, Tuple
 
 import numpy as np
 import torch
@@ -23,36 +23,36 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import ColorJitter
 
-__all__ = ["IGNORE_INDEX", "ADE20K_NUM_CLASSES", "ADE20KSegmentation", "SegmentationBatch", "collate_segmentation"]
+from anchorformer.data.dense import SkippedSample, drop_skipped, skip_sample
+from anchorformer.data.stages import SkipCounter
 
-logger = logging.getLogger(__name__)
+__all__ = ["IGNORE_INDEX", "ADE20K_NUM_CLASSES", "ADE20KSegmentation", "SegmentationBatch", "collate_segmentation"]
 
 IGNORE_INDEX = 255
 """Label value that contributes to neither the loss nor the metrics."""
 ADE20K_NUM_CLASSES = 150
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-_MAX_SKIP_WARNINGS = 10
 
 
 @dataclass
 class SegmentationBatch:
     """Training: ``images`` (B, 3, crop, crop) and ``labels`` (B, crop, crop) tensors. Evaluation:
-    lists (sizes differ). ``skipped`` counts unreadable samples left out."""
+    lists (sizes differ). ``skips`` counts the samples left out, by reason."""
 
     images: torch.Tensor | List[torch.Tensor]
     labels: torch.Tensor | List[torch.Tensor]
-    skipped: int
+    skips: Dict[str, int]
 
 
-def collate_segmentation(samples: List[Optional[Tuple[torch.Tensor, torch.Tensor]]]) -> SegmentationBatch:
+def collate_segmentation(samples: List[Tuple[torch.Tensor, torch.Tensor] | SkippedSample]) -> SegmentationBatch:
     """DataLoader collate function: stacks same-size samples (training crops), keeps lists
-    otherwise, and drops the samples the reader skipped (``None``), counting them."""
-    kept = [sample for sample in samples if sample is not None]
+    otherwise, and drops the samples the reader skipped, counting them by reason."""
+    kept, skips = drop_skipped(samples)
     images, labels = [image for image, _ in kept], [label for _, label in kept]
     if kept and all(image.shape == images[0].shape for image in images):
-        return SegmentationBatch(torch.stack(images), torch.stack(labels), len(samples) - len(kept))
-    return SegmentationBatch(images, labels, len(samples) - len(kept))
+        return SegmentationBatch(torch.stack(images), torch.stack(labels), skips)
+    return SegmentationBatch(images, labels, skips)
 
 
 class ADE20KSegmentation(Dataset):
@@ -100,12 +100,12 @@ class ADE20KSegmentation(Dataset):
         self.base_size, self.crop_size, self.scale_range, self.hflip = base_size, crop_size, scale_range, hflip
         self.num_classes = num_classes
         self._jitter = ColorJitter(brightness=0.125, contrast=0.5, saturation=0.5, hue=0.05)
-        self.skipped = 0
+        self.skip_counter = SkipCounter(where=f"ADE20K reader {split}")
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor] | SkippedSample:
         image_path, label_path = self.samples[index]
         try:
             with Image.open(image_path) as opened:
@@ -113,16 +113,11 @@ class ADE20KSegmentation(Dataset):
             with Image.open(label_path) as opened:
                 label = np.array(opened)
         except (OSError, ValueError) as err:
-            self.skipped += 1
-            if self.skipped <= _MAX_SKIP_WARNINGS:
-                logger.warning("skipping unreadable sample %s (%s); %d skipped so far in this process",
-                               image_path, err, self.skipped)
-            return None
+            return skip_sample(self.skip_counter, "decode_error", f"sample {image_path}: {err!r}")
         if label.ndim != 2 or label.shape != (image.height, image.width):
-            self.skipped += 1
-            logger.warning("skipping %s: label %s has shape %s, the image is %dx%d (need one single-channel "
-                           "PNG of the image's size)", image_path, label_path, label.shape, image.height, image.width)
-            return None
+            return skip_sample(self.skip_counter, "missing_label",
+                               f"{image_path}: label {label_path} has shape {label.shape}, the image is "
+                               f"{image.height}x{image.width} (need one single-channel PNG of the image's size)")
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
         target = self._reduce_zero_label(torch.from_numpy(label.astype(np.int64)))
         if self.train:

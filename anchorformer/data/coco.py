@@ -4,8 +4,8 @@ Each sample is ``(image, target)``: a float image in [0, 1] (C, H, W) at its sto
 torchvision detection target (``boxes`` xyxy in pixels, ``labels`` in 1..K, ``masks`` (N, H, W)
 uint8, ``image_id``). Resizing and normalisation happen inside the detector (multi-scale
 training sizes); the reader adds the horizontal flip. Crowd and degenerate boxes are left out of
-training targets (COCOeval still sees them in the ground truth). An image that cannot be decoded
-is skipped and counted, never fatal.
+training targets (COCOeval still sees them in the ground truth). An image that is missing or cannot
+be decoded is skipped and counted (``missing_image``, ``decode_error``), never fatal.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -21,28 +21,29 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
+from anchorformer.data.dense import SkippedSample, drop_skipped, skip_sample
+from anchorformer.data.stages import SkipCounter
+
 __all__ = ["CocoInstances", "DetectionBatch", "collate_detection"]
 
 logger = logging.getLogger(__name__)
 
-_MAX_SKIP_WARNINGS = 10
-
 
 @dataclass
 class DetectionBatch:
-    """A list of images of different sizes, their targets, and how many samples were skipped."""
+    """A list of images of different sizes, their targets, and the samples skipped, by reason."""
 
     images: List[torch.Tensor]
     targets: List[Dict[str, torch.Tensor]]
-    skipped: int
+    skips: Dict[str, int]
 
 
-def collate_detection(samples: List[Optional[Tuple[torch.Tensor, Dict[str, torch.Tensor]]]]) -> DetectionBatch:
+def collate_detection(samples: List[Tuple[torch.Tensor, Dict[str, torch.Tensor]] | SkippedSample]
+                      ) -> DetectionBatch:
     """DataLoader collate function: keeps images as a list (sizes differ) and drops the samples
-    the reader skipped (``None``), counting them."""
-    kept = [sample for sample in samples if sample is not None]
-    return DetectionBatch(images=[image for image, _ in kept], targets=[target for _, target in kept],
-                          skipped=len(samples) - len(kept))
+    the reader skipped, counting them by reason."""
+    kept, skips = drop_skipped(samples)
+    return DetectionBatch(images=[image for image, _ in kept], targets=[target for _, target in kept], skips=skips)
 
 
 class CocoInstances(Dataset):
@@ -81,7 +82,7 @@ class CocoInstances(Dataset):
         self._annotations = annotations
         self.train = train
         self.hflip = hflip
-        self.skipped = 0
+        self.skip_counter = SkipCounter(where=f"COCO reader {self.annotation_file.name}")
 
     @property
     def num_classes(self) -> int:
@@ -95,18 +96,16 @@ class CocoInstances(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> Optional[Tuple[torch.Tensor, Dict[str, torch.Tensor]]]:
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]] | SkippedSample:
         info = self.images[index]
         path = self.image_dir / info["file_name"]
         try:
             with Image.open(path) as opened:
                 image = opened.convert("RGB")
+        except FileNotFoundError:
+            return skip_sample(self.skip_counter, "missing_image", f"image {path} does not exist")
         except (OSError, ValueError) as err:
-            self.skipped += 1
-            if self.skipped <= _MAX_SKIP_WARNINGS:
-                logger.warning("skipping unreadable image %s (%s); %d skipped so far in this process",
-                               path, err, self.skipped)
-            return None
+            return skip_sample(self.skip_counter, "decode_error", f"image {path}: {err!r}")
         width, height = image.size
         if (width, height) != (info["width"], info["height"]):
             logger.debug("%s is %dx%d, the JSON says %dx%d; using the file's size",

@@ -25,9 +25,11 @@ __all__ = ["SKIP_REASONS", "SkipCounter", "BatchMeta", "derive_seed", "seeded_rn
 _logger = logging.getLogger(__name__)
 
 SKIP_REASONS = ("decode_error", "missing_image", "missing_label", "unreadable_shard", "unread")
-"""Why samples are skipped: image bytes PIL cannot decode, a sample without an image or without a
-valid ``cls``, a shard that could not be opened or read to its end (counted once per shard and
-pass), and (validation) samples the index promises that a damaged shard did not deliver."""
+"""Why samples are skipped, by every stream (shards and the dense readers): image bytes PIL cannot
+decode, a sample without an image or without a valid label (a shard sample's integer ``cls``, an
+ADE20K label PNG of the image's size), a shard that could not be opened or read to its end (counted
+once per shard and pass), and (validation) samples the index promises that a damaged shard did not
+deliver."""
 
 _LOGGED_PER_REASON = 10
 

@@ -26,11 +26,12 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 
 from anchorformer.config import RootConfig
 from anchorformer.data.coco import CocoInstances, DetectionBatch, collate_detection
+from anchorformer.data.dense import MapTrainStream, eval_loader
 from anchorformer.dist import collectives
-from anchorformer.models.backbone import AnchorFormerBackbone, DenseModelMixin
+from anchorformer.tasks.backbone import (
+    AnchorFormerBackbone, DenseModelMixin, encoder_kwargs, full_parameters, task_options,
+)
 from anchorformer.tasks.base import Runtime
-from anchorformer.tasks.dense_common import encoder_kwargs, full_parameters, task_options
-from anchorformer.tasks.dense_data import MapTrainStream, eval_loader
 
 __all__ = ["DetectionTask", "AnchorFormerMaskRCNN", "build_detector", "detection_loss", "move_batch",
            "predict_coco_results", "coco_metrics", "evaluate_detection"]
@@ -140,7 +141,7 @@ def predict_coco_results(model: nn.Module, batches: Iterable[DetectionBatch], da
     skipped = 0
     with full_parameters(model):
         for batch in batches:
-            skipped += batch.skipped
+            skipped += sum(batch.skips.values())
             images, targets = move_batch(batch, device, dtype)
             for target, output in zip(targets, model(images)):
                 results.extend(_to_coco_records(int(target["image_id"]), output, dataset, mask_threshold))

@@ -18,11 +18,12 @@ import torch.nn.functional as F
 
 from anchorformer.config import RootConfig
 from anchorformer.data.ade20k import IGNORE_INDEX, ADE20KSegmentation, SegmentationBatch, collate_segmentation
+from anchorformer.data.dense import MapTrainStream, eval_loader
 from anchorformer.dist import collectives
-from anchorformer.models.backbone import AnchorFormerBackbone, DenseModelMixin
+from anchorformer.tasks.backbone import (
+    AnchorFormerBackbone, DenseModelMixin, encoder_kwargs, full_parameters, task_options,
+)
 from anchorformer.tasks.base import Runtime
-from anchorformer.tasks.dense_common import encoder_kwargs, full_parameters, task_options
-from anchorformer.tasks.dense_data import MapTrainStream, eval_loader
 
 __all__ = ["SegmentationTask", "ConvNormAct", "UperNetHead", "UperNetSegmentor", "segmentation_loss", "predict_logits",
            "SegmentationMetrics", "evaluate_segmentation"]
@@ -277,7 +278,7 @@ def evaluate_segmentation(model: nn.Module, batches: Iterable[SegmentationBatch]
     skipped = 0
     with full_parameters(model):
         for batch in batches:
-            skipped += batch.skipped
+            skipped += sum(batch.skips.values())
             for image, label in zip(batch.images, batch.labels):
                 logits = predict_logits(model, image.to(device, dtype=dtype), mode, crop_size, stride)
                 metrics.update(_resize(logits[None], label.shape[-2:])[0].argmax(0), label.to(device))

@@ -1,30 +1,66 @@
-"""Data plumbing of the dense-prediction tasks (detection, segmentation): a resumable training
-stream of one rank over a map-style dataset, and the rank's share of an evaluation set.
+"""Streams over map-style readers (the COCO and ADE20K readers of the dense-prediction tasks): a
+resumable training stream of one rank, and the rank's share of an evaluation set; and how such a
+reader skips a sample it cannot deliver.
 
 The sample order of an epoch is a permutation drawn from (seed, epoch), cut into global batches
 of ``micro_batch_size x world_size``, of which rank r takes the r-th slice; so "micro-batches
 consumed this epoch" is enough to resume at the same sample. Augmentation draws come from the
 DataLoader workers' generators, which are re-seeded from (seed, epoch, rank, position).
+
+Skips speak the vocabulary of the shard streams (``anchorformer.data.stages.SKIP_REASONS``): a
+reader's ``__getitem__`` returns :func:`skip_sample`'s marker in place of the sample, the collate
+function counts the markers by reason (:func:`drop_skipped`), and the stream sums the counts.
 """
 from __future__ import annotations
 
-import logging
-from typing import Any, Callable, Dict, Iterator, List
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-__all__ = ["MapTrainStream", "eval_loader"]
+from anchorformer.data.stages import SKIP_REASONS, SkipCounter, add_skip_counts
 
-logger = logging.getLogger(__name__)
+__all__ = ["SkippedSample", "skip_sample", "drop_skipped", "MapTrainStream", "eval_loader"]
+
+
+@dataclass(frozen=True)
+class SkippedSample:
+    """What a map-style reader returns in place of a sample it cannot deliver, and why (one of
+    ``SKIP_REASONS``)."""
+
+    reason: str
+
+
+def skip_sample(counter: SkipCounter, reason: str, message: str) -> SkippedSample:
+    """Count and log (rate-limited) a sample a reader skips; return the marker its ``__getitem__``
+    returns instead of the sample.
+
+    Args:
+        counter: the reader's counter (each DataLoader worker holds its own copy).
+        reason: one of ``SKIP_REASONS``.
+        message: what was skipped and why, for the log.
+    """
+    counter.skip(reason, message)
+    return SkippedSample(reason)
+
+
+def drop_skipped(samples: Sequence[Any]) -> Tuple[List[Any], Dict[str, int]]:
+    """For a collate function: the samples a reader delivered, and the skipped ones counted by reason."""
+    kept = [sample for sample in samples if not isinstance(sample, SkippedSample)]
+    skips = dict.fromkeys(SKIP_REASONS, 0)
+    for sample in samples:
+        if isinstance(sample, SkippedSample):
+            skips[sample.reason] += 1
+    return kept, skips
 
 
 class MapTrainStream:
     """The training batches of one rank (fits ``anchorformer.tasks.base.TrainStreamLike``).
 
     Args:
-        dataset: map-style dataset; ``__getitem__`` may return ``None`` for an unreadable sample.
-        collate_fn: batch builder whose result has a ``skipped`` count (see
+        dataset: map-style dataset; ``__getitem__`` may return a :class:`SkippedSample`.
+        collate_fn: batch builder whose result has ``skips``, counts by reason (see
             ``anchorformer.data.coco.collate_detection``).
         rank: this process's rank.
         world_size: number of ranks.
@@ -48,7 +84,7 @@ class MapTrainStream:
         self.rank, self.world_size, self.micro_batch_size = rank, world_size, micro_batch_size
         self.num_workers, self.seed = num_workers, seed
         self.epoch, self.consumed = 0, 0
-        self._skipped = 0
+        self._skips = dict.fromkeys(SKIP_REASONS, 0)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order is streamed; a new epoch starts at its first batch (the
@@ -71,7 +107,7 @@ class MapTrainStream:
                             num_workers=self.num_workers, collate_fn=self.collate_fn, generator=generator)
         for batch in loader:
             self.consumed += 1
-            self._skipped += batch.skipped
+            self._skips = add_skip_counts(self._skips, batch.skips)
             yield batch
 
     def state_dict(self) -> Dict[str, int]:
@@ -90,8 +126,8 @@ class MapTrainStream:
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
 
     def skip_counts(self) -> Dict[str, int]:
-        """Samples left out of batches so far on this rank, by reason."""
-        return {"unreadable": self._skipped}
+        """Samples left out of batches so far on this rank, by reason (``SKIP_REASONS``)."""
+        return dict(self._skips)
 
 
 def eval_loader(dataset: Dataset, collate_fn: Callable[[List[Any]], Any], *, rank: int, world_size: int,
