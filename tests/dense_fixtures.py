@@ -1,12 +1,12 @@
 """Helpers shared by the detection and segmentation tests (imported explicitly)."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
+from helpers import REPO, cpu_env
 from torch.utils.data import DataLoader, Dataset
 
 
@@ -30,14 +30,10 @@ def train_steps(model: torch.nn.Module, dataset: Dataset, collate: Callable, los
     return losses
 
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 def train_recipe(recipe: str, overrides: list, output_dir: Path, run_name: str) -> dict:
     """Run ``launch/train.py configs/RECIPE`` with ``overrides`` on the CPU in a fresh process
     (the way a user starts it) with its run folder in ``output_dir``; its summary.json."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
     subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), str(REPO / "configs" / recipe), *overrides,
                     f"logging.output_dir={output_dir}", f"logging.run_name={run_name}", "logging.progress_bar=false"],
-                   check=True, cwd=output_dir.parent, env=env, timeout=600)
+                   check=True, cwd=output_dir.parent, env=cpu_env(), timeout=600)
     return json.loads((output_dir / run_name / "summary.json").read_text())

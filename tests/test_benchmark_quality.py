@@ -1,7 +1,6 @@
 """The ``quality`` benchmark (AnchorFormer vs DeiT trained for the same wall-clock): real training
 of small variants of the demo recipe on the embedded digits, with a budget of a few seconds."""
 import argparse
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +9,9 @@ from benchmarks import load
 from benchmarks import quality
 from benchmarks.report import machine_description
 from benchmark_fixtures import benchmark_args, one_torch_thread  # noqa: F401
+from helpers import REPO
 
-DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+DEMO = REPO / "configs" / "demo.yaml"
 SMALL = ["model.kwargs.depth=2", "model.kwargs.embed_dim=48", "model.kwargs.num_heads=2",
          "model.kwargs.num_anchors=8"]
 

@@ -6,11 +6,11 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 from anchorformer import config
 from anchorformer.config import ConfigError
 
-REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted((REPO / "configs").glob("*.yaml"))
 
 

@@ -2,15 +2,15 @@
 identical logits; exports load through timm and into both dense stages; wrong inputs fail with a
 message naming the problem."""
 import json
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
+import convert_checkpoint
 import pytest
 import timm
 import torch
+from helpers import REPO, cpu_env
 from safetensors import safe_open
 
 import anchorformer.models  # noqa: F401
@@ -22,10 +22,6 @@ from anchorformer.models.backbone import AnchorFormerBackbone
 from anchorformer.tasks.detection import build_detector
 from anchorformer.tasks.segmentation import UperNetSegmentor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import convert_checkpoint  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 NAME = "anchorformer_tiny_patch16_224"
 TINY = dict(embed_dim=64, depth=2, num_heads=2, num_anchors=8)
 
@@ -172,10 +168,9 @@ def test_zero3_two_process_run_converts_with_the_engines_logits(tmp_path):
                  "model.img_size=32", "data.image_size=32",
                  "model.kwargs={patch_size: 16, depth: 2, embed_dim: 64, num_heads: 2, num_anchors: 8}"]
     logits_file = tmp_path / "engine_logits.pt"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
                     str(script), str(REPO / "configs" / "demo.yaml"), str(logits_file), *overrides],
-                   check=True, cwd=tmp_path, env=env, timeout=600)
+                   check=True, cwd=tmp_path, env=cpu_env(OMP_NUM_THREADS="1"), timeout=600)
     engine = torch.load(logits_file)
     run_dir = tmp_path / "runs" / "zero3"
     files = {p.name for p in (run_dir / "checkpoints" / "step_3").iterdir()}

@@ -3,21 +3,18 @@ validation top-1, prints where its logs are, and leaves TensorBoard events and a
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import timm
 import torch
+from helpers import REPO, cpu_env
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import anchorformer.models  # noqa: F401  (registers the models)
 from anchorformer import config
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
@@ -26,7 +23,7 @@ def test_demo_reaches_95_percent(tmp_path, embedded_cache_dir):
     proc = subprocess.run(
         [sys.executable, "launch/train.py", "configs/demo.yaml", f"logging.output_dir={tmp_path}",
          f"data.cache_dir={embedded_cache_dir}"],
-        cwd=REPO, env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=1200)
+        cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
     cfg = config.load(REPO / "configs" / "demo.yaml")
     run_dir = tmp_path / "demo"

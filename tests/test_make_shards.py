@@ -2,20 +2,16 @@
 byte limits, and re-runs after an interruption that reproduce a clean run's shards."""
 import hashlib
 import json
-import sys
 import tarfile
 from pathlib import Path
 
+import make_shards
 import pytest
 from data_fixtures import make_jpeg_tree
 
 from anchorformer.data.index import read_index
 from anchorformer.data.sources import list_image_folder
 from anchorformer.data.writer import plan_shards, write_shards
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import make_shards  # noqa: E402
 
 CLASSES = {"cat": 7, "dog": 5, "eel": 9}
 

@@ -1,17 +1,15 @@
 """The closed-form counts agree with torch's FlopCounterMode (what tools/model_stats.py relies on)."""
 import importlib.util
-from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 import anchorformer  # noqa: F401
 from anchorformer.models.complexity import forward_macs, measure, param_count
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("model_stats", ROOT / "tools" / "model_stats.py")
+    spec = importlib.util.spec_from_file_location("model_stats", REPO / "tools" / "model_stats.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
