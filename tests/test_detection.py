@@ -18,7 +18,7 @@ from anchorformer.convert import export_backbone, load_source
 from anchorformer.data.coco import CocoInstances, collate_detection
 from anchorformer.data.dense import MapTrainStream, eval_loader
 from anchorformer.data.stages import SKIP_REASONS
-from anchorformer.tasks.backbone import AnchorFormerBackbone
+from anchorformer.models.backbone import AnchorFormerBackbone
 from anchorformer.tasks.detection import build_detector, coco_metrics, detection_loss, evaluate_detection
 
 TINY = dict(embed_dim=64, depth=2, num_heads=2, num_anchors=8)

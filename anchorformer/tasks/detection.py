@@ -28,10 +28,9 @@ from anchorformer.config import RootConfig
 from anchorformer.data.coco import CocoInstances, DetectionBatch, collate_detection
 from anchorformer.data.dense import MapTrainStream, eval_loader
 from anchorformer.dist import collectives
-from anchorformer.tasks.backbone import (
-    AnchorFormerBackbone, DenseModelMixin, encoder_kwargs, full_parameters, task_options,
-)
+from anchorformer.models.backbone import AnchorFormerBackbone, DenseModelMixin
 from anchorformer.tasks.base import Runtime
+from anchorformer.tasks.dense_common import encoder_kwargs, full_parameters, task_options
 
 __all__ = ["DetectionTask", "AnchorFormerMaskRCNN", "build_detector", "detection_loss", "move_batch",
            "predict_coco_results", "coco_metrics", "evaluate_detection"]

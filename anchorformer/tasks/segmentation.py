@@ -20,10 +20,9 @@ from anchorformer.config import RootConfig
 from anchorformer.data.ade20k import IGNORE_INDEX, ADE20KSegmentation, SegmentationBatch, collate_segmentation
 from anchorformer.data.dense import MapTrainStream, eval_loader
 from anchorformer.dist import collectives
-from anchorformer.tasks.backbone import (
-    AnchorFormerBackbone, DenseModelMixin, encoder_kwargs, full_parameters, task_options,
-)
+from anchorformer.models.backbone import AnchorFormerBackbone, DenseModelMixin
 from anchorformer.tasks.base import Runtime
+from anchorformer.tasks.dense_common import encoder_kwargs, full_parameters, task_options
 
 __all__ = ["SegmentationTask", "ConvNormAct", "UperNetHead", "UperNetSegmentor", "segmentation_loss", "predict_logits",
            "SegmentationMetrics", "evaluate_segmentation"]
