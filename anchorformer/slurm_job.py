@@ -87,7 +87,7 @@ class TrainingJob:
         Returns:
             The trainer's summary when training completed.
         """
-        from anchorformer.dist import detect  # imports torch: only inside the job
+        from anchorformer.dist import detect, uses_cuda  # imports torch: only inside the job
 
         if submitit.JobEnvironment.USR_SIG != PREEMPT_SIGNAL:
             raise RuntimeError(f"submitit listens for SIG{submitit.JobEnvironment.USR_SIG}, not "
@@ -99,7 +99,7 @@ class TrainingJob:
         submitit_handler = signal.getsignal(getattr(signal, f"SIG{PREEMPT_SIGNAL}"))
         if job_env.cluster == "local":
             _export_local_rendezvous(job_env)
-        dist_env = detect()
+        dist_env = detect(cuda_available=uses_cuda(self.cfg.train.device))  # as launch/train.py detects
         _setup_process(dist_env)
         from anchorformer.engine import run_training  # imports deepspeed: after DS_ACCELERATOR
 

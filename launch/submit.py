@@ -29,9 +29,8 @@ from omegaconf import OmegaConf
 from submitit.slurm.slurm import SlurmExecutor
 
 from anchorformer.config import (
-    ConfigError, RootConfig, check_world_size, from_dict, load, to_dict, to_yaml,
+    ConfigError, RootConfig, check_world_size, from_dict, load, run_directory, to_dict, to_yaml,
 )
-from anchorformer.engine.trainer import run_directory
 from anchorformer.slurm_job import PREEMPT_SIGNAL, TrainingJob
 
 SUBMITIT_SIGNAL_VARIABLE = "SUBMITIT_PREEMPT_SIGNAL"

@@ -19,9 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from anchorformer import config  # noqa: E402
-from anchorformer.dist import detect  # noqa: E402
+from anchorformer.dist import detect, uses_cuda  # noqa: E402
 from anchorformer.engine import run_training  # noqa: E402
-from anchorformer.engine.trainer import run_directory, uses_cuda  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = config.load(args.config, args.overrides)
-        env = detect(cuda_available=uses_cuda(cfg))
+        env = detect(cuda_available=uses_cuda(cfg.train.device))
     except ValueError as err:  # ConfigError included: a bad recipe, override or launcher variable
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"%(asctime)s [rank {env.rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
     result = run_training(cfg, env=env)
     if env.rank == 0:
-        run_dir = run_directory(cfg)
+        run_dir = config.run_directory(cfg)
         metrics = result.metrics
         if "eval/top1" in metrics:
             evaluation = f", validation top-1 {metrics['eval/top1']:.2f}%" + (

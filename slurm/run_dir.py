@@ -12,8 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from anchorformer.config import ConfigError, load  # noqa: E402
-from anchorformer.engine.trainer import run_directory  # noqa: E402
+from anchorformer.config import ConfigError, load, run_directory  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

@@ -83,6 +83,16 @@ def test_detect_rejects_inconsistent_variables():
         dist.detect({"RANK": "0", "WORLD_SIZE": "two"}, argv=[], cuda_available=False)
 
 
+def test_the_device_follows_train_device_and_must_fit_the_process_group():
+    gloo, nccl = (dist.detect({}, argv=[], cuda_available=cuda) for cuda in (False, True))
+    assert not dist.uses_cuda("cpu") and dist.resolve_device("cpu", gloo) == torch.device("cpu")
+    with pytest.raises(ValueError, match="train.device=cpu trains on CPU but the process group uses nccl"):
+        dist.resolve_device("cpu", nccl)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="train.device=cuda but no CUDA device is visible"):
+            dist.uses_cuda("cuda")
+
+
 def test_in_lockstep_without_process_group_yields_every_item():
     assert list(dist.in_lockstep([1, 2, 3], filler=0, device=torch.device("cpu"))) == [(1, True), (2, True),
                                                                                       (3, True)]

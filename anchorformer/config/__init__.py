@@ -1,7 +1,9 @@
-"""Typed configuration: ``load(recipe, overrides)`` returns a validated, read-only RootConfig."""
+"""Typed configuration: ``load(recipe, overrides)`` returns a validated, read-only RootConfig;
+``run_directory(cfg)`` is the folder the run writes to."""
 from anchorformer.config.load import (
     check_world_size, describe, field_help, from_dict, load, to_dict, to_yaml,
 )
+from anchorformer.config.paths import run_directory
 from anchorformer.config.schema import (
     AugmentConfig, CheckpointConfig, ConfigError, DataConfig, DeepSpeedConfig, DetectionConfig, EmaConfig,
     LoggingConfig, LossConfig, MixupSection, ModelConfig, OptimConfig, RootConfig, ScheduleConfig,
@@ -9,7 +11,7 @@ from anchorformer.config.schema import (
 )
 
 __all__ = [
-    "load", "from_dict", "to_dict", "to_yaml", "check_world_size", "describe", "field_help",
+    "load", "from_dict", "to_dict", "to_yaml", "check_world_size", "describe", "field_help", "run_directory",
     "ConfigError", "RootConfig", "ModelConfig", "DataConfig", "AugmentConfig", "MixupSection",
     "OptimConfig", "ScheduleConfig", "LossConfig", "TrainConfig", "EmaConfig", "DeepSpeedConfig",
     "CheckpointConfig", "LoggingConfig", "SlurmConfig", "DetectionConfig", "SegmentationConfig",

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 from anchorformer import dist
 from anchorformer.config import RootConfig, check_world_size
-from anchorformer.engine.trainer import FitResult, Trainer, uses_cuda
+from anchorformer.engine.trainer import FitResult, Trainer
 
 __all__ = ["run_training", "DEFAULT_STOP_SIGNALS"]
 
@@ -32,7 +32,7 @@ def run_training(cfg: RootConfig, stop_signals: Sequence[signal.Signals] = DEFAU
     Returns:
         How the run ended.
     """
-    env = env if env is not None else dist.detect(cuda_available=uses_cuda(cfg))
+    env = env if env is not None else dist.detect(cuda_available=dist.uses_cuda(cfg.train.device))
     check_world_size(cfg, env.world_size)  # before any work: a bad batch split fails here
     dist.init(env)
     trainer: Optional[Trainer] = None

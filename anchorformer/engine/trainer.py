@@ -20,7 +20,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from anchorformer import dist
-from anchorformer.config import RootConfig, check_world_size, to_dict, to_yaml
+from anchorformer.config import RootConfig, check_world_size, run_directory, to_dict, to_yaml
 from anchorformer.engine import deepspeed_config
 from anchorformer.engine.checkpoint import Checkpointer, atomic_write_bytes, model_signature
 from anchorformer.engine.ema import ShardedEma
@@ -30,7 +30,7 @@ from anchorformer.engine.metrics import (
 from anchorformer.engine.optim import LrSchedule, build_optimizer, peak_lr, set_lr
 from anchorformer.tasks import Runtime, Task, build_task
 
-__all__ = ["FitResult", "StepInfo", "TrainingDiverged", "Trainer", "run_directory", "uses_cuda", "resolve_device"]
+__all__ = ["FitResult", "StepInfo", "TrainingDiverged", "Trainer"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,37 +71,6 @@ class TrainingDiverged(RuntimeError):
     """The loss was NaN/inf for ``train.nonfinite_patience`` optimizer steps in a row."""
 
 
-def run_directory(cfg: RootConfig) -> Path:
-    """The run folder: ``{logging.output_dir}/{logging.run_name}`` (``run`` when unnamed)."""
-    return Path(cfg.logging.output_dir) / (cfg.logging.run_name or "run")
-
-
-def uses_cuda(cfg: RootConfig) -> bool:
-    """Whether this run trains on GPUs (``train.device``: cuda, or auto with CUDA visible).
-
-    Raises:
-        ValueError: for train.device=cuda without a visible CUDA device.
-    """
-    choice = cfg.train.device
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
-    return choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
-
-
-def resolve_device(cfg: RootConfig, env: dist.DistEnv) -> torch.device:
-    """The device of this rank: its local GPU when the run uses CUDA, else the CPU.
-
-    Raises:
-        ValueError: when the process group's backend does not fit the device (nccl needs GPUs).
-    """
-    cuda = uses_cuda(cfg)
-    if cuda != (env.backend == "nccl"):
-        raise ValueError(f"train.device={cfg.train.device} trains on {'GPU' if cuda else 'CPU'} but the "
-                         f"process group uses {env.backend}; detect the environment with "
-                         f"dist.detect(cuda_available=uses_cuda(cfg))")
-    return torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
-
-
 class Trainer:
     """Trains ``cfg`` on this rank; every rank of the job builds one.
 
@@ -115,7 +84,7 @@ class Trainer:
         # Order: checks, device, run folder, seed, task + model, engine, EMA, data, resume, loggers.
         self.cfg, self.env = cfg, env
         self.accumulation = check_world_size(cfg, env.world_size)
-        self.device = resolve_device(cfg, env)
+        self.device = dist.resolve_device(cfg.train.device, env)
         self.dtype = _WEIGHT_DTYPES[cfg.train.precision]
         self.run_dir = run_directory(cfg)
         self._stop_requested = False
