@@ -6,15 +6,30 @@ Reference code: github.com/hyzhang98/AnchorFormer (model/AnchorViT.py).
 The layer projects the tokens to ``qk`` and ``v`` per head and mixes them through m learned
 anchors: ``anchorformer.kernels.reference.anchor_mix`` holds the maths, and the layer runs it through
 ``anchorformer.kernels.anchor_mix_fast`` (the fused Triton kernels on CUDA).
+
+Tracing: under ``torch.jit.script`` the layer calls the PyTorch ``anchor_mix`` (the dispatcher is
+plain Python); ``torch.fx`` records ``anchor_mix_fast`` and the mask check as single calls (they are
+``torch.fx.wrap``-ped), so a traced graph still runs the fast path and still refuses masks.
 """
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from anchorformer.kernels import anchor_mix_fast
+from anchorformer.kernels import anchor_mix, anchor_mix_fast
 
 __all__ = ["AnchorAttention"]
+
+torch.fx.wrap("anchor_mix_fast")  # one graph node: the traced graph runs the dispatcher's fast path
+
+
+def _refuse_masks(attn_mask: Optional[torch.Tensor], is_causal: bool) -> None:
+    """Anchor attention mixes every token with every other: there is no mask to apply."""
+    if attn_mask is not None or is_causal:
+        raise ValueError("AnchorAttention supports neither attn_mask nor is_causal")
+
+
+torch.fx.wrap("_refuse_masks")  # checked when the graph runs, not on tracing proxies
 
 
 class AnchorAttention(nn.Module):
@@ -72,11 +87,14 @@ class AnchorAttention(nn.Module):
         self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
     ) -> torch.Tensor:
         """(B, n, D) -> (B, n, D). ``attn_mask``/``is_causal`` exist for timm's Block signature."""
-        if attn_mask is not None or is_causal:
-            raise ValueError("AnchorAttention supports neither attn_mask nor is_causal")
+        _refuse_masks(attn_mask, is_causal)
         batch, tokens, dim = x.shape
-        qk, v = self.qk_v(x).reshape(batch, tokens, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = anchor_mix_fast(qk, self.anchors.weight, v, self.scale)  # fused Triton kernels on CUDA
+        qk_v = self.qk_v(x).reshape(batch, tokens, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qk, v = qk_v.unbind(0)
+        if torch.jit.is_scripting():
+            out = anchor_mix(qk, self.anchors.weight, v, self.scale)
+        else:
+            out = anchor_mix_fast(qk, self.anchors.weight, v, self.scale)  # fused Triton kernels on CUDA
         out = out.transpose(1, 2).reshape(batch, tokens, dim)
         return self.proj_drop(self.proj(out))
 
