@@ -252,9 +252,13 @@ default_cfgs = generate_default_cfgs({
 
 def _with_default_weights(variant: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """The pretrained-cfg overlay, with the default weights file (resolved now, so that
-    ``$ANCHORFORMER_WEIGHTS`` set after import counts) unless the caller gave a file or state dict."""
+    ``$ANCHORFORMER_WEIGHTS`` set after import counts) unless the caller gave a file or state dict,
+    or timm resolved the weights' location (``local-dir:FOLDER``, ``hf-hub:REPO``)."""
     overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
     if overlay.get("file") or overlay.get("state_dict") is not None:
+        return overlay
+    resolved = kwargs.get("pretrained_cfg")
+    if isinstance(resolved, dict) and resolved.get("source") in ("local-dir", "hf-hub"):
         return overlay
     tag = kwargs.get("pretrained_cfg") if isinstance(kwargs.get("pretrained_cfg"), str) else "in1k"
     weights = default_weights_file(variant, tag)
