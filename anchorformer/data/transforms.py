@@ -3,15 +3,17 @@ jitter, RandAugment or DeiT-III three-augment, random erasing), the evaluation t
 center crop), and Mixup/CutMix with label smoothing. Configs are plain dataclasses whose defaults
 are the DeiT recipe's."""
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from timm.data.auto_augment import AugmentOp
 
+from anchorformer.config import DataConfig
+
 __all__ = ["TrainTransformConfig", "EvalTransformConfig", "MixupConfig", "build_train_transform",
-           "build_eval_transform", "build_mixup"]
+           "build_eval_transform", "eval_transform_config", "build_mixup"]
 
 _INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "random")
 _ERASE_MODES = ("const", "rand", "pixel")
@@ -119,6 +121,37 @@ class EvalTransformConfig:
             raise ValueError(f"{owner}.interpolation='random' would make evaluation random; pick bicubic")
         self.mean, self.std = tuple(self.mean), tuple(self.std)
         _check_normalization(owner, self.mean, self.std)
+
+    def as_pretrained_cfg(self) -> dict[str, Any]:
+        """These options as timm pretrained-cfg fields: ``timm.data.resolve_data_config`` reads them
+        back, and ``create_transform(**that)`` builds the same transform as :func:`build_eval_transform`."""
+        return {"input_size": (3, self.image_size, self.image_size), "interpolation": self.interpolation,
+                "mean": self.mean, "std": self.std, "crop_pct": self.crop_pct, "crop_mode": "center"}
+
+    @classmethod
+    def from_data_config(cls, data_config: Mapping[str, Any]) -> "EvalTransformConfig":
+        """The options of a timm data config (``resolve_data_config``'s result or a pretrained cfg).
+
+        Raises:
+            ValueError: for a non-square input size or a crop mode other than ``center``.
+        """
+        height, width = data_config["input_size"][-2:]
+        if height != width or data_config.get("crop_mode", "center") != "center":
+            raise ValueError(f"only square center-crop preprocessing is supported, got input_size "
+                             f"{tuple(data_config['input_size'])} and crop_mode {data_config.get('crop_mode')!r}")
+        return cls(image_size=int(height), crop_pct=float(data_config.get("crop_pct", 0.875)),
+                   interpolation=data_config.get("interpolation", "bicubic"),
+                   mean=tuple(data_config.get("mean", IMAGENET_DEFAULT_MEAN)),
+                   std=tuple(data_config.get("std", IMAGENET_DEFAULT_STD)))
+
+
+def eval_transform_config(data: DataConfig) -> EvalTransformConfig:
+    """A recipe's evaluation preprocessing: ``data.image_size`` and the ``data.augment`` crop and
+    normalisation (a random training interpolation evaluates with bicubic)."""
+    augment = data.augment
+    return EvalTransformConfig(image_size=data.image_size, crop_pct=augment.crop_pct,
+                               interpolation="bicubic" if augment.interpolation == "random" else augment.interpolation,
+                               mean=augment.mean, std=augment.std)
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import timm
 import torch
@@ -16,6 +16,7 @@ from torch import nn
 import anchorformer.models  # noqa: F401  (registers the anchorformer_* models with timm)
 from anchorformer import data as shards
 from anchorformer.config import RootConfig
+from anchorformer.data.transforms import eval_transform_config
 from anchorformer.dist import in_lockstep, sum_across_ranks
 from anchorformer.tasks.base import Runtime
 from anchorformer.tasks.losses import ClassificationLoss, load_teacher
@@ -97,17 +98,9 @@ class ClassificationTask:
 
     def build_data(self) -> dict[str, Any]:
         """Train and validation streams of this rank (the embedded digits are built on first use)."""
-        d, env = self.cfg.data, self.runtime.env
-        if d.source == "embedded":
-            embedded = shards.prepare_embedded_dataset(d.cache_dir, image_size=d.image_size)
-            train, val = embedded.train_shards, embedded.val_shards
-            train_index, val_index = embedded.train_index, embedded.val_index
-        else:
-            train, val, train_index, val_index = d.train_shards, d.val_shards, d.train_index, d.val_index
+        d = self.cfg.data
+        (train, train_index), _ = self._shards()
         a = d.augment
-        common = dict(num_classes=self.cfg.model.num_classes, rank=env.rank, world_size=env.world_size,
-                      micro_batch_size=self.cfg.train.micro_batch_size, num_workers=d.num_workers,
-                      pin_memory=self.runtime.device.type == "cuda")
         mixup = None
         if d.mixup.enabled:
             mixup = shards.MixupConfig(mixup_alpha=d.mixup.mixup_alpha, cutmix_alpha=d.mixup.cutmix_alpha,
@@ -121,15 +114,29 @@ class ClassificationTask:
                 color_jitter=a.color_jitter, auto_augment=a.auto_augment,
                 interpolation=a.interpolation, re_prob=a.re_prob, re_mode=a.re_mode,
                 re_count=a.re_count, three_augment=a.three_augment, mean=a.mean, std=a.std),
-            **common)
-        val_stream = shards.build_val_stream(
-            val, index=val_index,
-            transform=shards.EvalTransformConfig(
-                image_size=d.image_size, crop_pct=a.crop_pct,
-                interpolation="bicubic" if a.interpolation == "random" else a.interpolation,
-                mean=a.mean, std=a.std),
-            **common)
-        return {"train": train_stream, "val": val_stream}
+            **self._stream_args())
+        return {"train": train_stream, "val": self.build_val_data()}
+
+    def build_val_data(self) -> shards.ValStream:
+        """This rank's validation stream alone (``launch/eval.py`` evaluates checkpoints on it)."""
+        _, (val, val_index) = self._shards()
+        return shards.build_val_stream(val, index=val_index, transform=eval_transform_config(self.cfg.data),
+                                       **self._stream_args())
+
+    def _shards(self) -> tuple[tuple[Optional[str], Optional[str]], tuple[Optional[str], Optional[str]]]:
+        """``((train shards, index), (val shards, index))`` of the recipe; the embedded digits are
+        built on first use."""
+        d = self.cfg.data
+        if d.source == "embedded":
+            embedded = shards.prepare_embedded_dataset(d.cache_dir, image_size=d.image_size)
+            return (embedded.train_shards, embedded.train_index), (embedded.val_shards, embedded.val_index)
+        return (d.train_shards, d.train_index), (d.val_shards, d.val_index)
+
+    def _stream_args(self) -> dict[str, Any]:
+        env = self.runtime.env
+        return dict(num_classes=self.cfg.model.num_classes, rank=env.rank, world_size=env.world_size,
+                    micro_batch_size=self.cfg.train.micro_batch_size, num_workers=self.cfg.data.num_workers,
+                    pin_memory=self.runtime.device.type == "cuda")
 
     def _to_device(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.runtime.device
