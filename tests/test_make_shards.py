@@ -82,7 +82,7 @@ def test_rerun_after_interruption_reproduces_clean_shards(tmp_path):
     victim.mkdir()  # reading it fails while its shard is written: the run stops there
     with pytest.raises(IsADirectoryError):
         write_shards(listing, out, "train", max_samples=4, progress=False)
-    assert not list(out.glob("*.partial")) and not (out / "train-index.json").exists()
+    assert not list(out.glob(".*.tmp")) and not (out / "train-index.json").exists()
     written = {path.name: path.stat().st_mtime_ns for path in out.glob("train-*.tar")}
     assert len(written) == len(clean) - 1  # interrupted in the last shard
 

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/: the benchmar
 import timm  # noqa: E402
 
 import anchorformer  # noqa: E402,F401  (registers the models)
+from anchorformer.atomic import atomic_write_bytes  # noqa: E402
 from anchorformer.models.complexity import forward_macs, measure, param_count  # noqa: E402
 from benchmarks.report import markdown_table  # noqa: E402
 
@@ -61,10 +62,8 @@ def main(argv: list[str] | None = None) -> None:
         "a third of the qkv projection.\n\n"
         + markdown_table(header, rows) + "\n"
     )
-    tmp = args.out.with_suffix(".tmp")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(args.out)
+    atomic_write_bytes(args.out, text.encode("utf-8"))
     print(f"wrote {args.out}")
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Literal, Optional, Tuple
@@ -22,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import anchorformer.models  # noqa: F401  (registers the AnchorFormer models with timm)
+from anchorformer.atomic import atomic_output, atomic_write_bytes
 from anchorformer.convert.source import SourceCheckpoint
 from anchorformer.models.anchorformer import checkpoint_filter_fn
 from anchorformer.models.backbone import TOOLBOX_PREFIX, load_backbone_weights
@@ -158,21 +158,15 @@ def _write(tensors: Dict[str, torch.Tensor], path: Path, metadata: Dict[str, str
     if path.suffix != ".safetensors":
         raise ValueError(f"the output must be a .safetensors file, got {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_output(path) as tmp:
         save_file({key: value.detach().contiguous().clone() for key, value in tensors.items()}, str(tmp), metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     args = json.loads(metadata["model_args"])
     config = {"architecture": metadata["model"], "num_classes": args.get("num_classes", 0), "model_args": args,
               "pretrained_cfg": {"file": str(path.resolve()), "num_classes": args.get("num_classes", 0),
                                  "input_size": [3, int(metadata["resolution"]), int(metadata["resolution"])]},
               **{key: metadata[key] for key in ("format", "layout", "source", "step", "weights")}}
     config_file = config_path(path)
-    config_tmp = config_file.with_name(f".{config_file.name}.tmp{os.getpid()}")
-    config_tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(config_tmp, config_file)
+    atomic_write_bytes(config_file, (json.dumps(config, indent=2) + "\n").encode())
     logger.info("wrote %s (%d tensors) and %s", path, len(tensors), config_file)
     return path
 

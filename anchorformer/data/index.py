@@ -6,12 +6,13 @@ import logging
 import os
 import re
 import tarfile
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
+
+from anchorformer.atomic import atomic_write_bytes
 
 __all__ = ["INDEX_FORMAT", "ShardEntry", "ShardIndex", "ShardSpec", "write_json_atomic", "write_index",
            "read_index", "index_path", "class_map_path", "resolve_shards"]
@@ -61,19 +62,10 @@ def class_map_path(folder: str | Path, name: str) -> Path:
 
 
 def write_json_atomic(path: str | Path, content: object) -> None:
-    """Write ``content`` as JSON to a temporary file beside ``path`` and rename it over ``path``."""
+    """Write ``content`` as JSON to ``path`` atomically (its folder is created if missing)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(content, f, indent=1)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; indexes are read by every user of the shards
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, (json.dumps(content, indent=1) + "\n").encode("utf-8"))
 
 
 def write_index(path: str | Path, index: ShardIndex) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import webdataset
 from tqdm import tqdm
 
+from anchorformer.atomic import atomic_output
 from anchorformer.data.index import (ShardEntry, ShardIndex, class_map_path, index_path, write_index,
                                      write_json_atomic)
 from anchorformer.data.sources import SourceListing, SourceSample
@@ -102,22 +103,13 @@ def _plan_digest(samples: list[SourceSample]) -> str:
 
 
 def _write_one_shard(job: _ShardJob) -> ShardEntry:
-    """Write one planned shard to a temporary name with webdataset's ShardWriter, then rename it."""
+    """Write one planned shard with webdataset's TarWriter to a temporary name, then rename it."""
     final = Path(job.out_dir) / shard_file_name(job.name, job.number)
-    partial_pattern = str(Path(job.out_dir) / f".{job.name}-%06d.tar.partial")
-    partial = partial_pattern % job.number
-    try:
-        # One ShardWriter per planned shard: the boundaries are fixed by the plan (which keeps
-        # re-runs resumable and lets shards be written in parallel), so maxcount never splits it.
-        with webdataset.ShardWriter(partial_pattern, maxcount=len(job.samples), maxsize=float("inf"),
-                                    start_shard=job.number, verbose=0, mtime=_FIXED_MTIME) as writer:
-            for sample in job.samples:
-                writer.write({"__key__": sample.key, sample.ext: sample.read(), "cls": sample.label})
-        os.replace(partial, final)
-    except BaseException:
-        if os.path.exists(partial):
-            os.unlink(partial)
-        raise
+    # One tar per planned shard: the boundaries are fixed by the plan (which keeps re-runs
+    # resumable and lets shards be written in parallel).
+    with atomic_output(final) as partial, webdataset.TarWriter(str(partial), mtime=_FIXED_MTIME) as writer:
+        for sample in job.samples:
+            writer.write({"__key__": sample.key, sample.ext: sample.read(), "cls": sample.label})
     return ShardEntry(name=final.name, samples=len(job.samples), bytes=final.stat().st_size)
 
 

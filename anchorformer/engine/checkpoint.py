@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
@@ -24,9 +23,10 @@ import torch
 from torch import nn
 
 from anchorformer import dist
+from anchorformer.atomic import atomic_torch_save, atomic_write_bytes
 from anchorformer.config import CheckpointConfig
 
-__all__ = ["CheckpointError", "Checkpointer", "model_signature", "atomic_write_bytes"]
+__all__ = ["CheckpointError", "Checkpointer", "model_signature"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,22 +37,6 @@ META = "meta.json"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed by this run (missing, another model, another layout)."""
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` through a temporary name and an atomic rename."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def model_signature(model: nn.Module, model_name: str) -> dict[str, Any]:
@@ -100,9 +84,9 @@ class Checkpointer:
         tag_dir = self.directory / tag
         engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state,
                                save_latest=False)
-        _atomic_torch_save(rank_state, tag_dir / f"trainer_rank{dist.rank()}.pt")
+        atomic_torch_save(rank_state, tag_dir / f"trainer_rank{dist.rank()}.pt")
         if self.is_main:
-            _atomic_torch_save(shared_state, tag_dir / "trainer_shared.pt")
+            atomic_torch_save(shared_state, tag_dir / "trainer_shared.pt")
             atomic_write_bytes(tag_dir / META, json.dumps(meta, indent=2).encode())
         dist.barrier()  # every rank's files are complete before `latest` names this tag
         if self.is_main:

@@ -20,9 +20,10 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from anchorformer import dist
+from anchorformer.atomic import atomic_write_bytes
 from anchorformer.config import RootConfig, check_world_size, run_directory, to_dict, to_yaml
 from anchorformer.engine import deepspeed_config
-from anchorformer.engine.checkpoint import Checkpointer, atomic_write_bytes, model_signature
+from anchorformer.engine.checkpoint import Checkpointer, model_signature
 from anchorformer.engine.ema import ShardedEma
 from anchorformer.engine.metrics import (
     TensorBoardLogger, Throughput, measure_forward_flops, peak_memory_gb,

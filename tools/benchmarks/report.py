@@ -2,11 +2,9 @@
 test images, and writing one named section of docs/benchmarks.md atomically (other sections are
 kept as they are)."""
 import argparse
-import os
 import platform
 import re
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -14,6 +12,8 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 from PIL import Image
+
+from anchorformer.atomic import atomic_write_bytes
 
 __all__ = ["comma_separated", "machine_description", "time_call", "peak_memory_bytes", "photo_crops", "markdown_table", "write_section"]
 
@@ -116,15 +116,12 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
 
 
 def write_section(doc: Path, name: str, markdown: str) -> None:
-    """Replace (or append) the section ``name`` of ``doc`` between its begin/end markers,
-    writing to a temporary file and renaming it over ``doc``."""
+    """Replace (or append) the section ``name`` of ``doc`` between its begin/end markers; the
+    file is replaced atomically."""
     begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
     block = f"{begin}\n{markdown.strip()}\n{end}"
     text = doc.read_text(encoding="utf-8") if doc.exists() else "# Benchmarks\n"
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     doc.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=doc.parent, prefix=f".{doc.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, doc)
+    atomic_write_bytes(doc, text.encode("utf-8"))
