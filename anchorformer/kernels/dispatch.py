@@ -119,7 +119,7 @@ def _kernel_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
 
 def _launch_forward(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor,
                     scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Output, C and 1/Lambda of the Triton forward (anchors in the dtype of qk)."""
+    """Output, C and 1/Lambda of the Triton forward (the kernels round the anchors to the dtype of qk)."""
     from anchorformer.kernels import anchor_mix_triton
 
     with _kernel_device(qk):
@@ -233,12 +233,11 @@ def anchor_mix_fast(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor, sc
         requested = requested_backend()
         wanted = requested == "triton" or (requested == "auto" and qk.is_cuda)
         if wanted and _triton_unsupported_reason(qk, anchors, v) is None:
-            return _fused_forward(qk, anchors.to(qk.dtype), v, scale)[0]
+            return _fused_forward(qk, anchors, v, scale)[0]
         return anchor_mix(qk, anchors, v, scale)
     backend = select_backend(qk, anchors, v)
     _calls_per_backend[backend] += 1
-    if backend == "triton":
-        anchors = anchors.to(qk.dtype)
+    if backend == "triton":  # no cast of the anchors: the kernels round them on load
         if torch._C._len_torch_dispatch_stack() > 0:  # e.g. FlopCounterMode: let it see the op
             return _fused_forward(qk, anchors, v, scale)[0]
         return _FusedAnchorMix.apply(qk, anchors, v, scale)
