@@ -78,7 +78,7 @@ def to_yaml(cfg: RootConfig) -> str:
 
 
 def check_world_size(cfg: RootConfig, world_size: int) -> int:
-    """Check the batch split and repeated augmentation against the number of processes.
+    """Check the batch split against the number of processes.
 
     Args:
         cfg: validated configuration.
@@ -88,8 +88,7 @@ def check_world_size(cfg: RootConfig, world_size: int) -> int:
         Gradient-accumulation steps (global batch / (micro batch x world size)).
 
     Raises:
-        ConfigError: when the global batch cannot be split evenly over ``world_size`` ranks, or
-            ``data.repeated_aug`` does not divide it.
+        ConfigError: when the global batch cannot be split evenly over ``world_size`` ranks.
     """
     train = cfg.train
     per_step = train.micro_batch_size * world_size
@@ -99,11 +98,6 @@ def check_world_size(cfg: RootConfig, world_size: int) -> int:
             f"{train.global_batch_size} is not divisible by train.micro_batch_size x world size = "
             f"{train.micro_batch_size} x {world_size} = {per_step}; change train.micro_batch_size "
             f"or the number of processes")
-    if world_size % cfg.data.repeated_aug != 0:
-        raise ConfigError(
-            "data.repeated_aug",
-            f"{cfg.data.repeated_aug} repeats must divide the {world_size} processes; pick a divisor "
-            f"of the world size (1 disables repeated augmentation)")
     return train.global_batch_size // per_step
 
 

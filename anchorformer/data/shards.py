@@ -1,18 +1,24 @@
 """Training and validation streams over webdataset shards, one per rank.
 
 Training: every epoch the shard list is shuffled with a seed derived from (seed, epoch) and dealt
-to ``world_size / repeated_aug`` rank groups x ``num_workers`` logical workers. Each logical worker
-reads its shards with webdataset (tar reader, shuffle buffer), cycling through them again in a new
-order when they run out (resampling), so every rank makes exactly ``steps_per_epoch`` batches and
-no rank waits at the end of an epoch. Batch ``b`` of an epoch comes from logical worker
+to ``world_size`` x ``num_workers`` readers, one per rank and logical worker. A reader reads its
+shards with webdataset (tar reader, shuffle buffer), cycling through them again in a new order when
+they run out (resampling), so every rank makes exactly ``steps_per_epoch`` batches and no rank
+waits at the end of an epoch. Batch ``b`` of an epoch comes from logical worker
 ``b % num_workers``; a batch is a deterministic function of (seed, epoch, rank, world_size,
 num_workers, b), augmentations included (they are seeded per sample). The stream's state (epoch,
 batches consumed, samples each logical worker consumed) is enough to rebuild it so that it goes on
 with exactly the batches an uninterrupted run would have produced next.
 
-Repeated augmentation (DeiT's RASampler): the ``repeated_aug`` ranks of a group read the same
-samples in the same order and augment them differently, so each image is seen ``repeated_aug``
-times per epoch on different ranks while an epoch keeps its length.
+Repeated augmentation (DeiT's RASampler), any count ``r`` on any number of ranks: logical worker
+``w`` of rank ``k`` follows the readers ``w`` of ranks ``k, k-1, ..., k-r+1`` (mod world_size), each
+through its own copy of that reader (the same samples in the same order), and takes its samples
+from them in turn (sample ``q`` of the worker from copy ``q % r``). Every sample a reader yields is
+thus trained on by ``r`` consecutive ranks, distinct ones while ``r <= world_size`` (as RASampler
+places the copies; with fewer ranks a rank gets several), each augmenting it with its own seed,
+in nearly the same step; an epoch keeps its length, so it sees about 1/r of the images. The
+worker's shuffle buffer is split between its r copies (the same memory as without repeats). The
+worker's state stays one position: how many samples it took from its copies in turn.
 
 Validation: the shards are dealt to ranks, then workers, read once in order; every sample is
 yielded once overall, ranks may yield different numbers of batches, nothing is padded."""
@@ -93,6 +99,22 @@ def _deal_shards(shards: list[ShardSpec], streams: int, seed: int, epoch: int) -
     return dealt
 
 
+def _followed_ranks(rank: int, world_size: int, repeated_aug: int) -> list[int]:
+    """The ranks whose readers ``rank`` follows, one per repeat: ``rank, rank-1, ...`` (mod
+    world_size), so the ``repeated_aug`` copies of a sample go to consecutive ranks."""
+    return [(rank - copy) % world_size for copy in range(repeated_aug)]
+
+
+def _take_in_turn(copies: list[Iterator[dict]], start: int) -> Iterator[dict]:
+    """The worker's samples from position ``start`` on: position ``q`` is the next sample of copy
+    ``q % len(copies)`` (each copy is endless), renumbered ``q`` for the resume state and the
+    augmentation seed."""
+    for position in itertools.count(start):
+        sample = next(copies[position % len(copies)])
+        sample["__position__"] = position
+        yield sample
+
+
 def _worker_slot(expected_workers: int) -> int:
     """The DataLoader worker id of this process (0 in the main process), checked against the plan."""
     info = get_worker_info()
@@ -116,15 +138,21 @@ class _TrainEpoch(IterableDataset):
         # Batches are handed out round-robin from DataLoader worker 0, so the worker that gets the
         # next batch of the epoch (start_batch) must play logical worker start_batch % workers.
         logical = (_worker_slot(workers) + self.start_batch) % workers
-        group = plan.rank // plan.repeated_aug
-        stream = group * workers + logical
-        streams = plan.world_size // plan.repeated_aug * workers
-        urls = [plan.shards[i].url for i in _deal_shards(plan.shards, streams, plan.seed, self.epoch)[stream]]
+        dealt = _deal_shards(plan.shards, plan.world_size * workers, plan.seed, self.epoch)
         counter = SkipCounter(where=f"train rank {plan.rank} worker {logical}")
+        start = self.start_positions[logical]
+        copies = []
+        for copy, followed_rank in enumerate(_followed_ranks(plan.rank, plan.world_size, plan.repeated_aug)):
+            stream = followed_rank * workers + logical
+            where = counter.where + (f" copy {copy}" if plan.repeated_aug > 1 else "")
+            copy_counter = SkipCounter(where=where, counts=counter.counts)  # one tally per worker
+            samples = _epoch_samples([plan.shards[i].url for i in dealt[stream]], plan.seed, self.epoch, stream,
+                                     plan.shuffle_buffer // plan.repeated_aug, copy_counter)
+            already_taken = max(0, -(-(start - copy) // plan.repeated_aug))  # positions < start from this copy
+            copies.append(number_samples(samples, start=already_taken, counter=copy_counter))
         first = self.start_batch + (logical - self.start_batch) % workers
         stages = [
-            functools.partial(_epoch_samples, urls, plan.seed, self.epoch, stream, plan.shuffle_buffer, counter),
-            functools.partial(number_samples, start=self.start_positions[logical], counter=counter),
+            functools.partial(_take_in_turn, copies, start),
             functools.partial(decode_samples, num_classes=plan.num_classes, counter=counter),
             functools.partial(transform_samples, transform=plan.transform,
                               seed_parts=(plan.seed, self.epoch, plan.rank, logical)),
@@ -339,8 +367,8 @@ def build_train_stream(shards: str | list[str], *, index: str | None, num_classe
         transform: training augmentation.
         mixup: Mixup/CutMix options, ``None`` disables (needs an even micro_batch_size).
         shuffle_buffer: samples in each worker's shuffle buffer (0 or 1 disables).
-        repeated_aug: ranks that see each image per epoch (DeiT repeated augmentation); must divide
-            world_size.
+        repeated_aug: copies of each image trained on per epoch, on consecutive ranks (DeiT's
+            repeated augmentation; any count on any number of ranks); 1 disables.
         pin_memory: pin batches in page-locked memory (for GPU training).
         return_keys: also yield each batch's sample keys.
 
@@ -350,16 +378,16 @@ def build_train_stream(shards: str | list[str], *, index: str | None, num_classe
     _check_common(num_classes, rank, world_size, micro_batch_size, num_workers)
     if shuffle_buffer < 0:
         raise ValueError(f"shuffle_buffer={shuffle_buffer} must be >= 0 (0 disables)")
-    if repeated_aug < 1 or world_size % repeated_aug:
-        raise ValueError(f"repeated_aug={repeated_aug} must be >= 1 and divide world_size={world_size}")
+    if repeated_aug < 1:
+        raise ValueError(f"repeated_aug={repeated_aug} must be >= 1 (1 disables repeated augmentation)")
     if mixup is not None and micro_batch_size % 2:
         raise ValueError(f"Mixup/CutMix needs an even micro_batch_size, got {micro_batch_size}")
     specs, loaded = resolve_shards(shards, index)
     _check_classes(loaded, index or shards, num_classes)
-    streams = world_size // repeated_aug * max(1, num_workers)
+    streams = world_size * max(1, num_workers)
     if len(specs) < streams:
-        raise ValueError(f"{len(specs)} training shards cannot feed {streams} readers (world_size {world_size} / "
-                         f"repeated_aug {repeated_aug} x {max(1, num_workers)} workers); write more, smaller shards "
+        raise ValueError(f"{len(specs)} training shards cannot feed {streams} readers (world_size {world_size} x "
+                         f"{max(1, num_workers)} workers); write more, smaller shards "
                          f"(tools/make_shards.py --max-samples) or use fewer loader workers")
     stream = TrainStream(specs, num_classes=num_classes, rank=rank, world_size=world_size,
                          micro_batch_size=micro_batch_size, num_workers=num_workers, seed=seed, transform=transform,
