@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["PLANS", "PLAN_ENV_VAR", "set_plan", "plan_name", "unsupported_reason", "forward", "backward",
+__all__ = ["PLANS", "PLAN_ENV_VAR", "set_plan", "requested_plan", "plan_name", "unsupported_reason", "forward", "backward",
            "forward_outputs_like", "token_major_like", "ForwardState"]
 
 _NUM_WARPS = 4
@@ -121,6 +121,11 @@ def set_plan(name: str) -> None:
     """
     global _requested_plan
     _requested_plan = _check_plan(name, "set_plan()")
+
+
+def requested_plan() -> str:
+    """The launch plan asked for: :func:`set_plan`'s, else ``$ANCHORFORMER_ANCHOR_MIX_PLAN``'s at import, else ``auto``."""
+    return _requested_plan
 
 
 @triton.jit

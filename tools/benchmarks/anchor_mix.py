@@ -1,12 +1,17 @@
 """Anchor-mix backends: forward + backward time of eager PyTorch vs torch.compile vs the Triton kernels.
 
 Times ``anchor_mix_fast`` under each backend of ``anchorformer.kernels`` on the (B, h, n, dh)
-tensors of one anchor attention layer, and names the backend ``auto`` picks. These numbers are
-the evidence behind the dispatcher's defaults (``anchorformer/kernels/dispatch.py``).
+tensors of one anchor attention layer, the Triton kernels under each of their launch plans
+(``one-program``, ``token-split``), and names the backend and plan ``auto`` picks. These numbers
+are the evidence behind the dispatcher's defaults (``anchorformer/kernels/dispatch.py``) and the
+kernels' plan rule (``_splits_tokens`` in ``anchorformer/kernels/anchor_mix_triton.py``: run at
+several ``--batch`` values to see where the plans cross).
 """
 import argparse
+import contextlib
 import logging
 import time
+from typing import Iterator, Optional
 
 import torch
 
@@ -18,7 +23,8 @@ __all__ = ["add_arguments", "run"]
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_TIMED_BACKENDS = ("torch", "compile", "triton")
+# (backend, the kernels' launch plan) pairs, each timed at every n
+_TIMED = (("torch", None), ("compile", None), ("triton", "one-program"), ("triton", "token-split"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,8 +43,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="name of the docs/benchmarks.md section (default: anchor-mix-DEVICE)")
 
 
-def _time_backend(backend: str, qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor, device: torch.device):
-    """(seconds of the first call, median seconds per fwd+bwd) or the error that stopped it."""
+@contextlib.contextmanager
+def _kernel_plan(plan: Optional[str]) -> Iterator[None]:
+    """The Triton kernels' launch plan forced to ``plan`` inside (None: left as it is)."""
+    if plan is None:
+        yield
+        return
+    from anchorformer.kernels import anchor_mix_triton  # imports triton
+
+    previous = anchor_mix_triton.requested_plan()
+    anchor_mix_triton.set_plan(plan)
+    try:
+        yield
+    finally:
+        anchor_mix_triton.set_plan(previous)
+
+
+def _auto_plan(qk: torch.Tensor, anchors: torch.Tensor, backend: str) -> str:
+    """The launch plan the kernels take for these inputs when ``backend`` is theirs, else '-'."""
+    if backend != "triton":
+        return "-"
+    from anchorformer.kernels import anchor_mix_triton
+
+    return anchor_mix_triton.plan_name(qk, anchors)
+
+
+def _time_backend(backend: str, plan: Optional[str], qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor,
+                  device: torch.device):
+    """(seconds of the first call, median seconds per fwd+bwd) or the error that stopped it;
+    ``plan`` forces the kernels' launch plan (None for the other backends)."""
     leaves = [t.detach().clone().requires_grad_() for t in (qk, anchors, v)]
     grad = torch.randn_like(qk)
     scale = qk.shape[-1] ** -0.5
@@ -48,14 +81,15 @@ def _time_backend(backend: str, qk: torch.Tensor, anchors: torch.Tensor, v: torc
 
     set_backend(backend)
     try:
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        first = time.perf_counter() - start
-        return first, time_call(step, device, warmup=2, repeats=10)
-    except (ValueError, RuntimeError) as error:  # a backend this machine cannot run: say why in the table
-        logger.warning("anchor-mix backend %s failed: %s", backend, error)
+        with _kernel_plan(plan):
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            first = time.perf_counter() - start
+            return first, time_call(step, device, warmup=2, repeats=10)
+    except (ImportError, ValueError, RuntimeError) as error:  # a backend this machine cannot run: say why
+        logger.warning("anchor-mix backend %s (plan %s) failed: %s", backend, plan, error)
         return str(error).split(";")[0].replace("|", "/")[:120], None
     finally:
         set_backend(None)
@@ -76,25 +110,28 @@ def run(args: argparse.Namespace) -> str:
         qk = torch.randn(shape, device=device, dtype=dtype)
         v = torch.randn(shape, device=device, dtype=dtype)
         anchors = torch.randn(args.anchors, args.head_dim, device=device, dtype=dtype)
-        timings = {backend: _time_backend(backend, qk, anchors, v, device) for backend in _TIMED_BACKENDS}
-        eager = timings["torch"][1]
+        timings = [_time_backend(backend, plan, qk, anchors, v, device) for backend, plan in _TIMED]
+        eager = timings[0][1]
         row = [tokens]
-        for backend in _TIMED_BACKENDS:
-            first, median = timings[backend]
+        for first, median in timings:
             if median is None:
                 row += [f"n/a: {first}", "-", "-"]
             else:
                 row += [f"{median * 1e3:.3f}", f"{eager / median:.2f}x", f"{first:.1f}"]
-        rows.append(row + [select_backend(qk, anchors, v)])
+        auto = select_backend(qk, anchors, v)
+        rows.append(row + [auto, _auto_plan(qk, anchors, auto)])
     header = ["n"]
-    for backend in _TIMED_BACKENDS:
-        header += [f"{backend} ms", f"{backend} speedup", f"{backend} first call s"]
+    for backend, plan in _TIMED:
+        label = backend if plan is None else f"{backend} {plan}"
+        header += [f"{label} ms", f"{label} speedup", f"{label} first call s"]
     return "\n".join([
         f"## Anchor-mix backends: eager vs torch.compile vs Triton, fwd+bwd ({device.type})",
         "",
         f"Device: {machine_description(device)}. B={batch}, h={args.heads}, dh={args.head_dim}, "
         f"m={args.anchors}, {str(dtype).removeprefix('torch.')}; median of 10 calls after 2 warm-up calls; "
-        "speedup vs eager; 'first call' includes compilation; 'auto' = the dispatcher's choice.",
+        "speedup vs eager; 'first call' includes compilation; 'auto' = the dispatcher's choice; 'plan' = the "
+        "kernels' launch plan under auto (one-program: one launch forward, two backward; token-split: three "
+        "and four).",
         "",
-        markdown_table(header + ["auto"], rows),
+        markdown_table(header + ["auto", "plan"], rows),
     ])
