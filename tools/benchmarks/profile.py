@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 _FAMILIES = ("deit", "anchorformer")
 # First match wins; kernel names (CUDA) and operator names (CPU) alike.
 _CATEGORIES = (
-    ("anchor mix (Triton)", re.compile(r"_gather_kernel|_scatter_kernel|_finish_(forward|backward)_kernel|_backward_kernel")),
+    ("anchor mix (Triton)", re.compile(r"_(gather|scatter|finish_forward|finish_backward|one_program_forward|"
+                                       r"one_program_backward|token_split_backward)_kernel")),
     ("attention (SDPA)", re.compile(r"flash|fmha|sdpa|scaled_dot_product|efficient_attention|attention", re.I)),
     ("optimizer", re.compile(r"multi_tensor|adam|foreach", re.I)),
     ("matmul", re.compile(r"gemm|cutlass|xmma|nvjet|wgmma|cublas|aten::(mm|addmm|bmm|baddbmm|linear|matmul)$", re.I)),
