@@ -25,7 +25,8 @@ def test_registry_holds_every_variant():
     assert VARIANTS == sorted([
         "anchorformer_tiny_patch16_224", "anchorformer_small_patch16_224", "anchorformer_base_patch16_224",
         "anchorformer_base_patch16_384", "anchorformer_tiny_distilled_patch16_224",
-        "anchorformer_small_distilled_patch16_224", "anchorformer_base_distilled_patch16_224"])
+        "anchorformer_small_distilled_patch16_224", "anchorformer_base_distilled_patch16_224",
+        "anchorformer_base_distilled_patch16_384"])
 
 
 @pytest.mark.parametrize("name", VARIANTS)

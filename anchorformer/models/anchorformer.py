@@ -246,6 +246,7 @@ default_cfgs = generate_default_cfgs({
         "anchorformer_tiny_distilled_patch16_224.in1k": _DISTILLED,
         "anchorformer_small_distilled_patch16_224.in1k": _DISTILLED,
         "anchorformer_base_distilled_patch16_224.in1k": _DISTILLED,
+        "anchorformer_base_distilled_patch16_384.in1k": {**_DISTILLED, **_AT_384},
     }.items()
 })
 
@@ -335,3 +336,12 @@ def anchorformer_base_distilled_patch16_224(pretrained: bool = False, **kwargs: 
     """AnchorFormer-B/16 with DeiT's distillation token, arXiv 2505.16463."""
     return _create_anchorformer("anchorformer_base_distilled_patch16_224", pretrained, distilled=True,
                                 **dict(_BASE, **kwargs))
+
+
+@register_model
+def anchorformer_base_distilled_patch16_384(pretrained: bool = False, **kwargs: Any) -> AnchorFormerDistilled:
+    """AnchorFormer-B/16 with DeiT's distillation token at 384 px (fine-tuned from 224 with
+    distillation, configs/ft_in1k_base_distilled_384.yaml), arXiv 2505.16463 (the authors'
+    anchor_deit_base_distilled_patch16_384)."""
+    return _create_anchorformer("anchorformer_base_distilled_patch16_384", pretrained, distilled=True,
+                                **dict(_BASE, **{"img_size": 384, **kwargs}))
