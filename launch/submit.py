@@ -28,6 +28,7 @@ import submitit
 from omegaconf import OmegaConf
 from submitit.slurm.slurm import SlurmExecutor
 
+from anchorformer.atomic import atomic_write_bytes
 from anchorformer.config import (
     ConfigError, RootConfig, check_world_size, from_dict, load, run_directory, to_dict, to_yaml,
 )
@@ -268,11 +269,9 @@ def make_executor(cfg: RootConfig, local: bool) -> submitit.AutoExecutor:
 
 
 def _write_job_id(run_dir: Path, job_id: str) -> None:
-    """Record the job id in the run folder (temp file, then rename)."""
+    """Record the job id in the run folder (atomically)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / (JOB_ID_FILE + ".tmp")
-    tmp.write_text(job_id + "\n")
-    tmp.replace(run_dir / JOB_ID_FILE)
+    atomic_write_bytes(run_dir / JOB_ID_FILE, (job_id + "\n").encode())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
