@@ -1,7 +1,7 @@
 """Fused Triton kernels for anchor attention's mixing step, forward and backward.
 
 For one (batch, head) with tokens ``X = qk`` (n, d), anchors ``U`` (m, d), values ``V`` (n, d) and
-``s = scale`` the forward is (see ``anchorformer.models.anchor_attention.anchor_mix``)::
+``s = scale`` the forward is (see ``anchorformer.kernels.reference.anchor_mix``)::
 
     L = s X U^T (n, m);  A = softmax_rows(L);  Lambda = 1^T A (m,);  inv = 1/Lambda (0 where 0)
     P = A^T V (m, d);    C = diag(inv) P;      O = A C (n, d)
@@ -55,8 +55,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["PLANS", "PLAN_ENV_VAR", "set_plan", "requested_plan", "plan_name", "unsupported_reason", "forward", "backward",
-           "forward_outputs_like", "token_major_like", "ForwardState"]
+__all__ = ["PLANS", "PLAN_ENV_VAR", "set_plan", "requested_plan", "plan_name", "unsupported_reason", "forward",
+           "backward", "forward_outputs_like", "token_major_like", "ForwardState"]
 
 _NUM_WARPS = 4
 
@@ -72,9 +72,9 @@ class _TileLimits(NamedTuple):
         fp32, (32, 64), 32 tokens: one-program forward 45568, one-program backward 81920;
             gather 45568, scatter 24576, token-split backward 81920, the finish kernels 256
 
-    A one-program kernel needs no more than the largest split kernel it fuses: the compiler
-    reuses the first pass's buffers in the second. At the models' tile (dh=64, m=30) no kernel
-    spills registers; at dh=128 both backward kernels do (a few hundred bytes)."""
+    So a one-program kernel needs no more than the largest split kernel it fuses. At the models'
+    tile (dh=64, m=30) no kernel spills registers; at dh=128 both backward kernels do (a few
+    hundred bytes, as the token-split backward did before the one-program plan)."""
 
     block_n: int
     max_tile: int
@@ -124,7 +124,8 @@ def set_plan(name: str) -> None:
 
 
 def requested_plan() -> str:
-    """The launch plan asked for: :func:`set_plan`'s, else ``$ANCHORFORMER_ANCHOR_MIX_PLAN``'s at import, else ``auto``."""
+    """The launch plan asked for: :func:`set_plan`'s, else that of ``$ANCHORFORMER_ANCHOR_MIX_PLAN``
+    at import, else ``auto``."""
     return _requested_plan
 
 
@@ -146,7 +147,8 @@ def _load_anchors(u_ptr, stride_rows, stride_cols, rows, cols, dtype: tl.constex
     offs_r = tl.arange(0, BLOCK_R)
     offs_c = tl.arange(0, BLOCK_C)
     mask = (offs_r < rows)[:, None] & (offs_c < cols)[None, :]
-    return tl.load(u_ptr + offs_r[:, None] * stride_rows + offs_c[None, :] * stride_cols, mask=mask, other=0.0).to(dtype)
+    tile = tl.load(u_ptr + offs_r[:, None] * stride_rows + offs_c[None, :] * stride_cols, mask=mask, other=0.0)
+    return tile.to(dtype)
 
 
 @triton.jit
@@ -172,7 +174,8 @@ def _tile(head, tokens, stride_n, stride_d, BLOCK_D: tl.constexpr):
 @triton.jit
 def _state(bh, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Offsets of row ``bh``'s padded (BLOCK_M, BLOCK_D) tile in a (rows, BLOCK_M, BLOCK_D) fp32 buffer."""
-    return bh.to(tl.int64) * BLOCK_M * BLOCK_D + tl.arange(0, BLOCK_M)[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
+    start = bh.to(tl.int64) * BLOCK_M * BLOCK_D
+    return start + tl.arange(0, BLOCK_M)[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
 
 
 @triton.jit
@@ -316,7 +319,8 @@ def _one_program_backward_kernel(
     inv_degree = tl.load(inv_degree_ptr + bh.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M))
     d_gathered, weight = _context_gradient(d_context, inv_degree, context)
     du = _backward_blocks(x_head, _head(v_ptr, bh, heads, stride_vb, stride_vh), g_head,
-                          _head(dx_ptr, bh, heads, stride_dxb, stride_dxh), _head(dv_ptr, bh, heads, stride_dvb, stride_dvh),
+                          _head(dx_ptr, bh, heads, stride_dxb, stride_dxh),
+                          _head(dv_ptr, bh, heads, stride_dvb, stride_dvh),
                           u, context.to(dtype), d_gathered.to(dtype), weight, scale,
                           0, n_blocks, n_tokens, n_anchors, head_dim,
                           stride_xn, stride_xd, stride_vn, stride_vd, stride_gn, stride_gd,
@@ -423,7 +427,8 @@ def _token_split_backward_kernel(
     tile = _state(bh, BLOCK_M, BLOCK_D)
     weight = tl.load(weight_ptr + bh.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M))
     du = _backward_blocks(_head(x_ptr, bh, heads, stride_xb, stride_xh), _head(v_ptr, bh, heads, stride_vb, stride_vh),
-                          _head(g_ptr, bh, heads, stride_gb, stride_gh), _head(dx_ptr, bh, heads, stride_dxb, stride_dxh),
+                          _head(g_ptr, bh, heads, stride_gb, stride_gh),
+                          _head(dx_ptr, bh, heads, stride_dxb, stride_dxh),
                           _head(dv_ptr, bh, heads, stride_dvb, stride_dvh),
                           u, tl.load(context_ptr + tile).to(dtype), tl.load(d_gathered_ptr + tile).to(dtype), weight,
                           scale, tl.program_id(1) * blocks_per_program * BLOCK_N, blocks_per_program,
@@ -573,7 +578,8 @@ def forward_outputs_like(qk: torch.Tensor, anchors: torch.Tensor) -> tuple[torch
     return _forward_outputs(qk, _padded(anchors.shape[0]), _padded(qk.shape[-1]))
 
 
-def forward(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, ForwardState]:
+def forward(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor,
+            scale: float) -> tuple[torch.Tensor, ForwardState]:
     """``A @ ((A^T @ v) / Lambda)`` for every batch and head, and the state the backward needs.
 
     Args:
