@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Run a benchmark and write its table into docs/benchmarks.md.
+"""Run a benchmark and write its table into docs/benchmarks.md and its numbers into docs/benchmarks.json.
 
     python tools/benchmark.py attention            # one benchmark
     python tools/benchmark.py all                  # every benchmark, CPU-sized defaults
@@ -10,17 +10,21 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/: the benchmarks package
 
 from benchmarks import BENCHMARKS, load  # noqa: E402
-from benchmarks.report import write_section  # noqa: E402
+from benchmarks.report import machine_description, write_section  # noqa: E402
+from benchmarks.results import take, write_json  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"),
-                        help="markdown file whose section for the benchmark is rewritten")
+                        help="markdown file whose section for the benchmark is rewritten; its .json twin "
+                             "gets the section's numbers")
     parser.add_argument("--no-write", action="store_true", help="print the table, leave --doc alone")
     sub = parser.add_subparsers(dest="name", required=True)
     sub.add_parser("all", help="every benchmark with its defaults")
@@ -32,11 +36,15 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         module = load(name)
         bench_args = args if args.name == name else sub.choices[name].parse_args([])
+        take()  # forget numbers a failed earlier run may have left
         section = module.run(bench_args)
         print(section)
         if not args.no_write:
             device = str(getattr(bench_args, "device", "cpu")).split(":")[0]
-            write_section(args.doc, getattr(bench_args, "section", None) or f"{name}-{device}", section)
+            section_name = getattr(bench_args, "section", None) or f"{name}-{device}"
+            write_section(args.doc, section_name, section)
+            write_json(args.doc.with_suffix(".json"), section_name, device,
+                       machine_description(torch.device(device)), take())
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from typing import Dict, Optional
 import torch
 
 from benchmarks.report import machine_description, markdown_table, peak_memory_bytes, time_call
+from benchmarks.results import record
 from anchorformer.models.backbone import AnchorFormerBackbone
 
 __all__ = ["add_arguments", "run"]
@@ -79,6 +80,14 @@ def run(args: argparse.Namespace) -> str:
         cells += [f"{r['peak'] / 2**30:.2f}" if r else "OOM" for r in (ours, deit)]
         speedup = f"{ours['img_s'] / deit['img_s']:.2f}x" if ours and deit else "n/a"
         memory = f"{ours['peak'] / deit['peak']:.2f}x" if ours and deit else "n/a"
+        case = f"{args.size} backbone {resolution} px batch {batch}"
+        for family, result in results.items():
+            if result:
+                record(case, f"{family} img/s", result["img_s"])
+                record(case, f"{family} peak GiB", result["peak"] / 2**30)
+        if ours and deit:
+            record(case, "AF / DeiT img/s", ours["img_s"] / deit["img_s"])
+            record(case, "AF / DeiT peak memory", ours["peak"] / deit["peak"])
         rows.append([resolution, (resolution // 16) ** 2, *cells, speedup, memory])
         logger.info("backbone %s at %d px: %s", args.size, resolution, rows[-1])
     header = ["px", "tokens", "AnchorFormer img/s", "DeiT img/s", "AnchorFormer peak GiB", "DeiT peak GiB",
