@@ -41,4 +41,5 @@ def test_anchor_mix_benchmark_times_eager_and_compiled_and_says_why_triton_canno
     assert row[0] == "20" and row[2] == "1.00x"  # eager is the reference
     assert float(row[1]) > 0 and float(row[4]) > 0  # eager and compiled timed
     assert all(row[i].startswith("n/a:") and "CUDA" in row[i] for i in (7, 10))  # both plans; no GPU here
-    assert row[-2:] == ["torch", "-"]  # auto: the PyTorch path, so no kernel plan
+    assert row[-5:-3] == ["torch", "-"]  # auto: the PyTorch path, so no kernel plan
+    assert row[-3:] == ["-", "-", "-"]  # GPU time and HBM floor: CUDA only

@@ -6,6 +6,11 @@ tensors of one anchor attention layer, the Triton kernels under each of their la
 are the evidence behind the dispatcher's defaults (``anchorformer/kernels/dispatch.py``) and the
 kernels' plan rule (``_splits_tokens`` in ``anchorformer/kernels/anchor_mix_triton.py``: run at
 several ``--batch`` values to see where the plans cross).
+
+On CUDA it also sums the GPU time of the auto path's kernels over one fwd+bwd (torch.profiler) and
+compares it with the HBM floor: the op must read qk and v and write the output forward, and read
+grad_out, qk, v and write dqk, dv backward, eight (B, h, n, dh) tensors in all, at the device's
+memory bandwidth. Target: GPU time within 3x of that floor.
 """
 import argparse
 import contextlib
@@ -16,6 +21,7 @@ from typing import Iterator, Optional
 import torch
 
 from benchmarks.report import machine_description, markdown_table, time_call
+from benchmarks.results import record, verdict
 from anchorformer.kernels import anchor_mix_fast, select_backend, set_backend
 
 __all__ = ["add_arguments", "run"]
@@ -25,6 +31,12 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # (backend, the kernels' launch plan) pairs, each timed at every n
 _TIMED = (("torch", None), ("compile", None), ("triton", "one-program"), ("triton", "token-split"))
+# HBM bandwidth (TB/s) by device-name fragment, most specific first.
+HBM_TBPS = (("H100 PCIe", 2.0), ("H100", 3.35), ("H200", 4.8), ("A100", 2.0))
+# (B, h, n, dh) tensors the op must move at least once: qk, v, out forward; grad_out, qk, v, dqk, dv backward.
+_TENSORS_MOVED = 8
+# The auto path's GPU time over one fwd+bwd: at most this multiple of the HBM floor.
+TARGET_FLOOR_RATIO = 3.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--anchors", type=int, default=30, help="anchors m")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                         help="input dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--hbm-tbps", type=float, default=None,
+                        help="memory bandwidth for the HBM floor, TB/s (default: known from the GPU's name)")
     parser.add_argument("--section", default=None,
                         help="name of the docs/benchmarks.md section (default: anchor-mix-DEVICE)")
 
@@ -95,6 +109,30 @@ def _time_backend(backend: str, plan: Optional[str], qk: torch.Tensor, anchors: 
         set_backend(None)
 
 
+def _hbm_bytes_per_s(device: torch.device, override_tbps: Optional[float]) -> Optional[float]:
+    if override_tbps:
+        return override_tbps * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tbps * 1e12 for fragment, tbps in HBM_TBPS if fragment in name), None)
+
+
+def _gpu_seconds(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor) -> float:
+    """GPU kernel time of one fwd+bwd of the auto path (CUDA only): the sum over its kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    leaves = [t.detach().clone().requires_grad_() for t in (qk, anchors, v)]
+    grad = torch.randn_like(qk)
+    for _ in range(2):  # warm-up: compiled kernels, cached plans
+        anchor_mix_fast(*leaves, qk.shape[-1] ** -0.5).backward(grad)
+    torch.cuda.synchronize(qk.device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        anchor_mix_fast(*leaves, qk.shape[-1] ** -0.5).backward(grad)
+        torch.cuda.synchronize(qk.device)
+    return sum(event.self_device_time_total for event in prof.key_averages()) / 1e6
+
+
 def run(args: argparse.Namespace) -> str:
     """Time every backend at every token count; return the markdown section."""
     device = torch.device(args.device)
@@ -119,7 +157,20 @@ def run(args: argparse.Namespace) -> str:
             else:
                 row += [f"{median * 1e3:.3f}", f"{eager / median:.2f}x", f"{first:.1f}"]
         auto = select_backend(qk, anchors, v)
-        rows.append(row + [auto, _auto_plan(qk, anchors, auto)])
+        plan = _auto_plan(qk, anchors, auto)
+        case = f"n={tokens} B={batch} h={args.heads} dh={args.head_dim}"
+        for (backend, forced), (_, median) in zip(_TIMED, timings):
+            if median is not None:
+                record(case, f"{backend}{' ' + forced if forced else ''} fwd+bwd ms", median * 1e3)
+        floor_cells = ["-", "-", "-"]
+        bandwidth = _hbm_bytes_per_s(device, args.hbm_tbps)
+        if on_gpu and bandwidth:
+            floor = _TENSORS_MOVED * qk.numel() * qk.element_size() / bandwidth
+            gpu = _gpu_seconds(qk, anchors, v)
+            met = record(case, "auto GPU time / HBM floor", gpu / floor, TARGET_FLOOR_RATIO, "at_most")
+            floor_cells = [f"{gpu * 1e3:.3f}", f"{floor * 1e3:.3f}",
+                           f"{gpu / floor:.1f}x, {verdict(met, TARGET_FLOOR_RATIO)}"]
+        rows.append(row + [auto, plan, *floor_cells])
     header = ["n"]
     for backend, plan in _TIMED:
         label = backend if plan is None else f"{backend} {plan}"
@@ -131,7 +182,8 @@ def run(args: argparse.Namespace) -> str:
         f"m={args.anchors}, {str(dtype).removeprefix('torch.')}; median of 10 calls after 2 warm-up calls; "
         "speedup vs eager; 'first call' includes compilation; 'auto' = the dispatcher's choice; 'plan' = the "
         "kernels' launch plan under auto (one-program: one launch forward, two backward; token-split: three "
-        "and four).",
+        "and four). 'GPU ms' sums the auto path's kernels over one fwd+bwd (CUDA); 'HBM floor' moves its "
+        f"{_TENSORS_MOVED} (B, h, n, dh) tensors once at the device's bandwidth.",
         "",
-        markdown_table(header + ["auto", "plan"], rows),
+        markdown_table(header + ["auto", "plan", "auto GPU ms", "HBM floor ms", "GPU / floor"], rows),
     ])
