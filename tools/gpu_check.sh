@@ -7,9 +7,9 @@
 # the model (224 px), train (through the Trainer), attention, profile, anchor-mix backend, model
 # (384 px, 1024 px backbone) and compiled-model (PyTorch path fused by the compiler, then the
 # kernels as custom ops) benchmarks; each writes its section of
-# docs/benchmarks.md. A step starts only while the budget has time left and is cut at its end.
+# docs/benchmarks.md and its rows of docs/benchmarks.json. A step starts only while the budget has time left and is cut at its end.
 # Logs go to $GPU_CHECK_LOGS (default: a temporary folder). When $OUT is set, docs/benchmarks.md,
-# summary.txt and logs.tar.gz are refreshed there after every step, so an outer time limit keeps
+# docs/benchmarks.json, summary.txt and logs.tar.gz are refreshed there after every step, so an outer time limit keeps
 # what finished. Exits non-zero when any step failed or was skipped; summary.txt lists them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +28,7 @@ sync_out() {
   mkdir -p "$OUT"
   cp "$summary" "$OUT/summary.txt"
   [ -f docs/benchmarks.md ] && cp docs/benchmarks.md "$OUT/benchmarks.md"
+  [ -f docs/benchmarks.json ] && cp docs/benchmarks.json "$OUT/benchmarks.json"
   tar -czf "$OUT/logs.tar.gz" -C "$logs" . 2>/dev/null
 }
 
@@ -84,7 +85,10 @@ run_step model-224 80 "${bench[@]}" model --device cuda --backend "$mix_backend"
 run_step train 120 "${bench[@]}" train --device cuda --backend "$mix_backend" --precisions bf16,bf16-mixed
 run_step attention 70 "${bench[@]}" attention --device cuda --backend "$mix_backend"
 run_step profile 50 "${bench[@]}" profile --device cuda --backend "$mix_backend"
-run_step anchor-mix-backends 90 "${bench[@]}" anchor-mix --device cuda --heads 12 --batch 32 --tokens 197 785 4097
+run_step anchor-mix-base 90 "${bench[@]}" anchor-mix --device cuda --heads 12 --batch 32 --tokens 197 785 4097 \
+  --section anchor-mix-base-cuda
+run_step anchor-mix-tiny 60 "${bench[@]}" anchor-mix --device cuda --heads 3 --batch 32 --tokens 197 785 4097 \
+  --section anchor-mix-tiny-cuda
 run_step model-384 45 "${bench[@]}" model --device cuda --backend "$mix_backend" \
   --resolutions 384 --backbone-resolution 0 --section model-384-cuda
 run_step model-1024 35 "${bench[@]}" model --device cuda --backend "$mix_backend" \
