@@ -32,11 +32,10 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from anchorformer.data.index import ShardIndex, ShardSpec, resolve_shards
+from anchorformer.data.pipelines import build_train_pipeline
 from anchorformer.data.stages import (SKIP_REASONS, BatchMeta, SkipCounter, add_skip_counts, batch_samples,
-                                      decode_samples, derive_seed, end_with_counts, mix_batches, number_samples,
-                                      transform_samples)
-from anchorformer.data.transforms import (EvalTransformConfig, MixupConfig, TrainTransformConfig, build_eval_transform,
-                                          build_mixup, build_train_transform)
+                                      decode_samples, derive_seed, end_with_counts, number_samples, transform_samples)
+from anchorformer.data.transforms import EvalTransformConfig, MixupConfig, TrainTransformConfig, build_eval_transform
 
 __all__ = ["TrainStream", "ValStream", "build_train_stream", "build_val_stream"]
 
@@ -153,15 +152,15 @@ class _TrainEpoch(IterableDataset):
         first = self.start_batch + (logical - self.start_batch) % workers
         stages = [
             functools.partial(_take_in_turn, copies, start),
-            functools.partial(decode_samples, num_classes=plan.num_classes, counter=counter),
-            functools.partial(transform_samples, transform=plan.transform,
+            functools.partial(decode_samples, num_classes=plan.num_classes, counter=counter,
+                              decoder=plan.pipeline.decode),
+            functools.partial(transform_samples, transform=plan.pipeline.transform,
                               seed_parts=(plan.seed, self.epoch, plan.rank, logical)),
             functools.partial(batch_samples, batch_size=plan.micro_batch_size,
                               batch_numbers=range(first, plan.steps_per_epoch, workers), worker=logical,
-                              counter=counter, partial=False),
+                              counter=counter, partial=False, stack=plan.pipeline.stack),
+            *plan.pipeline.batch_stages(seed_parts=(plan.seed, self.epoch, plan.rank)),
         ]
-        if plan.mixup is not None:
-            stages.append(functools.partial(mix_batches, mixup=plan.mixup, seed_parts=(plan.seed, self.epoch, plan.rank)))
         return iter(wds.DataPipeline(*stages))
 
 
@@ -192,12 +191,14 @@ class TrainStream:
 
     Iterating yields ``(images float32 (B,C,H,W), targets)`` (targets int64 (B,), or float32
     (B, num_classes) with mixup), plus the sample keys when built with ``return_keys=True``.
+    With ``augment_on="gpu"`` the images are a ``PlannedBatch`` (uint8 crops and their plan) and
+    the targets int64: ``device_augment(images, targets, device)`` makes the training batch.
     """
 
     def __init__(self, shards: list[ShardSpec], *, num_classes: int, rank: int, world_size: int,
                  micro_batch_size: int, num_workers: int, seed: int, transform: TrainTransformConfig,
                  mixup: MixupConfig | None, shuffle_buffer: int, repeated_aug: int, pin_memory: bool,
-                 return_keys: bool):
+                 return_keys: bool, pipeline: str = "pil", augment_on: str = "cpu"):
         self.shards = shards
         self.num_classes = num_classes
         self.rank, self.world_size = rank, world_size
@@ -205,8 +206,8 @@ class TrainStream:
         self.num_workers = num_workers
         self.logical_workers = max(1, num_workers)
         self.seed = seed
-        self.transform = build_train_transform(transform)
-        self.mixup = build_mixup(mixup, num_classes) if mixup is not None else None
+        self.pipeline = build_train_pipeline(transform, mixup, num_classes, pipeline, augment_on)
+        self.device_augment = self.pipeline.device_augment
         self.shuffle_buffer = shuffle_buffer
         self.repeated_aug = repeated_aug
         self.pin_memory = pin_memory
@@ -353,7 +354,8 @@ class ValStream:
 def build_train_stream(shards: str | list[str], *, index: str | None, num_classes: int, rank: int,
                        world_size: int, micro_batch_size: int, num_workers: int, seed: int,
                        transform: TrainTransformConfig, mixup: MixupConfig | None, shuffle_buffer: int = 1000,
-                       repeated_aug: int = 1, pin_memory: bool = False, return_keys: bool = False) -> TrainStream:
+                       repeated_aug: int = 1, pin_memory: bool = False, return_keys: bool = False,
+                       pipeline: str = "pil", augment_on: str = "cpu") -> TrainStream:
     """The training stream of one rank.
 
     Args:
@@ -371,6 +373,10 @@ def build_train_stream(shards: str | list[str], *, index: str | None, num_classe
             repeated augmentation; any count on any number of ranks); 1 disables.
         pin_memory: pin batches in page-locked memory (for GPU training).
         return_keys: also yield each batch's sample keys.
+        pipeline: ``pil`` (timm on Pillow images) or ``fast`` (the same augmentation on uint8
+            tensors, about twice the images per worker; see ``data.pipelines``).
+        augment_on: ``cpu`` (in the workers) or ``gpu`` (``fast`` only: the workers decode and
+            crop, ``stream.device_augment`` does the rest on the training device).
 
     Returns:
         The stream; ``steps_per_epoch = total // (micro_batch_size * world_size)`` on every rank.
@@ -392,7 +398,7 @@ def build_train_stream(shards: str | list[str], *, index: str | None, num_classe
     stream = TrainStream(specs, num_classes=num_classes, rank=rank, world_size=world_size,
                          micro_batch_size=micro_batch_size, num_workers=num_workers, seed=seed, transform=transform,
                          mixup=mixup, shuffle_buffer=shuffle_buffer, repeated_aug=repeated_aug,
-                         pin_memory=pin_memory, return_keys=return_keys)
+                         pin_memory=pin_memory, return_keys=return_keys, pipeline=pipeline, augment_on=augment_on)
     if stream.steps_per_epoch == 0:
         raise ValueError(f"{stream.total_samples} training samples make no global batch of "
                          f"{micro_batch_size} x {world_size} ranks; lower the micro batch size")

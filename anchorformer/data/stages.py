@@ -19,7 +19,7 @@ from torch.utils.data import get_worker_info
 from anchorformer.data.sources import IMAGE_EXTENSIONS
 
 __all__ = ["SKIP_REASONS", "SkipCounter", "BatchMeta", "derive_seed", "seeded_rngs", "number_samples",
-           "decode_samples", "transform_samples", "batch_samples", "mix_batches", "end_with_counts",
+           "decode_pil", "decode_samples", "transform_samples", "batch_samples", "mix_batches", "end_with_counts",
            "add_skip_counts"]
 
 _logger = logging.getLogger(__name__)
@@ -138,9 +138,17 @@ def _label(sample: dict) -> int | None:
         return None
 
 
-def decode_samples(samples: Iterable[dict], num_classes: int, counter: SkipCounter) -> Iterator[_Decoded]:
-    """Decode each sample's image with PIL (RGB) and parse its ``cls``; skip and count samples
-    without a valid label or image. A label outside ``[0, num_classes)`` stops the run."""
+def decode_pil(data: bytes) -> Image.Image:
+    """Image bytes -> RGB Pillow image."""
+    with Image.open(io.BytesIO(data)) as opened:
+        return opened.convert("RGB")
+
+
+def decode_samples(samples: Iterable[dict], num_classes: int, counter: SkipCounter,
+                   decoder: Callable[[bytes], object] = decode_pil) -> Iterator[_Decoded]:
+    """Decode each sample's image with ``decoder`` (Pillow, RGB, by default) and parse its ``cls``;
+    skip and count samples without a valid label or image. A label outside ``[0, num_classes)``
+    stops the run."""
     for sample in samples:
         key, shard = sample["__key__"], sample.get("__url__", "?")
         label = _label(sample)
@@ -155,8 +163,7 @@ def decode_samples(samples: Iterable[dict], num_classes: int, counter: SkipCount
             counter.skip("missing_image", f"sample {key} in shard {shard} has no image ({', '.join(IMAGE_EXTENSIONS)})")
             continue
         try:
-            with Image.open(io.BytesIO(sample[ext])) as opened:
-                image = opened.convert("RGB")
+            image = decoder(sample[ext])
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exn:
             counter.skip("decode_error", f"sample {key} in shard {shard}: {exn!r}")
             continue
@@ -178,7 +185,8 @@ def transform_samples(samples: Iterable[_Decoded], transform: Callable,
 
 
 def batch_samples(samples: Iterable[_Decoded], batch_size: int, batch_numbers: Iterable[int] | None,
-                  worker: int, counter: SkipCounter, partial: bool) -> Iterator[tuple]:
+                  worker: int, counter: SkipCounter, partial: bool,
+                  stack: Callable[[list], object] = torch.stack) -> Iterator[tuple]:
     """Stack samples into ``(images, targets int64, keys, BatchMeta)`` batches.
 
     Unlike webdataset's ``batched``, which reads one sample past a full batch before yielding it,
@@ -193,6 +201,7 @@ def batch_samples(samples: Iterable[_Decoded], batch_size: int, batch_numbers: I
         worker: the logical worker id sent in each BatchMeta.
         counter: this worker's skip counter.
         partial: yield a final smaller batch when the samples run out (validation).
+        stack: the transformed images -> the batch's images.
     """
     numbers = iter(batch_numbers) if batch_numbers is not None else None
     number = next(numbers, None) if numbers is not None else -1
@@ -202,17 +211,18 @@ def batch_samples(samples: Iterable[_Decoded], batch_size: int, batch_numbers: I
     for sample in samples:
         batch.append(sample)
         if len(batch) == batch_size:
-            yield _collate(batch, worker, counter, number)
+            yield _collate(batch, worker, counter, number, stack)
             batch = []
             number = next(numbers, None) if numbers is not None else -1
             if number is None:
                 return
     if batch and partial:
-        yield _collate(batch, worker, counter, number)
+        yield _collate(batch, worker, counter, number, stack)
 
 
-def _collate(batch: list[_Decoded], worker: int, counter: SkipCounter, number: int) -> tuple:
-    images = torch.stack([sample.image for sample in batch])
+def _collate(batch: list[_Decoded], worker: int, counter: SkipCounter, number: int,
+             stack: Callable[[list], object]) -> tuple:
+    images = stack([sample.image for sample in batch])
     targets = torch.tensor([sample.label for sample in batch], dtype=torch.int64)
     meta = BatchMeta(worker=worker, position=batch[-1].position + 1, skips=dict(counter.counts), batch=number)
     return images, targets, [sample.key for sample in batch], meta

@@ -1,0 +1,172 @@
+"""The batched augmentation ops of ``data.augment_on=gpu`` (anchorformer.data.batch_augment), on CPU
+tensors: each op against timm's Pillow op at the same argument on real photos, the device-side
+normalisation / erasing / Mixup, and the gpu path's stream resuming exactly with 0 and 2 workers."""
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from benchmarks.report import photo_crops
+from data_fixtures import write_jpeg_shards
+from timm.data import auto_augment
+
+from anchorformer.data import MixupConfig, TrainTransformConfig, build_train_stream
+from anchorformer.data.batch_augment import AUGMENT_OPS, GEOMETRIC_OPS, RESAMPLE_CODES, apply_ops, erase_boxes
+from anchorformer.data.pipelines import build_train_pipeline
+from anchorformer.data.transforms import _posterize
+from benchmark_fixtures import one_torch_thread  # noqa: F401  (one thread: the tests are tiny)
+
+FILL = (124, 116, 104)
+_TIMM_OPS = {fn.__name__: fn for fn in auto_augment.NAME_TO_OP.values()} | {"posterize": _posterize}
+_PIL_RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+                 "bicubic": Image.Resampling.BICUBIC}
+# Arguments as timm's level functions produce them (ranges of rand-m*-inc1 and the AutoAugment policies).
+ARGS = {"auto_contrast": [0.0], "equalize": [0.0], "invert": [0.0], "posterize": [0, 1, 4, 8],
+        "solarize": [0, 100, 256], "solarize_add": [0, 50, 110], "color": [0.1, 1.0, 1.9],
+        "contrast": [0.1, 0.63, 1.9], "brightness": [0.1, 1.37, 1.9], "sharpness": [0.1, 1.6, 1.9],
+        "rotate": [-30.0, 0.0, 13.1], "shear_x": [-0.3, 0.17], "shear_y": [0.12, 0.3],
+        "translate_x_rel": [-0.45, 0.1], "translate_y_rel": [0.2, -0.33], "translate_x_abs": [-50.0, 17.5],
+        "translate_y_abs": [33.3]}
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[Image.Image]:
+    """Six 72 x 64 crops of real photos (edges, textures and flat areas)."""
+    return [crop.resize((72, 64), Image.Resampling.BICUBIC) for crop in photo_crops(6)]
+
+
+def _tensor(images: list[Image.Image]) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(np.array(image)).permute(2, 0, 1) for image in images]).float()
+
+
+def _ours(kind: str, photos: list[Image.Image], arg: float, resample: str = "bicubic") -> torch.Tensor:
+    count = len(photos)
+    ops = torch.full((count, 1), AUGMENT_OPS.index(kind))
+    args = torch.full((count, 1), float(arg), dtype=torch.float64)
+    modes = torch.full((count, 1), RESAMPLE_CODES[resample])
+    return apply_ops(_tensor(photos), ops, args, modes, torch.tensor(FILL, dtype=torch.float32))
+
+
+def _timm(kind: str, photos: list[Image.Image], arg: float, resample: str = "bicubic") -> torch.Tensor:
+    extra = {"fillcolor": FILL, "resample": _PIL_RESAMPLE[resample]} if kind in GEOMETRIC_OPS else {}
+    level = () if kind in ("auto_contrast", "equalize", "invert") else (arg,)
+    return _tensor([_TIMM_OPS[kind](photo, *level, **extra) for photo in photos])
+
+
+@pytest.mark.parametrize("kind", [kind for kind in AUGMENT_OPS if kind not in GEOMETRIC_OPS])
+def test_each_colour_op_gives_timms_pixels_exactly(photos, kind):
+    for arg in ARGS[kind]:
+        assert torch.equal(_ours(kind, photos, arg), _timm(kind, photos, arg)), f"{kind}({arg})"
+
+
+@pytest.mark.parametrize("kind", GEOMETRIC_OPS)
+def test_each_geometric_op_gives_timms_pixels_within_the_interpolation_difference(photos, kind):
+    for arg in ARGS[kind]:
+        for resample in ("bilinear", "bicubic", "nearest"):
+            difference = (_ours(kind, photos, arg, resample) - _timm(kind, photos, arg, resample)).abs()
+            exact = (difference == 0).float().mean().item()
+            if resample == "bilinear":  # the same kernel: float32 vs Pillow's float64 rounding only
+                assert difference.max() <= 1 and exact > 0.95, f"{kind}({arg}) {resample}"
+            elif resample == "bicubic":  # grid_sample's a = -0.75 against Pillow's a = -1 (docs/data.md)
+                assert difference.mean() < 1.0 and exact > 0.6, f"{kind}({arg}) {resample}: {difference.mean()}"
+            else:  # the same pixel but where Pillow's fixed-point coordinates round the other way
+                assert exact > 0.95, f"{kind}({arg}) {resample}"
+
+
+def test_ops_apply_in_each_images_order_and_skip_empty_slots(photos):
+    ops = torch.tensor([[AUGMENT_OPS.index("invert"), AUGMENT_OPS.index("posterize")],
+                        [AUGMENT_OPS.index("posterize"), AUGMENT_OPS.index("invert")],
+                        [-1, -1]])
+    args = torch.tensor([[0.0, 2.0], [2.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    out = apply_ops(_tensor(photos[:3]), ops, args, torch.zeros_like(ops), torch.tensor(FILL, dtype=torch.float32))
+    posterize, invert = _TIMM_OPS["posterize"], _TIMM_OPS["invert"]
+    assert torch.equal(out[0], _tensor([posterize(invert(photos[0]), 2)])[0])
+    assert torch.equal(out[1], _tensor([invert(posterize(photos[1], 2))])[0])
+    assert torch.equal(out[2], _tensor(photos[2:3])[0])
+
+
+def test_erasing_fills_only_the_boxes_with_seeded_noise():
+    images = torch.zeros(3, 3, 20, 20)
+    boxes = torch.tensor([[[2, 3, 5, 4]], [[0, 0, 0, 0]], [[10, 10, 10, 10]]])
+    erased = [erase_boxes(images.clone(), boxes, "pixel", torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(erased[0], erased[1])
+    changed = erased[0] != 0
+    assert changed[0, :, 2:7, 3:7].all() and changed[0].sum() == 3 * 5 * 4
+    assert not changed[1].any() and changed[2, :, 10:, 10:].all()
+    colour = erase_boxes(images.clone(), boxes, "rand", torch.Generator().manual_seed(7))
+    assert colour[0, :, 2:7, 3:7].flatten(1).std(dim=1).max() == 0  # one colour per box and channel
+    assert not erase_boxes(images.clone(), boxes, "const", torch.Generator()).any()
+
+
+SIZE = 16
+JITTER_ONLY = TrainTransformConfig(image_size=SIZE, scale=(0.5, 1.0), auto_augment=None, color_jitter=0.4,
+                                   re_prob=0.0)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_jpeg_shards(tmp_path_factory.mktemp("gpu"), "train", count=64, per_shard=8, size=24)
+
+
+def _stream(shards, pipeline, augment_on, *, transform=JITTER_ONLY, num_workers=0, mixup=None):
+    pattern, index = shards
+    return build_train_stream(pattern, index=index, num_classes=10, rank=1, world_size=2, micro_batch_size=4,
+                              num_workers=num_workers, seed=5, transform=transform, mixup=mixup, shuffle_buffer=16,
+                              return_keys=True, pipeline=pipeline, augment_on=augment_on)
+
+
+def _batches(stream) -> list[tuple]:
+    """The stream's batches as the training step sees them (the device part applied on the CPU)."""
+    out = []
+    for images, targets, keys in stream:
+        if stream.device_augment is not None:
+            images, targets = stream.device_augment(images, targets, torch.device("cpu"))
+        out.append((images, targets, keys))
+    return out
+
+
+def test_gpu_path_gives_the_pil_pipelines_batches_where_every_op_is_exact(shards):
+    """Crop, flip and colour jitter (exact ops), normalisation and Mixup: the same tensors as timm's
+    transform and Mixup in the workers, from the same seeds."""
+    mixup = MixupConfig(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
+    reference = _batches(_stream(shards, "pil", "cpu", mixup=mixup))
+    on_device = _batches(_stream(shards, "fast", "gpu", mixup=mixup))
+    assert [keys for *_, keys in on_device] == [keys for *_, keys in reference]
+    for (images, targets, _), (expected_images, expected_targets, _) in zip(on_device, reference):
+        assert torch.allclose(targets, expected_targets)
+        # The crop's resize on tensors may differ from Pillow's by one level (1 / 255 / std ~ 0.018).
+        assert (images - expected_images).abs().max() < 0.05, (images - expected_images).abs().max()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_gpu_path_resumes_mid_epoch_with_the_same_keys_and_augmented_tensors(shards, num_workers):
+    transform = TrainTransformConfig(image_size=SIZE, scale=(0.5, 1.0), re_prob=0.5)  # RandAugment + erasing
+    mixup = MixupConfig(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
+    uninterrupted = _batches(_stream(shards, "fast", "gpu", transform=transform, num_workers=num_workers, mixup=mixup))
+    stop = random.Random(num_workers).randrange(1, 7)
+    first = _stream(shards, "fast", "gpu", transform=transform, num_workers=num_workers, mixup=mixup)
+    taken = [batch for _, batch in zip(range(stop), first)]
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = _stream(shards, "fast", "gpu", transform=transform, num_workers=num_workers, mixup=mixup)
+    resumed.load_state_dict(state)
+    device = torch.device("cpu")
+    before = [(*first.device_augment(images, targets, device), keys) for images, targets, keys in taken]
+    after = _batches(resumed)
+    assert len(before) + len(after) == len(uninterrupted) == 8
+    for (images, targets, keys), (expected_images, expected_targets, expected_keys) in zip(before + after,
+                                                                                          uninterrupted):
+        assert keys == expected_keys
+        assert torch.equal(images, expected_images) and torch.equal(targets, expected_targets)
+
+
+def test_gpu_path_refuses_what_it_does_not_implement():
+    with pytest.raises(ValueError, match="data.augment_on=gpu .*set data.pipeline=fast"):
+        build_train_pipeline(JITTER_ONLY, None, 10, pipeline="pil", augment_on="gpu")
+    augmix = TrainTransformConfig(auto_augment="augmix-m5-w4-d2")
+    with pytest.raises(ValueError, match="use data.augment_on=cpu"):
+        build_train_pipeline(augmix, None, 10, pipeline="fast", augment_on="gpu")
+    build_train_pipeline(augmix, None, 10, pipeline="fast", augment_on="cpu")  # timm's own AugMix on Pillow
+    with pytest.raises(ValueError, match="data.pipeline='torch'; choose from"):
+        build_train_pipeline(JITTER_ONLY, None, 10, pipeline="torch")
