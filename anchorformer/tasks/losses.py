@@ -26,7 +26,10 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> to
 
 class ClassificationLoss(nn.Module):
     """Cross-entropy on hard (int64) or soft (mixup, float) targets, optionally with DeiT
-    distillation from a frozen teacher.
+    distillation from a frozen teacher, as DeiT's ``DistillationLoss`` (facebookresearch/deit
+    losses.py): ``(1 - alpha) * base(class logits) + alpha * distill(distillation logits)``, the
+    teacher fed the same (mixed) images; hard: cross-entropy with the teacher's argmax, soft: KL at
+    temperature tau, summed and divided by the logits' element count.
 
     Args:
         cfg: loss options.
@@ -51,13 +54,13 @@ class ClassificationLoss(nn.Module):
                 images: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Loss of ``outputs`` (logits, or (class-token logits, distillation-token logits) from a
         distilled model in training mode) for ``targets``; ``images`` feed the teacher."""
-        if isinstance(outputs, tuple):
-            class_logits, dist_logits = outputs
-        else:
-            class_logits = dist_logits = outputs
+        class_logits, dist_logits = outputs if isinstance(outputs, tuple) else (outputs, None)
         base = self.base(class_logits, targets)
         if self.cfg.distillation == "none":
             return base
+        if dist_logits is None:  # DeiT refuses this too: the class head would be distilled instead
+            raise ValueError(f"loss.distillation={self.cfg.distillation} needs the (class, distillation) "
+                             f"logits of a model with a distillation token in distilled training mode")
         if images is None:
             raise ValueError("distillation needs the input images for the teacher")
         with torch.no_grad():
@@ -84,7 +87,7 @@ def load_teacher(cfg: LossConfig, num_classes: int, device: torch.device,
     """
     if cfg.distillation == "none":
         return None
-    path = Path(cfg.teacher_checkpoint or "")
+    path = Path(cfg.teacher_checkpoint or "").expanduser()
     if not path.is_file():
         raise ValueError(f"loss.teacher_checkpoint={str(path)!r} does not exist; point it at the "
                          f"teacher's weights file")
