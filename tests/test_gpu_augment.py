@@ -1,6 +1,7 @@
 """The batched augmentation ops of ``data.augment_on=gpu`` (anchorformer.data.batch_augment), on CPU
-tensors: each op against timm's Pillow op at the same argument on real photos, the device-side
-normalisation / erasing / Mixup, and the gpu path's stream resuming exactly with 0 and 2 workers."""
+tensors: each op gives timm's Pillow pixels at the same argument on real photos, the device-side
+normalisation / erasing / Mixup give the pil pipeline's batches, and the gpu path's stream resumes
+exactly with 0 and 2 workers."""
 import json
 import random
 
@@ -55,24 +56,12 @@ def _timm(kind: str, photos: list[Image.Image], arg: float, resample: str = "bic
     return _tensor([_TIMM_OPS[kind](photo, *level, **extra) for photo in photos])
 
 
-@pytest.mark.parametrize("kind", [kind for kind in AUGMENT_OPS if kind not in GEOMETRIC_OPS])
-def test_each_colour_op_gives_timms_pixels_exactly(photos, kind):
+@pytest.mark.parametrize("kind", AUGMENT_OPS)
+def test_each_op_gives_timms_pixels_exactly_at_every_argument_and_resample_mode(photos, kind):
     for arg in ARGS[kind]:
-        assert torch.equal(_ours(kind, photos, arg), _timm(kind, photos, arg)), f"{kind}({arg})"
-
-
-@pytest.mark.parametrize("kind", GEOMETRIC_OPS)
-def test_each_geometric_op_gives_timms_pixels_within_the_interpolation_difference(photos, kind):
-    for arg in ARGS[kind]:
-        for resample in ("bilinear", "bicubic", "nearest"):
-            difference = (_ours(kind, photos, arg, resample) - _timm(kind, photos, arg, resample)).abs()
-            exact = (difference == 0).float().mean().item()
-            if resample == "bilinear":  # the same kernel: float32 vs Pillow's float64 rounding only
-                assert difference.max() <= 1 and exact > 0.95, f"{kind}({arg}) {resample}"
-            elif resample == "bicubic":  # grid_sample's a = -0.75 against Pillow's a = -1 (docs/data.md)
-                assert difference.mean() < 1.0 and exact > 0.6, f"{kind}({arg}) {resample}: {difference.mean()}"
-            else:  # the same pixel but where Pillow's fixed-point coordinates round the other way
-                assert exact > 0.95, f"{kind}({arg}) {resample}"
+        for resample in ("bicubic", "bilinear", "nearest") if kind in GEOMETRIC_OPS else ("bicubic",):
+            ours, expected = _ours(kind, photos, arg, resample), _timm(kind, photos, arg, resample)
+            assert torch.equal(ours, expected), f"{kind}({arg}, {resample}): {(ours != expected).float().mean()}"
 
 
 def test_ops_apply_in_each_images_order_and_skip_empty_slots(photos):
@@ -103,6 +92,7 @@ def test_erasing_fills_only_the_boxes_with_seeded_noise():
 SIZE = 16
 JITTER_ONLY = TrainTransformConfig(image_size=SIZE, scale=(0.5, 1.0), auto_augment=None, color_jitter=0.4,
                                    re_prob=0.0)
+RANDAUGMENT = TrainTransformConfig(image_size=SIZE, scale=(0.5, 1.0), auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -127,17 +117,19 @@ def _batches(stream) -> list[tuple]:
     return out
 
 
-def test_gpu_path_gives_the_pil_pipelines_batches_where_every_op_is_exact(shards):
-    """Crop, flip and colour jitter (exact ops), normalisation and Mixup: the same tensors as timm's
-    transform and Mixup in the workers, from the same seeds."""
+@pytest.mark.parametrize("transform", [JITTER_ONLY, RANDAUGMENT], ids=["colour-jitter", "randaugment"])
+def test_gpu_path_gives_the_pil_pipelines_batches(shards, transform):
+    """The same crops, flips, ops, normalisation and Mixup as timm's transform and Mixup in the
+    workers, from the same seeds: only the crop's resize on tensors may differ from Pillow's by a
+    level (1 / 255 / std ~ 0.018), which a contrast, solarize or equalize op may amplify at a few pixels."""
     mixup = MixupConfig(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
-    reference = _batches(_stream(shards, "pil", "cpu", mixup=mixup))
-    on_device = _batches(_stream(shards, "fast", "gpu", mixup=mixup))
+    reference = _batches(_stream(shards, "pil", "cpu", transform=transform, mixup=mixup))
+    on_device = _batches(_stream(shards, "fast", "gpu", transform=transform, mixup=mixup))
     assert [keys for *_, keys in on_device] == [keys for *_, keys in reference]
     for (images, targets, _), (expected_images, expected_targets, _) in zip(on_device, reference):
         assert torch.allclose(targets, expected_targets)
-        # The crop's resize on tensors may differ from Pillow's by one level (1 / 255 / std ~ 0.018).
-        assert (images - expected_images).abs().max() < 0.05, (images - expected_images).abs().max()
+        difference = (images - expected_images).abs()
+        assert difference.mean() < 0.005 and (difference < 1e-5).float().mean() > 0.9
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

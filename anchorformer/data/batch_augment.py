@@ -3,17 +3,18 @@ normalisation, random erasing and Mixup/CutMix applied to a whole batch at once,
 its own parameters.
 
 The parameters are drawn per sample by timm's own transforms (``fast_transforms`` records what
-timm would have done to each image); this module does the pixel work the way Pillow does it:
-Pillow's formulas, values kept as float32 integers 0..255 and truncated to them after every op
-(as each Pillow op returns a uint8 image), Pillow's fill and edge rule for the geometric ops.
-Where the pixels can differ from Pillow's by a level or two: the geometric ops interpolate with
-``grid_sample`` (bicubic a = -0.75, Pillow's affine bicubic uses a = -1) and round instead of
-truncating.
+timm would have done to each image); this module does the pixel work exactly as Pillow does it,
+so that each op gives the same pixels as timm's: Pillow's formulas and rounding, values kept as
+float32 integers 0..255 and truncated to them after every op (each Pillow op returns a uint8
+image), and for the geometric ops Pillow's affine transform itself (float64 source coordinates,
+its cubic with a = -1 or its bilinear, edge pixels repeated, the fill colour outside, nearest in
+its 16.16 fixed point). The float64 gathers that exactness takes are cheap on a GPU and slow on a
+CPU, where the ``fast`` pipeline keeps Pillow's own ops.
 
-Two consumers: the ``fast`` pipeline runs :func:`apply_ops` and :func:`normalize` in the loader
-workers on CPU tensors; ``augment_on=gpu`` ships the uint8 crops and their plan
-(:class:`PlannedBatch`) to the training process, where :class:`DeviceAugment` runs everything on
-the training device, seeded per batch so that exact resume holds."""
+``augment_on=gpu`` ships the uint8 crops and their plan (:class:`PlannedBatch`) to the training
+process, where :class:`DeviceAugment` runs the ops, :func:`normalize`, :func:`erase_boxes` and
+Mixup on the training device, seeded per batch so that exact resume holds; the ``fast``
+pipeline's workers use :func:`normalize` on their CPU batches."""
 from __future__ import annotations
 
 import math
@@ -21,7 +22,6 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from anchorformer.data.stages import seeded_rngs
 
@@ -37,7 +37,7 @@ AUGMENT_OPS = ("auto_contrast", "equalize", "invert", "posterize", "solarize", "
 an op's id in a :class:`PlannedBatch` is its index here."""
 RESAMPLE_CODES = {"nearest": 0, "bilinear": 1, "bicubic": 2}
 """Resample modes of the geometric ops as stored in :attr:`PlannedBatch.resample`."""
-_GRID_MODES = {code: name for name, code in RESAMPLE_CODES.items()}
+_RESAMPLE_NAMES = {code: name for name, code in RESAMPLE_CODES.items()}
 
 
 @dataclass
@@ -164,59 +164,114 @@ def _sharpness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return _blend(degenerate, images, factor)
 
 
-def _affine_matrices(kind: str, arg: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Pillow's affine data (a, b, c, d, e, f) of each geometric op, (n, 6) float64: an output
-    pixel at (x, y) reads the input at (a x + b y + c, d x + e y + f), pixel edges at integers."""
-    one, zero = torch.ones_like(arg), torch.zeros_like(arg)
-    if kind == "rotate":
-        # Image.rotate about the centre (w / 2, h / 2), as an affine map from output to input.
-        angle = -arg * (math.pi / 180.0)
-        cos, sin = torch.cos(angle), torch.sin(angle)
-        centre_x, centre_y = width / 2.0, height / 2.0
-        shift_x = cos * -centre_x + sin * -centre_y + centre_x
-        shift_y = -sin * -centre_x + cos * -centre_y + centre_y
-        return torch.stack([cos, sin, shift_x, -sin, cos, shift_y], dim=1)
-    shifts = {"shear_x": (one, arg, zero, zero, one, zero), "shear_y": (one, zero, zero, arg, one, zero),
-              "translate_x_rel": (one, zero, arg * width, zero, one, zero),
-              "translate_y_rel": (one, zero, zero, zero, one, arg * height),
-              "translate_x_abs": (one, zero, arg, zero, one, zero),
-              "translate_y_abs": (one, zero, zero, zero, one, arg)}
-    return torch.stack(shifts[kind], dim=1)
+def _rotation(degrees: float, width: int, height: int) -> tuple[float, ...]:
+    """``Image.rotate(degrees)``'s affine data about the centre, with Pillow's own arithmetic."""
+    angle = -math.radians(degrees % 360.0)
+    matrix = [round(math.cos(angle), 15), round(math.sin(angle), 15), 0.0,
+              round(-math.sin(angle), 15), round(math.cos(angle), 15), 0.0]
+    centre_x, centre_y = width / 2, height / 2
+    a, b, c, d, e, f = matrix
+    matrix[2] = a * -centre_x + b * -centre_y + c + centre_x
+    matrix[5] = d * -centre_x + e * -centre_y + f + centre_y
+    return tuple(matrix)
 
 
-def _affine(images: torch.Tensor, matrices: torch.Tensor, resample: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
-    """``Image.transform(AFFINE)`` with per-image matrices: output pixels whose source lies outside
-    the image get ``fill``; inside, neighbours past the edge repeat the edge, and interpolated
-    values are truncated to integers (Pillow's rules)."""
+def _affine_matrices(kind: str, args: list[float], height: int, width: int) -> torch.Tensor:
+    """Pillow's affine data (a, b, c, d, e, f) of each image's geometric op, (n, 6) float64, computed
+    in Python floats as timm and Pillow do: an output pixel centre (x, y) reads the input at
+    (a x + b y + c, d x + e y + f), pixel edges at integers."""
+    data = {"rotate": lambda v: _rotation(v, width, height),
+            "shear_x": lambda v: (1, v, 0, 0, 1, 0), "shear_y": lambda v: (1, 0, 0, v, 1, 0),
+            "translate_x_rel": lambda v: (1, 0, v * width, 0, 1, 0),
+            "translate_y_rel": lambda v: (1, 0, 0, 0, 1, v * height),
+            "translate_x_abs": lambda v: (1, 0, v, 0, 1, 0), "translate_y_abs": lambda v: (1, 0, 0, 0, 1, v)}[kind]
+    return torch.tensor([data(value) for value in args], dtype=torch.float64)
+
+
+_MOVES = {"rotate": "xy", "shear_x": "x", "translate_x_rel": "x", "translate_x_abs": "x", "shear_y": "y",
+          "translate_y_rel": "y", "translate_y_abs": "y"}
+"""Which source coordinates of a geometric op fall between pixels: the others stay on pixel centres,
+where Pillow's interpolation reduces exactly to the pixel, so only the moving axis is interpolated."""
+
+
+def _cubic(v1: torch.Tensor, v2: torch.Tensor, v3: torch.Tensor, v4: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Pillow's BICUBIC macro (its affine transforms' cubic, a = -1), term by term in float64."""
+    p2 = -v1 + v3
+    p3 = 2 * (v1 - v2) + v3 - v4
+    p4 = -v1 + v2 - v3 + v4
+    return v2 + d * (p2 + d * (p3 + d * p4))
+
+
+def _sample(images: torch.Tensor, lines: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """images[n, :, lines, cols] for (n, H, W) indices, clamped to the image, as float64."""
     n, channels, height, width = images.shape
-    a, b, c, d, e, f = matrices.unbind(1)
-    # Pillow's map in pixel-edge coordinates, rewritten for affine_grid's [-1, 1] pixel centres.
-    theta = torch.stack([
-        torch.stack([a, b * height / width, a + b * height / width + 2 * c / width - 1], dim=1),
-        torch.stack([d * width / height, e, d * width / height + e + 2 * f / height - 1], dim=1)], dim=1)
-    fill = fill.to(images.device, images.dtype).view(1, channels, 1, 1)
+    index = (lines.clamp(0, height - 1) * width + cols.clamp(0, width - 1)).view(n, 1, -1).expand(-1, channels, -1)
+    return images.reshape(n, channels, -1).gather(2, index).view(n, channels, *lines.shape[1:]).double()
+
+
+def _interpolate(images: torch.Tensor, source_x: torch.Tensor, source_y: torch.Tensor, mode: str,
+                 moves: str) -> torch.Tensor:
+    """Pillow's bilinear / bicubic filter at each (source_x, source_y) (pixel-edge coordinates):
+    the taps around the point, edge pixels repeated, the value truncated to 0..255. Along an axis
+    that does not move (``moves``) the point sits on a pixel centre, where Pillow's formula gives
+    that pixel exactly, so one tap is read there."""
+    x, y = source_x - 0.5, source_y - 0.5
+    left, top = x.floor(), y.floor()
+    dx, dy = (x - left).unsqueeze(1), (y - top).unsqueeze(1)
+    left, top = left.long(), top.long()
+    taps = (0, 1) if mode == "bilinear" else (-1, 0, 1, 2)
+    cols = [left + k for k in taps] if "x" in moves else [left]
+    lines = [top + k for k in taps] if "y" in moves else [top]
+
+    def combine(values: list[torch.Tensor], d: torch.Tensor) -> torch.Tensor:
+        if len(values) == 1:
+            return values[0]
+        if mode == "bilinear":
+            return values[0] + (values[1] - values[0]) * d
+        return _cubic(*values, d)
+
+    value = combine([combine([_sample(images, line, col) for col in cols], dx) for line in lines], dy)
+    return value.clamp_(0.0, 255.0).floor_().to(images.dtype)
+
+
+def _nearest(images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
+    """Pillow's nearest-neighbour affine transform: 16.16 fixed-point source coordinates."""
+    n, _, height, width = images.shape
+    fixed = torch.floor(matrices * 65536.0 + 0.5).long()
+    a, b, d, e = (fixed[:, i].view(n, 1, 1) for i in (0, 1, 3, 4))
+    c = torch.floor((matrices[:, 2] + matrices[:, 0] * 0.5 + matrices[:, 1] * 0.5) * 65536.0 + 0.5).long().view(n, 1, 1)
+    f = torch.floor((matrices[:, 5] + matrices[:, 3] * 0.5 + matrices[:, 4] * 0.5) * 65536.0 + 0.5).long().view(n, 1, 1)
+    xs = torch.arange(width, device=images.device).view(1, 1, width)
+    ys = torch.arange(height, device=images.device).view(1, height, 1)
+    cols, lines = (c + ys * b + xs * a) >> 16, (f + ys * e + xs * d) >> 16
+    inside = ((cols >= 0) & (cols < width) & (lines >= 0) & (lines < height)).unsqueeze(1)
+    return torch.where(inside, _sample(images, lines, cols).to(images.dtype), torch.nan)
+
+
+def _affine(images: torch.Tensor, matrices: torch.Tensor, resample: torch.Tensor, fill: torch.Tensor,
+            moves: str) -> torch.Tensor:
+    """``Image.transform(AFFINE)`` with per-image matrices, as Pillow computes it: float64 source
+    coordinates of each pixel centre, fill where the source lies outside the image, the filter's
+    taps with the edge repeated, truncation to uint8 values; nearest in Pillow's fixed point."""
+    n, channels, height, width = images.shape
+    matrices = matrices.to(images.device, torch.float64)
+    a, b, c, d, e, f = (m.view(n, 1, 1) for m in matrices.unbind(1))
+    centre_x = torch.arange(width, device=images.device, dtype=torch.float64).view(1, 1, width) + 0.5
+    centre_y = torch.arange(height, device=images.device, dtype=torch.float64).view(1, height, 1) + 0.5
+    source_x = a * centre_x + b * centre_y + c
+    source_y = d * centre_x + e * centre_y + f
     out = torch.empty_like(images)
     for code in resample.unique().tolist():
-        rows = (resample == code).nonzero().squeeze(1)
-        if len(rows) == n:
-            rows = slice(None)
-        # float64 coordinates, as Pillow computes them: a whole-pixel shift stays exact.
-        grid = F.affine_grid(theta[rows].to(images.device), [len(resample[rows]), channels, height, width],
-                             align_corners=False)
-        inside = ((grid >= -1.0) & (grid < 1.0)).all(dim=-1).unsqueeze(1)
-        if _GRID_MODES[code] == "nearest":
-            # The pixel the source point falls in (grid_sample would round ties to even); the nudge
-            # keeps a source point on a pixel edge in the pixel to its right, as Pillow's floor does.
-            cols = ((grid[..., 0] + 1.0) * (width / 2.0) + 1e-9).floor_().long().clamp_(0, width - 1)
-            lines = ((grid[..., 1] + 1.0) * (height / 2.0) + 1e-9).floor_().long().clamp_(0, height - 1)
-            index = (lines * width + cols).flatten(1).unsqueeze(1).expand(-1, channels, -1)
-            values = images[rows].flatten(2).gather(2, index).view(-1, channels, height, width)
+        rows = (resample == code).nonzero().squeeze(1).to(images.device)
+        mode = _RESAMPLE_NAMES[code]
+        if mode == "nearest":
+            values = _nearest(images[rows], matrices[rows])
+            inside = ~values.isnan()
         else:
-            values = F.grid_sample(images[rows], grid.to(images.dtype), mode=_GRID_MODES[code],
-                                   padding_mode="border", align_corners=False)
-            # A whole number computed as 2.9999998 must stay 3: truncate after a small nudge.
-            values = values.add_(1e-3).floor_().clamp_(0.0, 255.0)
-        out[rows] = torch.where(inside, values, fill)
+            sx, sy = source_x.expand(n, height, width)[rows], source_y.expand(n, height, width)[rows]
+            values = _interpolate(images[rows], sx, sy, mode, moves)
+            inside = ((sx >= 0) & (sx < width) & (sy >= 0) & (sy < height)).unsqueeze(1)
+        out[rows] = torch.where(inside, values, fill.to(images.device, images.dtype).view(1, channels, 1, 1))
     return out
 
 
@@ -227,34 +282,32 @@ _PIXEL_OPS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 }
 
 
-def _apply_op(kind: str, images: torch.Tensor, arg: torch.Tensor, resample: torch.Tensor,
-              fill: torch.Tensor) -> torch.Tensor:
-    if kind in GEOMETRIC_OPS:
-        return _affine(images, _affine_matrices(kind, arg, images.shape[2], images.shape[3]), resample, fill)
-    return _PIXEL_OPS[kind](images, arg)
-
-
 def apply_ops(images: torch.Tensor, ops: torch.Tensor, args: torch.Tensor, resample: torch.Tensor,
               fill: torch.Tensor) -> torch.Tensor:
     """Apply each image's ops in order, one batched call per (layer, op) over the images that drew it.
 
     Args:
         images: float32 (B, 3, H, W) holding integers 0..255, on any device (changed in place).
-        ops, args, resample: the plan (see :class:`PlannedBatch`); ``ops`` and ``resample`` on the CPU.
+        ops, args, resample: the plan (see :class:`PlannedBatch`), on the CPU.
         fill: (3,) colour of the area the geometric ops uncover, 0..255.
 
     Returns:
         ``images``, augmented.
     """
+    height, width = images.shape[2:]
     for layer in range(ops.shape[1]):
         column = ops[:, layer]
         for op_id in column.unique().tolist():
             if op_id < 0:
                 continue
             rows = (column == op_id).nonzero().squeeze(1)
-            on_device = rows.to(images.device)
-            arg = args[rows, layer].to(images.device)
-            images[on_device] = _apply_op(AUGMENT_OPS[op_id], images[on_device], arg, resample[rows, layer], fill)
+            kind, on_device = AUGMENT_OPS[op_id], rows.to(images.device)
+            if kind in GEOMETRIC_OPS:
+                matrices = _affine_matrices(kind, args[rows, layer].tolist(), height, width)
+                changed = _affine(images[on_device], matrices, resample[rows, layer], fill, _MOVES[kind])
+            else:
+                changed = _PIXEL_OPS[kind](images[on_device], args[rows, layer].to(images.device))
+            images[on_device] = changed
     return images
 
 
