@@ -31,6 +31,8 @@ setup(
     extras_require={
         "detection": ["pycocotools>=2.0.7"],
         "segmentation": [],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pycocotools>=2.0.7"],
+        "export": ["onnx>=1.17", "onnxruntime>=1.20", "onnxscript>=0.2"],  # tools/export.py --format onnx
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pycocotools>=2.0.7", "onnx>=1.17", "onnxruntime>=1.20",
+                "onnxscript>=0.2"],
     },
 )
