@@ -117,11 +117,16 @@ class ClassificationTask:
             **self._stream_args())
         return {"train": train_stream, "val": self.build_val_data()}
 
-    def build_val_data(self) -> shards.ValStream:
-        """This rank's validation stream alone (``launch/eval.py`` evaluates checkpoints on it)."""
+    def build_val_data(self, transform: Optional[shards.EvalTransformConfig] = None) -> shards.ValStream:
+        """This rank's validation stream alone (``launch/eval.py`` evaluates checkpoints on it).
+
+        Args:
+            transform: preprocessing replacing the recipe's (a test resolution or crop); the
+                images stay the recipe's.
+        """
         _, (val, val_index) = self._shards()
-        return shards.build_val_stream(val, index=val_index, transform=eval_transform_config(self.cfg.data),
-                                       **self._stream_args())
+        transform = transform if transform is not None else eval_transform_config(self.cfg.data)
+        return shards.build_val_stream(val, index=val_index, transform=transform, **self._stream_args())
 
     def _shards(self) -> tuple[tuple[Optional[str], Optional[str]], tuple[Optional[str], Optional[str]]]:
         """``((train shards, index), (val shards, index))`` of the recipe; the embedded digits are
