@@ -15,7 +15,7 @@ from webdataset.tariterators import base_plus_ext
 from anchorformer.atomic import atomic_write_bytes
 
 __all__ = ["INDEX_FORMAT", "ShardEntry", "ShardIndex", "ShardSpec", "write_json_atomic", "write_index",
-           "read_index", "index_path", "class_map_path", "resolve_shards"]
+           "read_index", "index_path", "class_map_path", "find_index", "resolve_shards"]
 
 _logger = logging.getLogger(__name__)
 
@@ -99,6 +99,25 @@ def read_index(path: str | Path) -> ShardIndex:
     if counted != index.total:
         raise ValueError(f"shard index {path} is inconsistent: total {index.total} but shards hold {counted}")
     return index
+
+
+def find_index(shards: str, index: str | Path | None = None) -> Path | None:
+    """The index JSON of a shard specification: ``index`` when given, ``shards`` itself when it is
+    an index, else ``{name}-index.json`` beside the first local shard ``{name}-NNNNNN.tar``.
+
+    Returns:
+        The path, or None when the shards have no index beside them.
+    """
+    if index is not None:
+        return Path(index)
+    if str(shards).endswith(".json"):
+        return Path(shards)
+    first = expand_urls(str(shards))[0]
+    shard = re.fullmatch(r"(.*)-\d{6}\.tar", _local_path(first)) if _is_local(first) else None
+    if shard is None:
+        return None
+    found = Path(f"{shard.group(1)}-index.json")
+    return found if found.is_file() else None
 
 
 def _is_local(url: str) -> bool:
