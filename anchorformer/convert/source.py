@@ -43,6 +43,8 @@ class SourceCheckpoint:
         model_args: ``timm.create_model`` keyword arguments recorded with the weights
             (``num_classes``, ``img_size``, architecture overrides).
         step: optimizer step of the checkpoint, when known.
+        recipe: the run's resolved configuration as the trainer recorded it in the checkpoint (a
+            plain dict, empty when the source records none): preprocessing and data for exports.
     """
 
     state_dict: Dict[str, torch.Tensor]
@@ -51,6 +53,7 @@ class SourceCheckpoint:
     model_name: Optional[str] = None
     model_args: Dict[str, Any] = field(default_factory=dict)
     step: Optional[int] = None
+    recipe: Dict[str, Any] = field(default_factory=dict)
 
 
 def load_source(path: str | Path, weights: Weights = "model") -> SourceCheckpoint:
@@ -138,7 +141,7 @@ def _load_deepspeed(tag_dir: Path, weights: Weights) -> SourceCheckpoint:
     logger.info("read %s weights of %s (step %s, %d tensors)", weights, tag_dir, step, len(state_dict))
     return SourceCheckpoint(state_dict=state_dict, weights=weights, source=str(tag_dir),
                             model_name=model.get("name") or meta.get("model"), model_args=model_args,
-                            step=None if step is None else int(step))
+                            step=None if step is None else int(step), recipe=dict(config))
 
 
 def _assemble_ema(tag_dir: Path, model_state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
