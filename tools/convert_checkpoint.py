@@ -1,7 +1,11 @@
 #!/usr/bin/env python
-"""Convert a training checkpoint into safetensors for classification or as a detection /
-segmentation backbone, and print a parity check against the source model.
+"""Convert a training checkpoint into a classifier (one safetensors file, or a folder in timm's own
+layout) or a detection / segmentation backbone, checked against the source model before anything
+is written.
 
+    # a folder timm loads by itself: timm.create_model("local-dir:exports/demo", pretrained=True),
+    # with the recipe's preprocessing (timm.data.resolve_data_config) and the class names
+    python tools/convert_checkpoint.py runs/demo --format timm --output exports/demo
     # classification model, into the folder timm's pretrained=True looks in (weights_dir())
     python tools/convert_checkpoint.py runs/in1k_tiny --format classification
     # its EMA weights instead
@@ -15,7 +19,9 @@ segmentation backbone, and print a parity check against the source model.
     python tools/convert_checkpoint.py model.pth --model anchorformer_small_patch16_224 --format classification
 
 SOURCE is a run folder, its checkpoints folder or one DeepSpeed tag folder (any ZeRO stage and world
-size), a .pt/.pth state dict, or a .safetensors file.
+size), a .pt/.pth state dict, or a .safetensors file. The output is staged under a temporary name,
+loaded back the way users load it and compared with the source model (the parity check); it is
+moved into place only when the difference is within --tolerance.
 """
 import argparse
 import json
@@ -26,12 +32,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anchorformer.convert import (  # noqa: E402
-    backbone_parity, classification_parity, export_backbone, export_classification, load_source,
+    Exported, backbone_parity, classification_parity, export_backbone, export_classification, export_timm_folder,
+    load_source,
 )
 from anchorformer.models import default_weights_file  # noqa: E402
 
+FORMATS = ("classification", "timm", "backbone")
+
 
 def _default_output(args: argparse.Namespace, model_name: str) -> Path:
+    if args.format == "timm":
+        return default_weights_file(model_name, args.tag).with_suffix("")
     suffix = "" if args.format == "classification" else f"-backbone{args.image_size}"
     if args.layout == "mmdet":
         suffix += "-mmdet"
@@ -41,49 +52,63 @@ def _default_output(args: argparse.Namespace, model_name: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="run folder, DeepSpeed checkpoint folder, .pt/.pth or .safetensors")
-    parser.add_argument("--format", choices=("classification", "backbone"), default="classification",
-                        help="whole classifier, or encoder without head for detection/segmentation")
+    parser.add_argument("--format", choices=FORMATS, default="classification",
+                        help="whole classifier as one safetensors file, whole classifier as a folder in timm's "
+                             "layout (config.json + model.safetensors), or encoder without head for "
+                             "detection/segmentation")
     parser.add_argument("--weights", choices=("model", "ema"), default="model",
                         help="the trained weights or their exponential moving average (train.ema.enabled)")
     parser.add_argument("--output", type=Path, default=None,
-                        help="the .safetensors file to write "
-                             "(default: weights_dir()/MODEL.TAG[-backbone...].safetensors)")
+                        help="the .safetensors file (or, with --format timm, the folder) to write "
+                             "(default: weights_dir()/MODEL.TAG[-backbone...][.safetensors])")
     parser.add_argument("--tag", default="in1k", help="weight tag in the default output name (MODEL.TAG)")
     parser.add_argument("--image-size", type=int, default=1024,
                         help="backbone only: resolution in pixels pos_embed is resized to")
     parser.add_argument("--layout", choices=("anchorformer", "mmdet"), default="anchorformer",
                         help="backbone only: our keys, or mmdetection/mmsegmentation's 'backbone.' prefix")
-    parser.add_argument("--model", default=None, help="timm model name, when the source does not record it")
+    parser.add_argument("--model", default=None,
+                        help="timm model name, when the source does not record it (refused when it records another)")
     parser.add_argument("--model-args", type=json.loads, default=None,
                         help='JSON of timm.create_model arguments, e.g. \'{"embed_dim": 192, "depth": 4}\'')
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest |output difference| the parity check accepts")
     parser.add_argument("--no-parity", action="store_true", help="skip the parity check")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.image_size < 16:
         parser.error(f"--image-size must be >= 16 pixels, got {args.image_size}")
 
+    named = dict(model_name=args.model, model_args=args.model_args)
+    parities: list[float] = []
     try:
         source = load_source(args.source, args.weights)
         model_name = args.model or source.model_name
         if not model_name:
-            parser.error(f"{args.source} does not record its model; pass --model NAME")
+            raise ValueError(f"{args.source} does not record its model; pass --model NAME")
         output = args.output or _default_output(args, model_name)
-        named = dict(model_name=args.model, model_args=args.model_args)
+        parity = backbone_parity if args.format == "backbone" else classification_parity
+
+        def verify(staged: Exported) -> None:
+            parities.append(parity(source, staged, **named))
+            if not parities[-1] <= args.tolerance:
+                raise ValueError(f"parity check failed: the export differs from the source model by "
+                                 f"{parities[-1]:.3g} > --tolerance {args.tolerance:g}; nothing was written")
+
+        checked = {"verify": None if args.no_parity else verify}
         if args.format == "classification":
-            exported = export_classification(source, output, **named)
-            parity = None if args.no_parity else classification_parity(source, exported, **named)
-            what = "logits"
+            exported = export_classification(source, output, **named, **checked)
+        elif args.format == "timm":
+            exported = export_timm_folder(source, output, **named, **checked)
         else:
-            exported = export_backbone(source, output, args.image_size, args.layout, **named)
-            parity = None if args.no_parity else backbone_parity(source, exported, **named)
-            what = f"last-block features at {args.image_size} px"
+            exported = export_backbone(source, output, args.image_size, args.layout, **named, **checked)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {exported.path} ({args.format}, {args.weights} weights of {exported.model_name}, "
           f"step {exported.metadata['step']})")
-    if parity is not None:
-        print(f"parity: max |{what} difference| = {parity:.3g}")
+    if parities:
+        what = f"last-block features at {args.image_size} px" if args.format == "backbone" else "logits"
+        print(f"parity: max |{what} difference| = {parities[0]:.3g}")
     return 0
 
 

@@ -2,9 +2,9 @@
 ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))``) or a
 ``backbone`` (head removed, ``pos_embed`` resized to the fine-tuning resolution, keys as our
 detection/segmentation encoders expect, or with the ``backbone.`` prefix of the mmdetection /
-mmsegmentation layout). Only safetensors are written, atomically, with the provenance (source,
-step, model name and arguments, resolution) in the safetensors header and a JSON config next to
-the file.
+mmsegmentation layout). Only safetensors are written, with the provenance (source, step, model
+name and arguments, resolution) in the safetensors header and a JSON config next to the file. Both
+files are staged and checked (``verify``) before either is moved into place.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Literal, Optional, Tuple
+from typing import Any, Callable, Dict, Literal, Optional, Tuple
 
 import timm
 import torch
@@ -21,13 +21,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 import anchorformer.models  # noqa: F401  (registers the AnchorFormer models with timm)
-from anchorformer.atomic import atomic_output, atomic_write_bytes
 from anchorformer.convert.source import SourceCheckpoint
+from anchorformer.convert.staging import staged_outputs
 from anchorformer.models.anchorformer import checkpoint_filter_fn
 from anchorformer.models.backbone import TOOLBOX_PREFIX, load_backbone_weights
 
-__all__ = ["Layout", "Exported", "build_source_model", "export_classification", "export_backbone",
-           "read_metadata", "create_model_from_export", "config_path"]
+__all__ = ["Layout", "Exported", "Verify", "build_source_model", "export_metadata", "export_classification",
+           "export_backbone", "read_metadata", "create_model_from_export", "config_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,11 @@ class Exported:
     model_name: str
     model_args: Dict[str, Any]
     metadata: Dict[str, str]
+
+
+Verify = Callable[[Exported], None]
+"""A check of a staged export (``Exported.path`` is the staging path): raise ValueError to refuse
+it, and nothing is written."""
 
 
 def build_source_model(source: SourceCheckpoint, model_name: Optional[str] = None,
@@ -62,9 +67,13 @@ def build_source_model(source: SourceCheckpoint, model_name: Optional[str] = Non
         The model and the arguments that build it.
 
     Raises:
-        ValueError: without a model name, or when the weights do not fit the architecture (the
-            message lists missing, unexpected and mis-shaped keys).
+        ValueError: without a model name, for a ``model_name`` other than the recorded one, or when
+            the weights do not fit the architecture (the message lists missing, unexpected and
+            mis-shaped keys).
     """
+    if model_name and source.model_name and model_name != source.model_name:
+        raise ValueError(f"model {model_name!r} disagrees with {source.model_name!r}, the model recorded in "
+                         f"{source.source}; leave the model name out (the checkpoint names its model)")
     name = model_name or source.model_name
     if not name:
         raise ValueError(f"{source.source} does not record its model; pass the timm name with --model "
@@ -90,8 +99,9 @@ def _infer_args(state_dict: Dict[str, torch.Tensor], args: Dict[str, Any], name:
     return args
 
 
-def _metadata(source: SourceCheckpoint, kind: str, name: str, args: Dict[str, Any], resolution: int,
-              layout: str) -> Dict[str, str]:
+def export_metadata(source: SourceCheckpoint, kind: str, name: str, args: Dict[str, Any], resolution: int,
+                    layout: str) -> Dict[str, str]:
+    """The provenance of an export as string fields (the safetensors header holds strings only)."""
     return {"format": kind, "model": name, "model_args": json.dumps(args, sort_keys=True),
             "resolution": str(resolution), "num_classes": str(args.get("num_classes", 0)),
             "source": source.source, "step": "unknown" if source.step is None else str(source.step),
@@ -99,7 +109,7 @@ def _metadata(source: SourceCheckpoint, kind: str, name: str, args: Dict[str, An
 
 
 def export_classification(source: SourceCheckpoint, output: str | Path, model_name: Optional[str] = None,
-                          model_args: Optional[Dict[str, Any]] = None) -> Exported:
+                          model_args: Optional[Dict[str, Any]] = None, verify: Optional[Verify] = None) -> Exported:
     """Write the whole classification model.
 
     Args:
@@ -107,19 +117,20 @@ def export_classification(source: SourceCheckpoint, output: str | Path, model_na
         output: the ``.safetensors`` file to write.
         model_name: timm name, when the source does not record it.
         model_args: architecture overrides, when the source does not record them.
+        verify: a check of the staged files (e.g. parity); nothing is written when it raises.
 
     Returns:
         What was written.
     """
     model, args = build_source_model(source, model_name, model_args)
     name = model_name or source.model_name
-    metadata = _metadata(source, "classification", name, args, int(args.get("img_size", 224)), "anchorformer")
-    path = _write(model.state_dict(), Path(output), metadata)
-    return Exported(path, name, args, metadata)
+    metadata = export_metadata(source, "classification", name, args, int(args.get("img_size", 224)), "anchorformer")
+    return _write(model.state_dict(), Exported(Path(output), name, args, metadata), verify)
 
 
 def export_backbone(source: SourceCheckpoint, output: str | Path, image_size: int, layout: Layout = "anchorformer",
-                    model_name: Optional[str] = None, model_args: Optional[Dict[str, Any]] = None) -> Exported:
+                    model_name: Optional[str] = None, model_args: Optional[Dict[str, Any]] = None,
+                    verify: Optional[Verify] = None) -> Exported:
     """Write the encoder without its head, ``pos_embed`` resampled to ``image_size``.
 
     Args:
@@ -129,6 +140,7 @@ def export_backbone(source: SourceCheckpoint, output: str | Path, image_size: in
         layout: ``anchorformer`` (keys of our encoders) or ``mmdet`` (``backbone.`` prefix).
         model_name: timm name, when the source does not record it.
         model_args: architecture overrides, when the source does not record them.
+        verify: a check of the staged files (e.g. parity); nothing is written when it raises.
 
     Returns:
         What was written; its ``model_args`` build the encoder (``num_classes=0``).
@@ -143,9 +155,8 @@ def export_backbone(source: SourceCheckpoint, output: str | Path, image_size: in
     tensors = encoder.state_dict()
     if layout == "mmdet":
         tensors = {TOOLBOX_PREFIX + key: value for key, value in tensors.items()}
-    metadata = _metadata(source, "backbone", name, encoder_args, image_size, layout)
-    path = _write(tensors, Path(output), metadata)
-    return Exported(path, name, encoder_args, metadata)
+    metadata = export_metadata(source, "backbone", name, encoder_args, image_size, layout)
+    return _write(tensors, Exported(Path(output), name, encoder_args, metadata), verify)
 
 
 def config_path(weights: str | Path) -> Path:
@@ -153,22 +164,23 @@ def config_path(weights: str | Path) -> Path:
     return Path(weights).with_suffix(".json")
 
 
-def _write(tensors: Dict[str, torch.Tensor], path: Path, metadata: Dict[str, str]) -> Path:
-    """safetensors + JSON config, each written to a temporary name and renamed."""
+def _write(tensors: Dict[str, torch.Tensor], export: Exported, verify: Optional[Verify]) -> Exported:
+    """safetensors + JSON config, staged, verified, then moved into place."""
+    path, metadata = export.path, export.metadata
     if path.suffix != ".safetensors":
         raise ValueError(f"the output must be a .safetensors file, got {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as tmp:
-        save_file({key: value.detach().contiguous().clone() for key, value in tensors.items()}, str(tmp), metadata)
     args = json.loads(metadata["model_args"])
     config = {"architecture": metadata["model"], "num_classes": args.get("num_classes", 0), "model_args": args,
               "pretrained_cfg": {"file": str(path.resolve()), "num_classes": args.get("num_classes", 0),
                                  "input_size": [3, int(metadata["resolution"]), int(metadata["resolution"])]},
               **{key: metadata[key] for key in ("format", "layout", "source", "step", "weights")}}
-    config_file = config_path(path)
-    atomic_write_bytes(config_file, (json.dumps(config, indent=2) + "\n").encode())
-    logger.info("wrote %s (%d tensors) and %s", path, len(tensors), config_file)
-    return path
+    with staged_outputs([path, config_path(path)]) as (staged, staged_config):
+        save_file({key: value.detach().contiguous().clone() for key, value in tensors.items()}, str(staged), metadata)
+        staged_config.write_text(json.dumps(config, indent=2) + "\n")
+        if verify is not None:
+            verify(Exported(staged, export.model_name, export.model_args, metadata))
+    logger.info("wrote %s (%d tensors) and %s", path, len(tensors), config_path(path))
+    return export
 
 
 def read_metadata(path: str | Path) -> Dict[str, str]:

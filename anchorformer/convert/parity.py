@@ -9,6 +9,7 @@ import torch
 
 from anchorformer.convert.export import Exported, build_source_model, create_model_from_export
 from anchorformer.convert.source import SourceCheckpoint
+from anchorformer.convert.timm_folder import load_timm_folder
 from anchorformer.models.backbone import AnchorFormerBackbone
 
 __all__ = ["fixed_input", "classification_parity", "backbone_parity"]
@@ -24,11 +25,12 @@ def fixed_input(image_size: int, batch: int = 2, seed: int = 0) -> torch.Tensor:
 @torch.no_grad()
 def classification_parity(source: SourceCheckpoint, exported: Exported, model_name: Optional[str] = None,
                           model_args: Optional[Dict[str, Any]] = None) -> float:
-    """Max |logits difference| between the source model and ``timm.create_model`` on the export.
+    """Max |logits difference| between the source model and ``timm.create_model`` on the export
+    (a ``local-dir:`` folder for the timm layout, the weights file otherwise).
 
     Args:
         source: the weights that were converted.
-        exported: the classification export.
+        exported: the classification export (a ``.safetensors`` file or a timm folder).
         model_name: as given to the export, when the source does not record it.
         model_args: as given to the export.
 
@@ -36,7 +38,8 @@ def classification_parity(source: SourceCheckpoint, exported: Exported, model_na
         The maximum absolute difference over a fixed batch of two images.
     """
     reference, args = build_source_model(source, model_name, model_args)
-    converted = create_model_from_export(exported.path)
+    timm_layout = exported.metadata.get("format") == "timm"
+    converted = load_timm_folder(exported.path) if timm_layout else create_model_from_export(exported.path)
     x = fixed_input(int(args.get("img_size", 224)))
     return float((reference(x) - converted(x)).abs().max())
 
