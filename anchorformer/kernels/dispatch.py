@@ -225,8 +225,11 @@ def anchor_mix_fast(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor, sc
     """:func:`~anchorformer.kernels.reference.anchor_mix` (same arguments, same result) through the
     backend :func:`select_backend` picks. Inside a region that torch.compile traces: the kernels as
     custom ops where ``triton`` is requested, or ``auto`` on CUDA; else the PyTorch path (the
-    compiler fuses it).
+    compiler fuses it). Under torch.export (ONNX, .pt2): always the PyTorch path, so that the
+    exported graph holds standard ops only and runs anywhere.
     """
+    if torch.compiler.is_exporting():
+        return anchor_mix(qk, anchors, v, scale)
     if torch.compiler.is_compiling():
         # inside a torch.compile'd model: the kernels as opaque custom ops in the graph where
         # selected (auto: CUDA tensors only), else the compiler traces (and fuses) the PyTorch path
