@@ -12,6 +12,7 @@ BENCHMARKS = {
     "quality": "benchmarks.quality",
     "train": "benchmarks.train",
     "profile": "benchmarks.profile",
+    "inference": "benchmarks.inference",
 }
 
 
