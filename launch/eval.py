@@ -2,7 +2,7 @@
 """Evaluate a classifier on validation data: top-1, top-5, loss, samples, images/s.
 
     python launch/eval.py runs/demo                                  # latest checkpoint, the run's own val data
-    python launch/eval.py runs/demo --checkpoint step_460 --weights ema
+    python launch/eval.py runs/in1k_tiny --checkpoint step_12000 --weights ema
     python launch/eval.py runs/in1k_base --img-size 384 --crop-pct 1.0   # another test resolution
     python launch/eval.py exports/demo --data /data/digits/val-index.json   # an export folder, on shards
     python launch/eval.py deit_tiny_patch16_224 --data /data/imagenet/val   # a timm model, on an ImageFolder
