@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from benchmarks.report import photo_crops
 from data_fixtures import write_jpeg_shards
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from timm.data import auto_augment
 
 from anchorformer.data import MixupConfig, TrainTransformConfig, build_train_stream
@@ -162,3 +163,35 @@ def test_gpu_path_refuses_what_it_does_not_implement():
     build_train_pipeline(augmix, None, 10, pipeline="fast", augment_on="cpu")  # timm's own AugMix on Pillow
     with pytest.raises(ValueError, match="data.pipeline='torch'; choose from"):
         build_train_pipeline(JITTER_ONLY, None, 10, pipeline="torch")
+
+
+@pytest.mark.slow
+def test_training_with_augment_on_gpu_follows_the_fast_cpu_pipeline_step_by_step(tmp_path, embedded_cache_dir):
+    """The classification task applies the device augmentation to each batch: with colour jitter,
+    Mixup and erasing off (the only draw the two paths make differently), training through
+    ``augment_on=gpu`` gives the same losses as the fast pipeline augmenting in its workers."""
+    from anchorformer import config
+    from anchorformer.engine import run_training
+
+    losses = {}
+    for augment_on in ("cpu", "gpu"):
+        cfg = config.from_dict({
+            "model": {"name": "anchorformer_tiny_patch16_224", "num_classes": 10, "img_size": 16, "drop_path_rate": 0.0,
+                      "kwargs": {"patch_size": 4, "depth": 1, "embed_dim": 48, "num_heads": 2, "num_anchors": 8}},
+            "data": {"source": "embedded", "cache_dir": str(embedded_cache_dir), "image_size": 16, "num_workers": 1,
+                     "pipeline": "fast", "augment_on": augment_on,
+                     "augment": {"auto_augment": None, "color_jitter": 0.4, "re_prob": 0.0, "scale": [0.5, 1.0]},
+                     "mixup": {"prob": 1.0, "mixup_alpha": 0.8, "cutmix_alpha": 1.0}},
+            "optim": {"lr": 1e-3, "lr_reference_batch": 0},
+            "schedule": {"epochs": 1, "warmup_epochs": 0.0},
+            "train": {"global_batch_size": 32, "micro_batch_size": 32, "precision": "fp32", "device": "cpu",
+                      "max_steps": 3},
+            "deepspeed": {"zero_stage": 0},
+            "logging": {"output_dir": str(tmp_path), "run_name": augment_on, "every_steps": 1, "progress_bar": False},
+        })
+        run_training(cfg)
+        events = EventAccumulator(str(tmp_path / augment_on / "tensorboard"))
+        events.Reload()
+        losses[augment_on] = [event.value for event in sorted(events.Scalars("train/loss"), key=lambda e: e.step)]
+    assert len(losses["gpu"]) == 3
+    assert losses["gpu"] == pytest.approx(losses["cpu"], rel=1e-5)

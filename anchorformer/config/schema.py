@@ -159,6 +159,14 @@ class DataConfig:
     repeated_aug: int = 1
     """Repeated augmentation: each image appears this many times per epoch on different ranks
     (3 in DeiT); 1 disables."""
+    pipeline: Literal["pil", "fast"] = "pil"
+    """Training input pipeline: 'pil' (timm's transforms on Pillow images, the reference) or 'fast'
+    (the same random draws and ops with JPEGs decoded to uint8 tensors and one normalisation per
+    batch: about twice the images per loader worker; docs/data.md)."""
+    augment_on: Literal["cpu", "gpu"] = "cpu"
+    """Where training augmentation runs: 'cpu' (loader workers) or 'gpu' (needs pipeline 'fast':
+    workers decode, crop and flip; RandAugment, erasing, normalisation and mixup run in batches on
+    the training device)."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Training-time augmentation and evaluation preprocessing."""
     mixup: MixupSection = field(default_factory=MixupSection)
@@ -169,6 +177,12 @@ class DataConfig:
         _require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         _require(self.shuffle_buffer >= 0, "shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
         _require(self.repeated_aug >= 1, "repeated_aug", f"must be >= 1, got {self.repeated_aug}")
+        _require(self.augment_on == "cpu" or self.pipeline == "fast", "augment_on",
+                 "gpu runs the fast pipeline's batched ops on the device; set data.pipeline=fast too")
+        if self.augment_on == "gpu":
+            _require(not self.augment.three_augment and not (self.augment.auto_augment or "").startswith("augmix"),
+                     "augment_on", "gpu implements RandAugment, AutoAugment and colour jitter, not three-augment "
+                     "or AugMix; set data.augment_on=cpu for those")
 
 
 @dataclass(frozen=True)

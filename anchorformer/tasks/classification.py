@@ -68,6 +68,7 @@ class ClassificationTask:
         self.runtime = runtime
         teacher = load_teacher(cfg.loss, cfg.model.num_classes, runtime.device, runtime.dtype)
         self.loss = ClassificationLoss(cfg.loss, teacher)
+        self.device_augment = None  # data.augment_on=gpu: the train stream's batch augmentation (build_data)
 
     def build_model(self) -> nn.Module:
         """``timm.create_model(model.name, ...)`` with the config's overrides."""
@@ -114,7 +115,8 @@ class ClassificationTask:
                 color_jitter=a.color_jitter, auto_augment=a.auto_augment,
                 interpolation=a.interpolation, re_prob=a.re_prob, re_mode=a.re_mode,
                 re_count=a.re_count, three_augment=a.three_augment, mean=a.mean, std=a.std),
-            **self._stream_args())
+            pipeline=d.pipeline, augment_on=d.augment_on, **self._stream_args())
+        self.device_augment = train_stream.device_augment
         return {"train": train_stream, "val": self.build_val_data()}
 
     def build_val_data(self, transform: Optional[shards.EvalTransformConfig] = None) -> shards.ValStream:
@@ -149,7 +151,10 @@ class ClassificationTask:
                 targets.to(device, non_blocking=True))
 
     def training_loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
-        images, targets = self._to_device(*batch[:2])
+        images, targets = batch[:2]
+        if self.device_augment is not None:  # uint8 crops and their plan -> augmented images on the device
+            images, targets = self.device_augment(images, targets, self.runtime.device)
+        images, targets = self._to_device(images, targets)
         return self.loss(model(images), targets, images), {}
 
     @torch.no_grad()
