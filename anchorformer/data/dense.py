@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from anchorformer.data.stages import SKIP_REASONS, SkipCounter, add_skip_counts
+from anchorformer.data.workers import init_worker
 
 __all__ = ["SkippedSample", "skip_sample", "drop_skipped", "MapTrainStream", "eval_loader"]
 
@@ -104,7 +105,8 @@ class MapTrainStream:
         generator = torch.Generator().manual_seed(
             hash((self.seed, self.epoch, self.rank, self.consumed)) % 2**63)
         loader = DataLoader(self.dataset, batch_size=self.micro_batch_size, sampler=self.epoch_indices()[start:],
-                            num_workers=self.num_workers, collate_fn=self.collate_fn, generator=generator)
+                            num_workers=self.num_workers, collate_fn=self.collate_fn, generator=generator,
+                            worker_init_fn=init_worker)
         for batch in loader:
             self.consumed += 1
             self._skips = add_skip_counts(self._skips, batch.skips)
@@ -147,4 +149,5 @@ def eval_loader(dataset: Dataset, collate_fn: Callable[[List[Any]], Any], *, ran
         A re-iterable DataLoader.
     """
     share = Subset(dataset, range(rank, len(dataset), world_size))
-    return DataLoader(share, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_fn)
+    return DataLoader(share, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_fn,
+                      worker_init_fn=init_worker)
