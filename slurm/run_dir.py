@@ -7,20 +7,23 @@ The sbatch templates call it to find ``summary.json`` after training:
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from anchorformer.config import ConfigError, load, run_directory  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    if not argv:
-        print("usage: python slurm/run_dir.py RECIPE [section.key=value ...]", file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(prog="slurm/run_dir.py", description=__doc__.split("\n\n")[0],
+                                     epilog="Prints one absolute path; exit status 2 for a bad recipe or override.")
+    parser.add_argument("recipe", help="recipe YAML, e.g. configs/in21k_base.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from anchorformer.config import ConfigError, load, run_directory  # imports torch: after --help
+
     try:
-        cfg = load(argv[0], argv[1:])
+        cfg = load(args.recipe, args.overrides)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -4,7 +4,7 @@ Used by the SLURM tests (tests/test_submit.py) and for trying ``launch/submit.py
 
     python tests/slurm_cluster.py start [--state-dir DIR]   # installs what is missing, starts it
     python tests/slurm_cluster.py status [--state-dir DIR]  # which daemons run, sinfo
-    python tests/slurm_cluster.py stop [--state-dir DIR]    # stops every daemon it started
+    python tests/slurm_cluster.py stop [--state-dir DIR]    # stops it, if this checkout started it
 
 It needs root and a Debian-like system. What ``start`` does, in order (each step is skipped when
 already done, so running it again is harmless):
@@ -20,6 +20,11 @@ already done, so running it again is harmless):
 
 Everything the cluster writes (spool, logs, pid files, database) lives under the state folder,
 ``/var/tmp/anchorformer-slurm`` by default. Delete it after ``stop`` for a fresh cluster.
+
+Several checkouts on one machine share that one cluster. ``start`` records which checkout started
+the daemons (``owner`` in the state folder); ``stop`` stops them only for that checkout (``--force``
+for any), so one checkout's ``make slurm-down`` or test session does not pull the cluster from
+under another's jobs. ``status`` exits 0 when every daemon runs, 3 otherwise.
 """
 from __future__ import annotations
 
@@ -57,6 +62,8 @@ REQUIRED_PROGRAMS = ("slurmctld", "slurmd", "slurmdbd", "sacctmgr", "sacct", "si
 # munged checks these modes: its socket folder must be traversable by clients, the rest private.
 MUNGE_DIRS = {Path("/run/munge"): 0o755, Path("/var/log/munge"): 0o700, Path("/var/lib/munge"): 0o700}
 MUNGE_PID_FILE = Path("/run/munge/munged.pid")
+CHECKOUT = Path(__file__).resolve().parents[1]
+"""The checkout this script belongs to: the owner it records when it starts the cluster."""
 
 
 class ClusterError(RuntimeError):
@@ -100,6 +107,11 @@ class ClusterPaths:
     @property
     def db_password_file(self) -> Path:
         return self.root / "db_password"
+
+    @property
+    def owner_file(self) -> Path:
+        """Names the checkout whose ``start`` started the daemons."""
+        return self.root / "owner"
 
     def pid_file(self, daemon: str) -> Path:
         """Pid file of ``daemon`` (slurmctld, slurmd, slurmdbd or mariadbd)."""
@@ -426,6 +438,8 @@ def start(paths: ClusterPaths) -> None:
                            "daemons); run it with sudo")
     install_if_missing()
     write_configs(paths)
+    if not any(status(paths).values()):  # nothing runs: this checkout starts (and owns) the cluster
+        paths.owner_file.write_text(f"{CHECKOUT}\n")
     start_munge()
     start_mariadb(paths)
     _start_slurm_daemon(paths, "slurmdbd")
@@ -437,11 +451,35 @@ def start(paths: ClusterPaths) -> None:
     logger.info("SLURM cluster %r is ready (state in %s)", CLUSTER_NAME, paths.root)
 
 
-def stop(paths: ClusterPaths) -> None:
-    """Stop slurmd, slurmctld, slurmdbd, MariaDB and munged (those this cluster started)."""
+def owner(paths: ClusterPaths) -> Path | None:
+    """The checkout that started the running cluster (None: unknown, e.g. started by hand)."""
+    try:
+        return Path(paths.owner_file.read_text().strip())
+    except OSError:
+        return None
+
+
+def stop(paths: ClusterPaths, force: bool = False) -> bool:
+    """Stop slurmd, slurmctld, slurmdbd, MariaDB and munged, if this checkout started them.
+
+    Args:
+        paths: state folder layout.
+        force: stop them whoever started them.
+
+    Returns:
+        Whether the daemons were stopped (False: another checkout's cluster, left running).
+    """
+    started_by = owner(paths)
+    if started_by != CHECKOUT and not force and any(status(paths).values()):
+        logger.warning("the SLURM cluster in %s was started by %s, not by this checkout (%s); leaving it "
+                       "running (stop --force stops it anyway)", paths.root, started_by or "someone else",
+                       CHECKOUT)
+        return False
     for daemon in ("slurmd", "slurmctld", "slurmdbd", "mariadbd"):
         _stop_pid_file(daemon, paths.pid_file(daemon))
     _stop_pid_file("munged", MUNGE_PID_FILE)
+    paths.owner_file.unlink(missing_ok=True)
+    return True
 
 
 def status(paths: ClusterPaths) -> dict[str, bool]:
@@ -455,6 +493,8 @@ def status(paths: ClusterPaths) -> dict[str, bool]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=("start", "stop", "status"))
+    parser.add_argument("--force", action="store_true",
+                        help="stop: also a cluster that another checkout started")
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
                         help=f"folder for spool, logs, pid files and the database "
                              f"(default {DEFAULT_STATE_DIR})")
@@ -467,12 +507,15 @@ def main(argv: list[str] | None = None) -> int:
             start(paths)
             print(f"SLURM cluster ready in {time.monotonic() - started:.1f} s; logs in {paths.log_dir}")
         elif args.action == "stop":
-            stop(paths)
+            stop(paths, force=args.force)
         else:
-            for daemon, alive in status(paths).items():
-                print(f"{daemon:10s} {'running' if alive else 'stopped'}")
-            if all(status(paths).values()):
-                print(_run(["sinfo"], check=False).stdout, end="")
+            alive = status(paths)
+            for daemon, running in alive.items():
+                print(f"{daemon:10s} {'running' if running else 'stopped'}")
+            print(f"started by {owner(paths) or 'unknown'}")
+            if not all(alive.values()):
+                return 3
+            print(_run(["sinfo"], check=False).stdout, end="")
     except ClusterError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
