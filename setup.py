@@ -31,8 +31,9 @@ setup(
     extras_require={
         "detection": ["pycocotools>=2.0.7"],
         "segmentation": [],
+        "plots": ["matplotlib>=3.8"],  # the quality map's PNG (tools/benchmark.py quality)
         "export": ["onnx>=1.17", "onnxruntime>=1.20", "onnxscript>=0.2"],  # tools/export.py --format onnx
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pycocotools>=2.0.7", "onnx>=1.17", "onnxruntime>=1.20",
-                "onnxscript>=0.2"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pycocotools>=2.0.7", "matplotlib>=3.8", "onnx>=1.17",
+                "onnxruntime>=1.20", "onnxscript>=0.2"],
     },
 )

@@ -1,36 +1,39 @@
-"""Quality at equal cost: AnchorFormer vs the DeiT of the same size, one recipe, one wall-clock budget.
+"""Quality map at equal wall-clock: AnchorFormer with m anchors vs DeiT, over token counts.
 
-Issue 7: the paper claims AnchorFormer is both cheaper and more accurate than DeiT; this measures
-it on the embedded digits (``configs/demo.yaml``) at equal training wall-clock.
+One point of this (the embedded digits at 17 tokens, 16 anchors) had AnchorFormer-tiny 2.7 points
+below DeiT-tiny at equal cost; a user cannot tell from it where anchor attention pays off. The map
+measures AF - DeiT at several token counts (the recipe's image size cut into patches of
+``image_size / sqrt(tokens - 1)`` px: 17, 65, 257 tokens at 16 px) and anchor counts m.
 
-Protocol (identical for both models; everything else comes from the recipe):
+Protocol (identical for every model of a token count; everything else comes from the recipe,
+``configs/quality_map.yaml`` by default):
 
-1. Models. AnchorFormer is the recipe's ``model`` (an ``anchorformer_*`` name); DeiT is the timm
-   model of the same name with ``deit_`` instead of ``anchorformer_`` and the same ``kwargs`` less
-   ``num_anchors`` (same patch size, depth, width, heads, image size, classes, drop path).
-2. Calibration, seed 0: ``--calibration-rounds`` rounds, the two models alternating within each;
-   one round of a model is a short run of ``--calibration-steps`` optimizer steps after 3 warm-up
-   steps, timed as the mean time between the ends of the timed steps (data waits and epoch
-   boundaries with their loader restart included, as in real training; no evaluation or
-   checkpoint inside the window). A model's s/step is its fastest round: other processes on a
-   shared machine only ever slow a round down (on a 2-core CPU shared with other work, the
-   median of 3 rounds put the AF/DeiT ratio 15% off the one measured over the long runs; the
-   fastest rounds were within 7% of each model's s/step over its training runs).
-3. Schedule. Each model gets ``--budget-s`` of training: planned steps = budget / (s/step),
-   ``schedule.epochs = max(1, round(planned steps / steps per epoch))`` so the recipe's whole
-   learning-rate schedule (linear warm-up + cosine) fits, and ``schedule.warmup_epochs`` keeps the
-   recipe's warm-up fraction (recipe warmup_epochs / epochs).
-4. Training and evaluation. One run per model and seed (``train.seed``; the models alternate
-   within a seed, so a slower or faster machine phase hits both), evaluated once, at the end,
-   on the validation split (top-1 of the final weights). Training wall-clock = from ``fit()``
-   until the last optimizer step finished (the final evaluation and checkpoint are not in it).
-5. Report per model: parameters, forward GMACs per image (FlopCounterMode on the PyTorch paths,
-   a multiply-add = 1 MAC), calibrated s/step, s/step measured over all its training runs,
-   epochs, steps trained (and planned), training wall-clock, top-1 mean +- sample std over seeds
-   and the best seed; then AF - DeiT in top-1 (with its standard error) and whether the claim
-   held in this run: cheaper = AnchorFormer's s/step measured in training is more than
-   COST_TOLERANCE below DeiT's (the calibration is only a few seconds; training is the long
-   measurement), more accurate = higher mean top-1.
+1. Models. For each token count, AF(m) is the recipe's ``model`` (an ``anchorformer_*`` name) with
+   ``num_anchors = m`` and the token count's patch size; DeiT is the timm model of the same name with
+   ``deit_`` instead of ``anchorformer_`` and the same ``kwargs`` less ``num_anchors`` (same patch
+   size, depth, width, heads, image size, classes, drop path).
+2. Calibration, seed 0: ``--calibration-rounds`` rounds, all models alternating within each; one
+   round of a model is a short run of ``--calibration-steps`` optimizer steps after 3 warm-up steps,
+   timed as the mean time between the ends of the timed steps (data waits and epoch boundaries
+   with their loader restart included, as in real training; no evaluation or checkpoint inside the
+   window). A model's s/step is its fastest round: other processes on a shared machine only ever
+   slow a round down.
+3. Budget. A token count's wall-clock budget is what DeiT needs for ``--deit-epochs`` epochs at its
+   calibrated s/step; every model of that token count gets the same budget: planned steps =
+   budget / (its s/step), ``schedule.epochs = max(1, round(planned steps / steps per epoch))`` so
+   the recipe's whole learning-rate schedule (linear warm-up + cosine) fits, and
+   ``schedule.warmup_epochs`` keeps the recipe's warm-up fraction. (Equal epochs of DeiT at every
+   token count keep top-1 comparable across token counts; within one, the wall-clock is equal.)
+4. Training and evaluation. One run per model and seed (``train.seed``; all models alternate
+   within a seed, so a slower or faster machine phase hits every one), evaluated once, at the end,
+   on the validation split (top-1 of the final weights). Training wall-clock = from ``fit()`` until
+   the last optimizer step finished (the final evaluation and checkpoint are not in it).
+5. Report, one table row per token count and model: parameters, forward GMACs per image
+   (FlopCounterMode on the PyTorch paths, a multiply-add = 1 MAC), calibrated s/step, s/step
+   measured over all its training runs, budget, epochs, top-1 mean +- sample std over seeds; for
+   AF, AF - DeiT in top-1 with its standard error and the verdict: a win when AF is more than
+   ``SIGNIFICANT`` standard errors above DeiT, a loss when that far below, a tie otherwise. And one
+   PNG: top-1 against tokens, a line per m and one for DeiT (error bars: std over seeds).
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ import argparse
 import copy
 import logging
 import math
+import os
 import statistics
 import tempfile
 import time
@@ -48,72 +52,108 @@ from typing import Any, Optional, Sequence
 import torch
 
 from anchorformer import config, dist
-from benchmarks.report import machine_description, markdown_table
+from anchorformer.atomic import atomic_output
 from anchorformer.engine.trainer import FitResult, Trainer
+from benchmarks.report import comma_separated, machine_description, markdown_table
+from benchmarks.results import record
 
-__all__ = ["add_arguments", "run", "model_configs"]
+__all__ = ["Cell", "add_arguments", "run", "model_configs", "patch_size"]
 
 logger = logging.getLogger(__name__)
 
 WARMUP_STEPS = 3
 """Optimizer steps run before the calibration window (first batches, allocator, loader start)."""
-COST_TOLERANCE = 0.05
-"""Relative s/step difference below which the two models count as equally expensive (noise of a
-shared CPU between runs is a few percent)."""
+SIGNIFICANT = 2.0
+"""Standard errors of AF - DeiT beyond which a cell is a win or a loss (about 95 % two-sided)."""
 _NEVER = 10**9
 """An epoch count or interval that a run does not reach (keeps evaluation out of calibration)."""
 
 
-def _seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--seeds must be comma-separated integers, got {text!r}") from None
-    if not seeds:
-        raise argparse.ArgumentTypeError(f"--seeds must name at least one integer seed, got {text!r}")
-    return seeds
+@dataclass(frozen=True, order=True)
+class Cell:
+    """One model of the map: a token count and AnchorFormer's anchors (``None``: the DeiT)."""
+    tokens: int
+    anchors: Optional[int]
+
+    @property
+    def label(self) -> str:
+        return "DeiT" if self.anchors is None else f"AF m={self.anchors}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of the ``quality`` benchmark; the defaults take about 10 minutes on 2 CPU cores."""
+    """Options of the ``quality`` benchmark; the defaults take about 40 minutes on 2 CPU cores."""
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="device both models train on (train.device)")
-    parser.add_argument("--budget-s", type=float, default=80.0,
-                        help="training wall-clock of each run in seconds, the same for both models")
-    parser.add_argument("--seeds", type=_seeds, default=[0, 1, 2],
+                        help="device every model trains on (train.device)")
+    parser.add_argument("--tokens", type=comma_separated(int), default=[17, 65, 257],
+                        help="token counts, comma-separated; each is a square grid of patches + the class "
+                             "token, the grid dividing the recipe's image size (16 px: 17, 65, 257)")
+    parser.add_argument("--anchors", type=comma_separated(int), default=[4, 8, 16, 32],
+                        help="AnchorFormer's anchors per layer m, comma-separated; each at every token count")
+    parser.add_argument("--deit-epochs", type=float, default=5.0,
+                        help="a token count's wall-clock budget: the time DeiT takes for this many epochs")
+    parser.add_argument("--seeds", type=comma_separated(int), default=[0, 1, 2],
                         help="train.seed of the runs, comma-separated; each model trains once per seed")
-    parser.add_argument("--recipe", type=Path, default=Path("configs/demo.yaml"),
-                        help="recipe of both models; its model must be an anchorformer_* model")
+    parser.add_argument("--recipe", type=Path, default=Path("configs/quality_map.yaml"),
+                        help="recipe of every model; its model must be an anchorformer_* model")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="recipe override for both models, e.g. data.cache_dir=/tmp/digits (repeatable)")
-    parser.add_argument("--calibration-steps", type=int, default=30,
-                        help="timed optimizer steps of one calibration round (30: a bit more than an epoch "
-                             "of the demo, so a loader restart is in it)")
-    parser.add_argument("--calibration-rounds", type=int, default=3,
+                        help="recipe override for every model, e.g. data.cache_dir=/tmp/digits (repeatable)")
+    parser.add_argument("--calibration-steps", type=int, default=20,
+                        help="timed optimizer steps of one calibration round")
+    parser.add_argument("--calibration-rounds", type=int, default=2,
                         help="calibration rounds per model (models alternate); s/step = the fastest round")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads during the runs (CPU only; the data worker is separate)")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="PNG of top-1 against tokens, written by every run, with or without --write-docs "
+                             "(default: docs/quality-DEVICE.png, the image the docs section shows)")
     parser.add_argument("--section", default=None,
                         help="name of the docs/benchmarks.md section (default: quality-DEVICE)")
 
 
-def model_configs(recipe: Path, overrides: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
-    """The recipe as plain dicts for both models: ``{"AnchorFormer": ..., "DeiT": ...}``.
+def patch_size(image_size: int, tokens: int) -> int:
+    """The patch size that cuts ``image_size`` px into ``tokens - 1`` patches (a square grid).
 
     Raises:
-        ValueError: when the recipe is missing or its model is not an ``anchorformer_*`` model.
+        ValueError: when ``tokens - 1`` is no square grid that divides the image.
+    """
+    grid = math.isqrt(max(tokens - 1, 0))
+    if tokens < 2 or grid * grid != tokens - 1 or image_size % grid:
+        raise ValueError(f"--tokens {tokens}: tokens - 1 must be a square grid of patches dividing the "
+                         f"{image_size} px image (e.g. {', '.join(str(g * g + 1) for g in (2, 4, 8, 16))})")
+    return image_size // grid
+
+
+def model_configs(recipe: Path, overrides: Sequence[str] = (), tokens: Sequence[int] = (17,),
+                  anchors: Sequence[int] = (16,)) -> dict[Cell, dict[str, Any]]:
+    """The recipe as plain dicts for every model of the map, DeiT first at each token count.
+
+    Raises:
+        ValueError: when the recipe is missing, its model is not an ``anchorformer_*`` model, or a
+            token or anchor count does not fit.
     """
     if not Path(recipe).is_file():
-        raise ValueError(f"--recipe {str(recipe)!r} does not exist; e.g. configs/demo.yaml")
+        raise ValueError(f"--recipe {str(recipe)!r} does not exist; e.g. configs/quality_map.yaml")
     anchor = config.to_dict(config.load(recipe, list(overrides)))
     name = anchor["model"]["name"]
     if not name.startswith("anchorformer_"):
         raise ValueError(f"--recipe {recipe} trains model.name={name!r}; the quality benchmark needs an "
                          f"anchorformer_* model (its DeiT twin is the deit_* model of the same size)")
-    deit = copy.deepcopy(anchor)
-    deit["model"]["name"] = "deit_" + name[len("anchorformer_"):]
-    deit["model"]["kwargs"] = {k: v for k, v in anchor["model"]["kwargs"].items() if k != "num_anchors"}
-    return {"AnchorFormer": anchor, "DeiT": deit}
+    bad = [m for m in anchors if m < 1]
+    if bad or not anchors or not tokens:
+        raise ValueError(f"--tokens and --anchors need at least one value each, anchors >= 1; got "
+                         f"--tokens {list(tokens)} --anchors {list(anchors)}")
+    configs: dict[Cell, dict[str, Any]] = {}
+    for count in tokens:
+        patch = patch_size(anchor["model"]["img_size"], count)
+        kwargs = {k: v for k, v in anchor["model"]["kwargs"].items() if k != "num_anchors"}
+        deit = copy.deepcopy(anchor)
+        deit["model"].update(name="deit_" + name[len("anchorformer_"):], kwargs={**kwargs, "patch_size": patch})
+        configs[Cell(count, None)] = deit
+        for m in anchors:
+            model = copy.deepcopy(anchor)
+            model["model"]["kwargs"] = {**kwargs, "patch_size": patch, "num_anchors": m}
+            configs[Cell(count, m)] = model
+    return configs
 
 
 def _merged(base: dict[str, Any], **sections: dict[str, Any]) -> dict[str, Any]:
@@ -206,39 +246,39 @@ class _Calibration:
         return max(1, round(planned / self.steps_per_epoch)), planned
 
 
-def _calibrate(bases: dict[str, dict[str, Any]], steps: int, rounds: int) -> dict[str, _Calibration]:
+def _calibrate(bases: dict[Cell, dict[str, Any]], steps: int, rounds: int) -> dict[Cell, _Calibration]:
     """Alternate short runs of WARMUP_STEPS + ``steps`` steps (no evaluation or checkpoint before
     their end) of every model for ``rounds`` rounds."""
-    runs: dict[str, list[_Run]] = {name: [] for name in bases}
+    runs: dict[Cell, list[_Run]] = {cell: [] for cell in bases}
     for index in range(rounds):
-        for name, base in bases.items():
+        for cell, base in bases.items():
             cfg = _with(base, schedule={"epochs": _NEVER},
                         train={"seed": 0, "max_steps": WARMUP_STEPS + steps, "eval_every_epochs": _NEVER},
-                        logging={"run_name": f"{name}-calibration{index}"})
-            runs[name].append(_fit(cfg))
-            logger.info("quality: %s calibration round %d: %.4f s/step", name, index,
-                        runs[name][-1].seconds_per_step(WARMUP_STEPS))
-    return {name: _Calibration(model_runs) for name, model_runs in runs.items()}
+                        logging={"run_name": f"{cell.tokens}-{cell.label}-calibration{index}".replace(" ", "")})
+            runs[cell].append(_fit(cfg))
+            logger.info("quality: %d tokens %s calibration round %d: %.4f s/step", cell.tokens, cell.label, index,
+                        runs[cell][-1].seconds_per_step(WARMUP_STEPS))
+    return {cell: _Calibration(cell_runs) for cell, cell_runs in runs.items()}
 
 
-def _train_within_budget(name: str, base: dict[str, Any], seed: int, epochs: int) -> _Run:
+def _train_within_budget(cell: Cell, base: dict[str, Any], seed: int, epochs: int) -> _Run:
     """One run of ``epochs`` epochs with the recipe's schedule shape and one final evaluation."""
     recipe = base["schedule"]
     warmup = recipe["warmup_epochs"] * epochs / recipe["epochs"]  # the recipe's warm-up fraction
     cfg = _with(base, schedule={"epochs": epochs, "warmup_epochs": warmup},
                 train={"seed": seed, "eval_every_epochs": epochs},
-                logging={"run_name": f"{name}-seed{seed}"})
+                logging={"run_name": f"{cell.tokens}-{cell.label}-seed{seed}".replace(" ", "")})
     result = _fit(cfg)
-    logger.info("quality: %s seed %d: top-1 %.2f after %d steps in %.1f s", name, seed,
-                result.result.metrics["eval/top1"], result.result.step, result.train_s)
+    logger.info("quality: %d tokens %s seed %d: top-1 %.2f after %d steps in %.1f s", cell.tokens, cell.label,
+                seed, result.result.metrics["eval/top1"], result.result.step, result.train_s)
     return result
 
 
 def _check(args: argparse.Namespace) -> None:
-    if not (args.budget_s > 0 and math.isfinite(args.budget_s)):
-        raise ValueError(f"--budget-s must be a positive number of seconds, got {args.budget_s}")
-    if not args.seeds or not all(isinstance(seed, int) for seed in args.seeds):
-        raise ValueError(f"--seeds must be a non-empty list of integers, got {args.seeds!r}")
+    if not (args.deit_epochs > 0 and math.isfinite(args.deit_epochs)):
+        raise ValueError(f"--deit-epochs must be a positive number of epochs, got {args.deit_epochs}")
+    if not args.seeds:
+        raise ValueError(f"--seeds must name at least one integer seed, got {args.seeds!r}")
     if args.calibration_steps < 1 or args.calibration_rounds < 1:
         raise ValueError(f"--calibration-steps and --calibration-rounds must be >= 1, got "
                          f"{args.calibration_steps} and {args.calibration_rounds}")
@@ -249,10 +289,12 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> str:
-    """Calibrate, train both models for every seed within the budget, return the markdown section."""
+    """Calibrate, train every model of the map for every seed within its token count's budget,
+    write the plot; return the markdown section."""
     _check(args)
-    bases = model_configs(args.recipe, args.overrides)
+    bases = model_configs(args.recipe, args.overrides, args.tokens, args.anchors)
     device = torch.device(args.device)
+    plot = args.plot or Path("docs") / f"quality-{device.type}.png"
     threads_before = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
@@ -261,84 +303,150 @@ def run(args: argparse.Namespace) -> str:
         machine = machine_description(device)  # names the threads the runs use
         with tempfile.TemporaryDirectory(prefix="quality-") as out:
             # The only evaluation and checkpoint of a run come after its last step.
-            bases = {name: _merged(base, train={"device": args.device, "max_steps": 0, "resume": "none"},
+            bases = {cell: _merged(base, train={"device": args.device, "max_steps": 0, "resume": "none"},
                                    checkpoint={"every_steps": 0, "at_epoch_end": False, "keep_last": 1},
                                    logging={"output_dir": out, "progress_bar": False, "tensorboard": False})
-                     for name, base in bases.items()}
+                     for cell, base in bases.items()}
             calibration = _calibrate(bases, args.calibration_steps, args.calibration_rounds)
-            plans = {name: cal.budget_epochs(args.budget_s) for name, cal in calibration.items()}
-            runs: dict[str, list[_Run]] = {name: [] for name in bases}
-            for seed in args.seeds:  # models alternate: a slower phase of the machine hits both
-                for name, base in bases.items():
-                    logger.info("quality: %s seed %d, %d epochs (%.0f steps planned for %g s)",
-                                name, seed, plans[name][0], plans[name][1], args.budget_s)
-                    runs[name].append(_train_within_budget(name, base, seed, plans[name][0]))
+            budgets = {cell.tokens: args.deit_epochs * cal.steps_per_epoch * cal.seconds_per_step
+                       for cell, cal in calibration.items() if cell.anchors is None}
+            plans = {cell: cal.budget_epochs(budgets[cell.tokens]) for cell, cal in calibration.items()}
+            logger.info("quality: %d runs, %.0f s of training planned", len(bases) * len(args.seeds),
+                        len(args.seeds) * sum(budgets[cell.tokens] for cell in bases))
+            runs: dict[Cell, list[_Run]] = {cell: [] for cell in bases}
+            for seed in args.seeds:  # models alternate: a slower phase of the machine hits all
+                for cell, base in bases.items():
+                    logger.info("quality: %d tokens %s seed %d, %d epochs (%.0f steps planned for %.0f s)",
+                                cell.tokens, cell.label, seed, plans[cell][0], plans[cell][1], budgets[cell.tokens])
+                    runs[cell].append(_train_within_budget(cell, base, seed, plans[cell][0]))
     finally:
         torch.set_num_threads(threads_before)
-    return _section(args, machine, bases, calibration, plans, runs, time.perf_counter() - started)
+    stats = {cell: _Stats.of(runs[cell]) for cell in runs}
+    _plot(plot, stats, args.device)
+    return _section(args, machine, bases, calibration, budgets, plans, stats, plot, time.perf_counter() - started)
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+@dataclass(frozen=True)
+class _Stats:
+    """One model's runs over the seeds."""
+    top1: list[float]
+    train_s: list[float]
+    steps: list[int]
+
+    @classmethod
+    def of(cls, runs: list[_Run]) -> "_Stats":
+        return cls([r.result.metrics["eval/top1"] for r in runs], [r.train_s for r in runs],
+                   [r.result.step for r in runs])
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.top1)
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation over the seeds (0 for one seed)."""
+        return statistics.stdev(self.top1) if len(self.top1) > 1 else 0.0
+
+    @property
+    def seconds_per_step(self) -> float:
+        """All runs' training wall-clock over all their steps."""
+        return sum(self.train_s) / sum(self.steps)
 
 
-def _section(args: argparse.Namespace, machine: str, bases: dict[str, dict[str, Any]],
-             calibration: dict[str, _Calibration], plans: dict[str, tuple[int, float]], runs: dict[str, list[_Run]],
-             total_s: float) -> str:
-    stats, rows = {}, []
-    for name, model_runs in runs.items():
-        cal, (epochs, planned) = calibration[name], plans[name]
-        top1 = [r.result.metrics["eval/top1"] for r in model_runs]
-        train_s = [r.train_s for r in model_runs]
-        mean, std = _mean_std(top1)
-        trained_s_step = sum(train_s) / sum(r.result.step for r in model_runs)
-        stats[name] = {"mean": mean, "std": std, "n": len(top1), "s_step": trained_s_step, "macs": cal.macs}
+def _versus(af: _Stats, deit: _Stats) -> tuple[float, float, str]:
+    """(AF - DeiT top-1, its standard error, 'wins' / 'ties' / 'loses' / 'one seed')."""
+    diff = af.mean - deit.mean
+    stderr = math.sqrt(af.std ** 2 / len(af.top1) + deit.std ** 2 / len(deit.top1))
+    if len(af.top1) < 2 or len(deit.top1) < 2:
+        return diff, stderr, "one seed"
+    if abs(diff) <= SIGNIFICANT * stderr:
+        return diff, stderr, "ties"
+    return diff, stderr, "wins" if diff > 0 else "loses"
+
+
+def _plot(path: Path, stats: dict[Cell, _Stats], device: str) -> None:
+    """Top-1 (mean, std over seeds) against tokens, one line per model, written atomically."""
+    import matplotlib  # imported here: only this benchmark draws
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    tokens = sorted({cell.tokens for cell in stats})
+    figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for label in sorted({cell.label for cell in stats}, key=lambda text: (text != "DeiT", len(text), text)):
+        cells = sorted(cell for cell in stats if cell.label == label)
+        axes.errorbar([c.tokens for c in cells], [stats[c].mean for c in cells], yerr=[stats[c].std for c in cells],
+                      marker="o", capsize=3, label=label, linestyle="--" if label == "DeiT" else "-",
+                      color="black" if label == "DeiT" else None)
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(tokens, [str(t) for t in tokens])
+    axes.set_xlabel("tokens (patches + class token)")
+    axes.set_ylabel("validation top-1 (%), mean ± std over seeds")
+    axes.set_title(f"AnchorFormer vs DeiT at equal wall-clock, digits ({device})")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp:
+        figure.savefig(tmp, format="png")
+    plt.close(figure)
+
+
+def _section(args: argparse.Namespace, machine: str, bases: dict[Cell, dict[str, Any]],
+             calibration: dict[Cell, _Calibration], budgets: dict[int, float], plans: dict[Cell, tuple[int, float]],
+             stats: dict[Cell, _Stats], plot: Path, total_s: float) -> str:
+    rows, verdicts = [], {"wins": [], "ties": [], "loses": [], "one seed": []}
+    for cell in bases:
+        cal, stat, (epochs, planned) = calibration[cell], stats[cell], plans[cell]
+        model = bases[cell]["model"]
+        case = f"{cell.tokens} tokens {cell.label}"
+        record(case, "top-1 % (mean over seeds)", stat.mean)
+        record(case, "s/step in training", stat.seconds_per_step)
+        if cell.anchors is None:
+            versus = "—"
+        else:
+            diff, stderr, verdict = _versus(stat, stats[Cell(cell.tokens, None)])
+            record(case, "AF - DeiT top-1 points", diff)
+            record(case, "AF - DeiT standard error", stderr)
+            versus = f"{diff:+.2f} ± {stderr:.2f} ({verdict})"
+            verdicts[verdict].append(f"{cell.tokens} tokens m={cell.anchors} ({diff:+.2f} ± {stderr:.2f})")
         rows.append([
-            f"{name} (`{bases[name]['model']['name']}`)", f"{cal.params / 1e6:.2f}",
-            f"{cal.macs / 1e9:.4f}", f"{cal.seconds_per_step:.4f} ({cal.round_range()})",
-            f"{trained_s_step:.4f}", epochs,
-            f"{statistics.fmean(r.result.step for r in model_runs):.0f} ({planned:.0f})",
-            f"{statistics.fmean(train_s):.1f} ({min(train_s):.1f}-{max(train_s):.1f})",
-            f"{mean:.2f} ± {std:.2f}", f"{max(top1):.2f}", ", ".join(f"{t:.2f}" for t in top1),
+            f"{cell.tokens} (patch {model['kwargs']['patch_size']})", f"{cell.label} (`{model['name']}`)",
+            f"{cal.params / 1e6:.3f}", f"{cal.macs / 1e9:.4f}", f"{cal.seconds_per_step:.4f} ({cal.round_range()})",
+            f"{stat.seconds_per_step:.4f}", f"{budgets[cell.tokens]:.0f}", f"{epochs} ({planned:.0f} steps)",
+            f"{statistics.fmean(stat.train_s):.1f}", f"{stat.mean:.2f} ± {stat.std:.2f}",
+            ", ".join(f"{t:.2f}" for t in stat.top1), versus,
         ])
-    header = ["model", "params (M)", "GMACs/img", "s/step calibrated (rounds)", "s/step in training", "epochs",
-              "steps trained (planned)", "train s, mean (range)", "top-1 % mean ± std", "best top-1 %", "top-1 % per seed"]
-    af, deit = stats["AnchorFormer"], stats["DeiT"]
-    diff = af["mean"] - deit["mean"]
-    stderr = math.sqrt(af["std"] ** 2 / af["n"] + deit["std"] ** 2 / deit["n"])
-    cost = af["s_step"] / deit["s_step"]
-    cheaper, better = cost < 1 - COST_TOLERANCE, diff > 0
-    cheaper_text = "yes" if cheaper else (f"no (within {COST_TOLERANCE:.0%}: the same cost)"
-                                          if cost <= 1 + COST_TOLERANCE else "no")
-    noise = f"{abs(diff) / stderr:.1f} standard errors" if stderr > 0 else "one seed: no spread to compare with"
-    verdict = (
-        f"**AF − DeiT top-1: {diff:+.2f} points** ({noise}); AnchorFormer's training step took "
-        f"{cost:.2f}x DeiT's (measured over all runs) for {af['macs'] / deit['macs']:.2f}x its MACs. "
-        f"The paper's claim (cheaper and more accurate) **{'held' if cheaper and better else 'did not hold'}** "
-        f"in this run: cheaper {cheaper_text}, more accurate {'yes' if better else 'no'}.")
-    base = bases["AnchorFormer"]
+    header = ["tokens", "model", "params (M)", "GMACs/img", "s/step calibrated (rounds)", "s/step in training",
+              "budget s", "epochs (planned)", "train s, mean", "top-1 % mean ± std", "top-1 % per seed",
+              "AF − DeiT ± s.e. (verdict)"]
+    base = next(iter(bases.values()))
     m = base["model"]
-    tokens = (m["img_size"] // m["kwargs"].get("patch_size", 16)) ** 2 + 1
+    summary = "; ".join(f"**{verdict}** at {', '.join(cells)}" for verdict, cells in verdicts.items() if cells)
     overrides = f" with {' '.join(f'`{o}`' for o in args.overrides)}" if args.overrides else ""
+    image = os.path.relpath(plot, "docs")
     return "\n".join([
-        f"## Quality at equal cost: AnchorFormer vs DeiT, {args.budget_s:g} s of training each ({args.device})",
+        f"## Quality map at equal wall-clock: AnchorFormer (m anchors) vs DeiT over tokens ({args.device})",
         "",
-        f"Device: {machine}. Recipe `{args.recipe}`{overrides}: {m['img_size']} px, {tokens} tokens, "
-        f"kwargs {m['kwargs']} (DeiT: the same without num_anchors), batch "
-        f"{base['train']['global_batch_size']}, {base['train']['precision']}, {base['optim']['name']} "
-        f"lr {base['optim']['lr']:g}, warm-up + cosine; seeds {', '.join(map(str, args.seeds))}.",
+        f"Device: {machine}. Recipe `{args.recipe}`{overrides}: {m['img_size']} px digits, depth "
+        f"{m['kwargs'].get('depth')}, width {m['kwargs'].get('embed_dim')}, {m['kwargs'].get('num_heads')} heads, "
+        f"batch {base['train']['global_batch_size']}, {base['train']['precision']}, {base['optim']['name']} lr "
+        f"{base['optim']['lr']:g}, warm-up + cosine; tokens {', '.join(map(str, args.tokens))}; anchors m "
+        f"{', '.join(map(str, args.anchors))}; seeds {', '.join(map(str, args.seeds))}.",
         "",
-        f"Protocol: s/step = fastest of {args.calibration_rounds} rounds (models alternating) of the mean "
-        f"of {args.calibration_steps} training steps after {WARMUP_STEPS} warm-up steps (seed 0; data "
-        f"loading and epoch boundaries included, no evaluation). Each run gets "
-        f"epochs = max(1, round(budget / s/step / steps per epoch)), so the recipe's whole warm-up + "
-        f"cosine schedule fits the budget (warm-up keeps the recipe's fraction), then one evaluation of "
-        f"the final weights on the validation split. 'train s' = wall-clock from the start of fit() to "
-        f"the last optimizer step (includes the first loader start, which calibration leaves out); "
-        f"'s/step in training' = all its runs' train s / steps (the cost the verdict compares); "
-        f"GMACs = forward per image (FlopCounterMode). Whole benchmark: {total_s / 60:.1f} min.",
+        f"Protocol: s/step = fastest of {args.calibration_rounds} rounds (all models alternating) of the mean "
+        f"of {args.calibration_steps} training steps after {WARMUP_STEPS} warm-up steps (seed 0; data loading "
+        f"and epoch boundaries included, no evaluation). Each token count's budget = the wall-clock DeiT's "
+        f"calibrated s/step needs for {args.deit_epochs:g} epochs; every model of that token count gets it: "
+        f"epochs = max(1, round(budget / s/step / steps per epoch)), the recipe's warm-up + cosine fitted "
+        f"to them, then one evaluation of the final weights on the validation split. 's/step in training' = "
+        f"all its runs' wall-clock from fit() to the last step / steps. AF − DeiT ± its standard error "
+        f"(sqrt(s_AF²/n + s_DeiT²/n)): a win beyond +{SIGNIFICANT:g} s.e., a loss beyond −{SIGNIFICANT:g} s.e., "
+        f"a tie between. Whole benchmark: {total_s / 60:.1f} min.",
         "",
         markdown_table(header, rows),
         "",
-        verdict,
+        f"AnchorFormer {summary}.",
+        "",
+        f"![top-1 against tokens, one line per m]({image})",
     ])
