@@ -86,21 +86,17 @@ def _grayscale(images: torch.Tensor) -> torch.Tensor:
     return torch.floor((red * 19595 + green * 38470 + blue * 7471 + 32768) / 65536).unsqueeze(1)
 
 
-def _lookup(images: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """Map every value through its image and channel's table, (n, C, 256): ``Image.point``."""
-    n, channels, height, width = images.shape
-    index = images.reshape(n, channels, height * width).long()
-    return tables.to(images.dtype).gather(2, index).view(n, channels, height, width)
+def _levels(images: torch.Tensor) -> torch.Tensor:
+    return torch.arange(256, device=images.device, dtype=torch.float64)
 
 
 def _auto_contrast(images: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
-    """ImageOps.autocontrast: stretch each channel's range to 0..255 (Pillow's table, in float64)."""
+    """ImageOps.autocontrast: each channel's range stretched to 0..255 (Pillow's table, in float64)."""
     low = images.amin(dim=(2, 3)).double().unsqueeze(2)
     high = images.amax(dim=(2, 3)).double().unsqueeze(2)
     scale = 255.0 / (high - low).clamp(min=1.0)
-    levels = torch.arange(256, device=images.device, dtype=torch.float64)
-    tables = torch.where(high > low, (levels * scale - low * scale).floor_().clamp_(0.0, 255.0), levels)
-    return _lookup(images, tables)
+    levels = _levels(images)
+    return torch.where(high > low, (levels * scale - low * scale).floor_().clamp_(0.0, 255.0), levels)
 
 
 def _equalize(images: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
@@ -114,54 +110,90 @@ def _equalize(images: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
     before = histogram.cumsum(1) - histogram
     tables = ((step // 2 + before) // step.clamp(min=1)).clamp_(max=255)
     identity = ((histogram > 0).sum(1, keepdim=True) <= 1) | (step == 0)
-    tables = torch.where(identity, torch.arange(256, device=images.device), tables)
-    return _lookup(images, tables.view(n, channels, 256))
+    return torch.where(identity, _levels(images), tables.double()).view(n, channels, 256)
 
 
 def _invert(images: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
-    return 255.0 - images
+    return (255.0 - _levels(images)).expand(len(images), images.shape[1], 256)
 
 
 def _posterize(images: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     """Keep the top ``bits`` bits (0 gives black, 8 or more the image unchanged)."""
-    step = torch.pow(2.0, (8 - bits).clamp(0, 8)).to(images.dtype).view(-1, 1, 1, 1)
-    return torch.floor(images / step) * step
+    step = torch.pow(2.0, (8 - bits).clamp(0, 8)).view(-1, 1, 1)
+    return (torch.floor(_levels(images) / step) * step).expand(-1, images.shape[1], 256)
 
 
 def _solarize(images: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    threshold = threshold.to(images.dtype).view(-1, 1, 1, 1)
-    return torch.where(images < threshold, images, 255.0 - images)
+    levels = _levels(images)
+    return torch.where(levels < threshold.view(-1, 1, 1), levels, 255.0 - levels).expand(-1, images.shape[1], 256)
 
 
 def _solarize_add(images: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
-    """timm's solarize_add: add ``add`` to values below 128 (threshold timm's default), clip at 255."""
-    add = add.to(images.dtype).view(-1, 1, 1, 1)
-    return torch.where(images < 128.0, (images + add).clamp_(max=255.0), images)
+    """timm's solarize_add: add ``add`` to values below 128 (timm's threshold), clip at 255."""
+    levels = _levels(images)
+    added = (levels + add.view(-1, 1, 1)).clamp_(max=255.0)
+    return torch.where(levels < 128.0, added, levels).expand(-1, images.shape[1], 256)
 
 
-def _color(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(_grayscale(images), images, factor)
+_POINT_OPS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "auto_contrast": _auto_contrast, "equalize": _equalize, "invert": _invert, "posterize": _posterize,
+    "solarize": _solarize, "solarize_add": _solarize_add}
+"""Ops that map each value through a table (``Image.point``): images (k, C, H, W) and arguments
+(k,) -> float64 tables (k, C, 256)."""
 
 
-def _contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """ImageEnhance.Contrast: blend with the grey of the rounded mean luma."""
-    mean = torch.floor(_grayscale(images).double().mean(dim=(2, 3), keepdim=True) + 0.5)
-    return _blend(mean.to(images.dtype), images, factor)
+def _color(images: torch.Tensor) -> torch.Tensor:
+    return _grayscale(images)
 
 
-def _brightness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(torch.zeros_like(images), images, factor)
+def _contrast(images: torch.Tensor) -> torch.Tensor:
+    """The grey of the rounded mean luma."""
+    return torch.floor(_grayscale(images).double().mean(dim=(2, 3), keepdim=True) + 0.5).to(images.dtype)
 
 
-def _sharpness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """ImageEnhance.Sharpness: blend with ImageFilter.SMOOTH (3x3 ones with centre 5, over 13,
-    rounded); Pillow's filter leaves the one-pixel border as it was."""
+def _brightness(images: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((), device=images.device, dtype=images.dtype)
+
+
+def _sharpness(images: torch.Tensor) -> torch.Tensor:
+    """ImageFilter.SMOOTH (3x3 ones with centre 5, over 13, rounded); Pillow's filter leaves the
+    one-pixel border as it was."""
     rows = images[:, :, :-2] + images[:, :, 1:-1] + images[:, :, 2:]
     box = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]  # 3x3 sums of the interior, exact in float32
     degenerate = images.clone()
     interior = degenerate[:, :, 1:-1, 1:-1]
     interior.mul_(4.0).add_(box).div_(13.0).add_(0.5).floor_()
-    return _blend(degenerate, images, factor)
+    return degenerate
+
+
+_ENHANCE_OPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "color": _color, "contrast": _contrast, "brightness": _brightness, "sharpness": _sharpness}
+"""ImageEnhance ops: each blends the image with its degenerate image (images -> degenerate)."""
+
+
+def _rows_of(kinds: list[str], kind: str, device: torch.device) -> torch.Tensor:
+    return torch.tensor([row for row, name in enumerate(kinds) if name == kind], device=device)
+
+
+def _point_ops(images: torch.Tensor, kinds: list[str], args: torch.Tensor) -> torch.Tensor:
+    """Every image's point op at once: per-image tables, then one lookup."""
+    n, channels, height, width = images.shape
+    tables = torch.empty((n, channels, 256), device=images.device, dtype=torch.float64)
+    args = args.to(images.device)
+    for kind in sorted(set(kinds)):
+        rows = _rows_of(kinds, kind, images.device)
+        tables[rows] = _POINT_OPS[kind](images[rows], args[rows])
+    index = images.reshape(n, channels, height * width).long()
+    return tables.to(images.dtype).gather(2, index).view(n, channels, height, width)
+
+
+def _enhance_ops(images: torch.Tensor, kinds: list[str], factors: torch.Tensor) -> torch.Tensor:
+    """Every image's ImageEnhance op at once: its degenerate image, then one blend."""
+    degenerate = torch.empty_like(images)
+    for kind in sorted(set(kinds)):
+        rows = _rows_of(kinds, kind, images.device)
+        degenerate[rows] = _ENHANCE_OPS[kind](images[rows])
+    return _blend(degenerate, images, factors.to(images.device))
 
 
 def _rotation(degrees: float, width: int, height: int) -> tuple[float, ...]:
@@ -176,22 +208,15 @@ def _rotation(degrees: float, width: int, height: int) -> tuple[float, ...]:
     return tuple(matrix)
 
 
-def _affine_matrices(kind: str, args: list[float], height: int, width: int) -> torch.Tensor:
-    """Pillow's affine data (a, b, c, d, e, f) of each image's geometric op, (n, 6) float64, computed
-    in Python floats as timm and Pillow do: an output pixel centre (x, y) reads the input at
-    (a x + b y + c, d x + e y + f), pixel edges at integers."""
-    data = {"rotate": lambda v: _rotation(v, width, height),
-            "shear_x": lambda v: (1, v, 0, 0, 1, 0), "shear_y": lambda v: (1, 0, 0, v, 1, 0),
-            "translate_x_rel": lambda v: (1, 0, v * width, 0, 1, 0),
-            "translate_y_rel": lambda v: (1, 0, 0, 0, 1, v * height),
-            "translate_x_abs": lambda v: (1, 0, v, 0, 1, 0), "translate_y_abs": lambda v: (1, 0, 0, 0, 1, v)}[kind]
-    return torch.tensor([data(value) for value in args], dtype=torch.float64)
-
-
-_MOVES = {"rotate": "xy", "shear_x": "x", "translate_x_rel": "x", "translate_x_abs": "x", "shear_y": "y",
-          "translate_y_rel": "y", "translate_y_abs": "y"}
-"""Which source coordinates of a geometric op fall between pixels: the others stay on pixel centres,
-where Pillow's interpolation reduces exactly to the pixel, so only the moving axis is interpolated."""
+def _affine_data(kind: str, value: float, height: int, width: int) -> tuple[float, ...]:
+    """Pillow's affine data (a, b, c, d, e, f) of a geometric op, computed in Python floats as timm
+    and Pillow do: an output pixel centre (x, y) reads the input at (a x + b y + c, d x + e y + f),
+    pixel edges at integers."""
+    if kind == "rotate":
+        return _rotation(value, width, height)
+    return {"shear_x": (1, value, 0, 0, 1, 0), "shear_y": (1, 0, 0, value, 1, 0),
+            "translate_x_rel": (1, 0, value * width, 0, 1, 0), "translate_y_rel": (1, 0, 0, 0, 1, value * height),
+            "translate_x_abs": (1, 0, value, 0, 1, 0), "translate_y_abs": (1, 0, 0, 0, 1, value)}[kind]
 
 
 def _cubic(v1: torch.Tensor, v2: torch.Tensor, v3: torch.Tensor, v4: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -202,40 +227,37 @@ def _cubic(v1: torch.Tensor, v2: torch.Tensor, v3: torch.Tensor, v4: torch.Tenso
     return v2 + d * (p2 + d * (p3 + d * p4))
 
 
-def _sample(images: torch.Tensor, lines: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """images[n, :, lines, cols] for (n, H, W) indices, clamped to the image, as float64."""
+def _taps(images: torch.Tensor, lines: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """The pixels at every (line, col) pair around each output pixel, edges repeated, as float64:
+    lines (n, H, W, Ty) and cols (n, H, W, Tx) -> (n, C, H, W, Ty, Tx), in one gather."""
     n, channels, height, width = images.shape
-    index = (lines.clamp(0, height - 1) * width + cols.clamp(0, width - 1)).view(n, 1, -1).expand(-1, channels, -1)
-    return images.reshape(n, channels, -1).gather(2, index).view(n, channels, *lines.shape[1:]).double()
+    index = lines.clamp(0, height - 1).unsqueeze(-1) * width + cols.clamp(0, width - 1).unsqueeze(-2)
+    flat = index.view(n, 1, -1).expand(-1, channels, -1)
+    return images.reshape(n, channels, -1).gather(2, flat).view(n, channels, *index.shape[1:]).double()
 
 
-def _interpolate(images: torch.Tensor, source_x: torch.Tensor, source_y: torch.Tensor, mode: str,
-                 moves: str) -> torch.Tensor:
-    """Pillow's bilinear / bicubic filter at each (source_x, source_y) (pixel-edge coordinates):
-    the taps around the point, edge pixels repeated, the value truncated to 0..255. Along an axis
-    that does not move (``moves``) the point sits on a pixel centre, where Pillow's formula gives
-    that pixel exactly, so one tap is read there."""
+def _interpolate(images: torch.Tensor, source_x: torch.Tensor, source_y: torch.Tensor, mode: str) -> torch.Tensor:
+    """Pillow's bilinear / bicubic filter at each (source_x, source_y) (n, H, W) in pixel-edge
+    coordinates: the taps around the point, a pass along x then along y, truncation to 0..255.
+    A coordinate on a pixel centre (the axis a shear or translation leaves alone) gives d = 0,
+    where Pillow's formulas return that pixel exactly."""
     x, y = source_x - 0.5, source_y - 0.5
     left, top = x.floor(), y.floor()
     dx, dy = (x - left).unsqueeze(1), (y - top).unsqueeze(1)
-    left, top = left.long(), top.long()
-    taps = (0, 1) if mode == "bilinear" else (-1, 0, 1, 2)
-    cols = [left + k for k in taps] if "x" in moves else [left]
-    lines = [top + k for k in taps] if "y" in moves else [top]
-
-    def combine(values: list[torch.Tensor], d: torch.Tensor) -> torch.Tensor:
-        if len(values) == 1:
-            return values[0]
-        if mode == "bilinear":
-            return values[0] + (values[1] - values[0]) * d
-        return _cubic(*values, d)
-
-    value = combine([combine([_sample(images, line, col) for col in cols], dx) for line in lines], dy)
+    offsets = torch.arange(0, 2, device=images.device) if mode == "bilinear" else torch.arange(-1, 3, device=images.device)
+    taps = _taps(images, top.long().unsqueeze(-1) + offsets, left.long().unsqueeze(-1) + offsets)
+    if mode == "bilinear":
+        rows = taps[..., 0] + (taps[..., 1] - taps[..., 0]) * dx.unsqueeze(-1)
+        value = rows[..., 0] + (rows[..., 1] - rows[..., 0]) * dy
+    else:
+        rows = _cubic(*taps.unbind(-1), dx.unsqueeze(-1))
+        value = _cubic(*rows.unbind(-1), dy)
     return value.clamp_(0.0, 255.0).floor_().to(images.dtype)
 
 
-def _nearest(images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
-    """Pillow's nearest-neighbour affine transform: 16.16 fixed-point source coordinates."""
+def _nearest(images: torch.Tensor, matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pillow's nearest-neighbour affine transform (16.16 fixed-point source coordinates): the
+    values and where the source lies inside the image."""
     n, _, height, width = images.shape
     fixed = torch.floor(matrices * 65536.0 + 0.5).long()
     a, b, d, e = (fixed[:, i].view(n, 1, 1) for i in (0, 1, 3, 4))
@@ -244,47 +266,39 @@ def _nearest(images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
     xs = torch.arange(width, device=images.device).view(1, 1, width)
     ys = torch.arange(height, device=images.device).view(1, height, 1)
     cols, lines = (c + ys * b + xs * a) >> 16, (f + ys * e + xs * d) >> 16
-    inside = ((cols >= 0) & (cols < width) & (lines >= 0) & (lines < height)).unsqueeze(1)
-    return torch.where(inside, _sample(images, lines, cols).to(images.dtype), torch.nan)
+    inside = (cols >= 0) & (cols < width) & (lines >= 0) & (lines < height)
+    values = _taps(images, lines.unsqueeze(-1), cols.unsqueeze(-1))[..., 0, 0].to(images.dtype)
+    return values, inside
 
 
-def _affine(images: torch.Tensor, matrices: torch.Tensor, resample: torch.Tensor, fill: torch.Tensor,
-            moves: str) -> torch.Tensor:
-    """``Image.transform(AFFINE)`` with per-image matrices, as Pillow computes it: float64 source
-    coordinates of each pixel centre, fill where the source lies outside the image, the filter's
-    taps with the edge repeated, truncation to uint8 values; nearest in Pillow's fixed point."""
+def _affine(images: torch.Tensor, matrices: torch.Tensor, resample: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """``Image.transform(AFFINE)`` with per-image matrices (n, 6) and resample codes (n,), as Pillow
+    computes it: float64 source coordinates of each pixel centre, the fill colour where the source
+    lies outside the image, the filter's taps with the edge repeated, truncation to uint8 values."""
     n, channels, height, width = images.shape
-    matrices = matrices.to(images.device, torch.float64)
-    a, b, c, d, e, f = (m.view(n, 1, 1) for m in matrices.unbind(1))
-    centre_x = torch.arange(width, device=images.device, dtype=torch.float64).view(1, 1, width) + 0.5
-    centre_y = torch.arange(height, device=images.device, dtype=torch.float64).view(1, height, 1) + 0.5
-    source_x = a * centre_x + b * centre_y + c
-    source_y = d * centre_x + e * centre_y + f
+    fill = fill.to(images.device, images.dtype).view(1, channels, 1, 1)
     out = torch.empty_like(images)
     for code in resample.unique().tolist():
-        rows = (resample == code).nonzero().squeeze(1).to(images.device)
-        mode = _RESAMPLE_NAMES[code]
-        if mode == "nearest":
-            values = _nearest(images[rows], matrices[rows])
-            inside = ~values.isnan()
+        rows = (resample == code).nonzero().squeeze(1)
+        chosen, on_device = matrices[rows].to(images.device, torch.float64), rows.to(images.device)
+        if _RESAMPLE_NAMES[code] == "nearest":
+            values, inside = _nearest(images[on_device], chosen)
         else:
-            sx, sy = source_x.expand(n, height, width)[rows], source_y.expand(n, height, width)[rows]
-            values = _interpolate(images[rows], sx, sy, mode, moves)
-            inside = ((sx >= 0) & (sx < width) & (sy >= 0) & (sy < height)).unsqueeze(1)
-        out[rows] = torch.where(inside, values, fill.to(images.device, images.dtype).view(1, channels, 1, 1))
+            a, b, c, d, e, f = (column.view(-1, 1, 1) for column in chosen.unbind(1))
+            centre_x = torch.arange(width, device=images.device, dtype=torch.float64).view(1, 1, width) + 0.5
+            centre_y = torch.arange(height, device=images.device, dtype=torch.float64).view(1, height, 1) + 0.5
+            source_x, source_y = a * centre_x + b * centre_y + c, d * centre_x + e * centre_y + f
+            values = _interpolate(images[on_device], source_x, source_y, _RESAMPLE_NAMES[code])
+            inside = (source_x >= 0) & (source_x < width) & (source_y >= 0) & (source_y < height)
+        out[on_device] = torch.where(inside.unsqueeze(1), values, fill)
     return out
-
-
-_PIXEL_OPS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "auto_contrast": _auto_contrast, "equalize": _equalize, "invert": _invert, "posterize": _posterize,
-    "solarize": _solarize, "solarize_add": _solarize_add, "color": _color, "contrast": _contrast,
-    "brightness": _brightness, "sharpness": _sharpness,
-}
 
 
 def apply_ops(images: torch.Tensor, ops: torch.Tensor, args: torch.Tensor, resample: torch.Tensor,
               fill: torch.Tensor) -> torch.Tensor:
-    """Apply each image's ops in order, one batched call per (layer, op) over the images that drew it.
+    """Apply each image's ops in order. Per layer, the images whose op is a point op, an
+    ImageEnhance op or a geometric op are each done in one pass (a few dozen kernels per layer,
+    whatever the mix of ops).
 
     Args:
         images: float32 (B, 3, H, W) holding integers 0..255, on any device (changed in place).
@@ -296,17 +310,21 @@ def apply_ops(images: torch.Tensor, ops: torch.Tensor, args: torch.Tensor, resam
     """
     height, width = images.shape[2:]
     for layer in range(ops.shape[1]):
-        column = ops[:, layer]
-        for op_id in column.unique().tolist():
-            if op_id < 0:
+        kinds = [AUGMENT_OPS[op_id] if op_id >= 0 else None for op_id in ops[:, layer].tolist()]
+        for family in (_POINT_OPS, _ENHANCE_OPS, GEOMETRIC_OPS):
+            rows = [row for row, kind in enumerate(kinds) if kind in family]
+            if not rows:
                 continue
-            rows = (column == op_id).nonzero().squeeze(1)
-            kind, on_device = AUGMENT_OPS[op_id], rows.to(images.device)
-            if kind in GEOMETRIC_OPS:
-                matrices = _affine_matrices(kind, args[rows, layer].tolist(), height, width)
-                changed = _affine(images[on_device], matrices, resample[rows, layer], fill, _MOVES[kind])
+            index = torch.tensor(rows)
+            on_device, chosen, values = index.to(images.device), [kinds[row] for row in rows], args[index, layer]
+            if family is _POINT_OPS:
+                changed = _point_ops(images[on_device], chosen, values)
+            elif family is _ENHANCE_OPS:
+                changed = _enhance_ops(images[on_device], chosen, values)
             else:
-                changed = _PIXEL_OPS[kind](images[on_device], args[rows, layer].to(images.device))
+                matrices = torch.tensor([_affine_data(kind, value, height, width)
+                                         for kind, value in zip(chosen, values.tolist())], dtype=torch.float64)
+                changed = _affine(images[on_device], matrices, resample[index, layer], fill)
             images[on_device] = changed
     return images
 
