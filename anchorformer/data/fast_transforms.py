@@ -37,8 +37,8 @@ from anchorformer.data.batch_augment import AUGMENT_OPS, GEOMETRIC_OPS, RESAMPLE
 from anchorformer.data.stages import derive_seed
 from anchorformer.data.transforms import TrainTransformConfig, build_train_transform
 
-__all__ = ["decode_rgb", "PlannedImage", "FastTrainTransform", "collate_planned", "fill_erasures", "augment_in_worker",
-           "seed_planned_batches"]
+__all__ = ["decode_rgb", "PlannedImage", "FastTrainTransform", "collate_planned", "normalised_batch", "fill_erasures",
+           "augment_in_worker", "seed_planned_batches"]
 
 _PIL_RESAMPLE = {Image.Resampling.NEAREST: "nearest", Image.Resampling.BILINEAR: "bilinear",
                  Image.Resampling.BICUBIC: "bicubic"}
@@ -260,15 +260,21 @@ def fill_erasures(images: torch.Tensor, planned: list[PlannedImage]) -> torch.Te
     return images
 
 
+def normalised_batch(pixels: torch.Tensor, transform: FastTrainTransform) -> torch.Tensor:
+    """uint8 (B, 3, S, S) crops -> the normalised float32 batch (in shared memory inside a worker)."""
+    out = _batch_buffer(tuple(pixels.shape), torch.float32).copy_(pixels)
+    return normalize(out, transform.mean, transform.std)
+
+
 def augment_in_worker(images: list[PlannedImage], transform: FastTrainTransform) -> torch.Tensor:
     """``augment_on: cpu``: stack, normalise once and erase the batch, in the worker.
 
     Returns:
         Normalised float32 (B, 3, S, S) images, as the ``pil`` pipeline's transform + stack gives.
     """
-    batch = collate_planned(images)
-    out = _batch_buffer(tuple(batch.pixels.shape), torch.float32).copy_(batch.pixels)
-    return fill_erasures(normalize(out, transform.mean, transform.std), images)
+    assert not any(image.ops for image in images), "augment_on=cpu applies the ops to the crop itself"
+    pixels = torch.stack([image.pixels for image in images])
+    return fill_erasures(normalised_batch(pixels, transform), images)
 
 
 def seed_planned_batches(batches: Iterable[tuple], seed_parts: tuple) -> Iterator[tuple]:
