@@ -187,3 +187,22 @@ def test_fast_stream_skips_and_counts_images_it_cannot_decode(tmp_path):
     keys = [key for _, _, batch_keys in stream for key in batch_keys]
     assert "s2" not in keys and "s5" not in keys and len(keys) >= 4
     assert stream.skip_counts()["decode_error"] == 2
+
+
+@pytest.mark.parametrize("data, key, message", [
+    ({"augment_on": "gpu"}, "data.augment_on", "set data.pipeline=fast"),
+    ({"pipeline": "torch"}, "data.pipeline", "must be one of 'pil', 'fast'"),
+    ({"pipeline": "fast", "augment_on": "gpu", "augment": {"auto_augment": "augmix-m5-w4-d2"}}, "data.augment_on",
+     "set data.augment_on=cpu"),
+])
+def test_config_refuses_pipeline_choices_that_cannot_run_naming_the_key(data, key, message):
+    from anchorformer import config
+
+    with pytest.raises(config.ConfigError, match=message) as refused:
+        config.from_dict({"model": {"num_classes": 10}, "data": {"source": "embedded", **data}})
+    assert refused.value.key == key
+    chosen = config.from_dict({"model": {"num_classes": 10},
+                               "data": {"source": "embedded", "pipeline": "fast", "augment_on": "gpu"}})
+    assert (chosen.data.pipeline, chosen.data.augment_on) == ("fast", "gpu")
+    assert (config.from_dict({"model": {"num_classes": 10}, "data": {"source": "embedded"}}).data.pipeline
+            == "pil")  # the reference path stays the default
