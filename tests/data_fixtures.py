@@ -3,8 +3,10 @@ written with the project's writer, and hand-made damaged shards.
 
 Imported explicitly by tests/test_make_shards.py, tests/test_shards.py and tests/test_embedded.py."""
 import io
+import json
 import tarfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -62,3 +64,14 @@ def write_raw_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+
+
+def interrupted_batches(make_stream: Callable[[], object], stop: int) -> list:
+    """A training stream stopped after ``stop`` batches, its state saved through JSON, and a fresh
+    stream from ``make_stream`` resumed from that state: the batches before the stop, then after."""
+    first = make_stream()
+    before = [batch for _, batch in zip(range(stop), first)]
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = make_stream()
+    resumed.load_state_dict(state)
+    return before + list(resumed)

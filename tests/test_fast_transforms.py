@@ -2,7 +2,6 @@
 flips, RandAugment's op choices and magnitudes, erasing, whole augmented images; and the fast
 stream's exact resume with 0 and 2 workers and its skip counting."""
 import io
-import json
 import random
 from collections import Counter
 
@@ -12,7 +11,7 @@ import torch
 from PIL import Image
 from benchmark_fixtures import one_torch_thread  # noqa: F401  (one thread: the tests are tiny)
 from benchmarks.report import photo_crops
-from data_fixtures import digit_jpeg, write_jpeg_shards, write_raw_tar
+from data_fixtures import digit_jpeg, interrupted_batches, write_jpeg_shards, write_raw_tar
 
 from anchorformer.data import MixupConfig, TrainTransformConfig, build_train_stream
 from anchorformer.data.batch_augment import AUGMENT_OPS
@@ -158,17 +157,12 @@ def _train(shards, *, num_workers=2, mixup=None, pipeline="fast"):
 def test_fast_stream_resumes_mid_epoch_with_the_same_keys_and_augmented_tensors(shards, num_workers):
     mixup = MixupConfig(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
     uninterrupted = list(_train(shards, num_workers=num_workers, mixup=mixup))
-    stop = random.Random(num_workers).randrange(1, 7)
-    first = _train(shards, num_workers=num_workers, mixup=mixup)
-    before = [batch for _, batch in zip(range(stop), first)]
-    state = json.loads(json.dumps(first.state_dict()))
-    resumed = _train(shards, num_workers=num_workers, mixup=mixup)
-    resumed.load_state_dict(state)
-    after = list(resumed)
-    assert len(before) + len(after) == len(uninterrupted) == 8
-    for expected, got in zip(uninterrupted, before + after):
-        assert expected[2] == got[2]
-        assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
+    resumed = interrupted_batches(lambda: _train(shards, num_workers=num_workers, mixup=mixup),
+                                  stop=random.Random(num_workers).randrange(1, 7))
+    assert len(resumed) == len(uninterrupted) == 8
+    for (images, targets, keys), (expected_images, expected_targets, expected_keys) in zip(resumed, uninterrupted):
+        assert keys == expected_keys
+        assert torch.equal(images, expected_images) and torch.equal(targets, expected_targets)
     # The same samples, augmented as timm does, as the pil pipeline's batches.
     reference = list(_train(shards, num_workers=num_workers, mixup=mixup, pipeline="pil"))
     assert [keys for *_, keys in reference] == [keys for *_, keys in uninterrupted]

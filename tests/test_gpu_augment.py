@@ -2,7 +2,6 @@
 tensors: each op gives timm's Pillow pixels at the same argument on real photos, the device-side
 normalisation / erasing / Mixup give the pil pipeline's batches, and the gpu path's stream resumes
 exactly with 0 and 2 workers."""
-import json
 import random
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 from benchmarks.report import photo_crops
-from data_fixtures import write_jpeg_shards
+from data_fixtures import interrupted_batches, write_jpeg_shards
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from timm.data import auto_augment
 
@@ -137,19 +136,13 @@ def test_gpu_path_gives_the_pil_pipelines_batches(shards, transform):
 def test_gpu_path_resumes_mid_epoch_with_the_same_keys_and_augmented_tensors(shards, num_workers):
     transform = TrainTransformConfig(image_size=SIZE, scale=(0.5, 1.0), re_prob=0.5)  # RandAugment + erasing
     mixup = MixupConfig(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
-    uninterrupted = _batches(_stream(shards, "fast", "gpu", transform=transform, num_workers=num_workers, mixup=mixup))
-    stop = random.Random(num_workers).randrange(1, 7)
-    first = _stream(shards, "fast", "gpu", transform=transform, num_workers=num_workers, mixup=mixup)
-    taken = [batch for _, batch in zip(range(stop), first)]
-    state = json.loads(json.dumps(first.state_dict()))
-    resumed = _stream(shards, "fast", "gpu", transform=transform, num_workers=num_workers, mixup=mixup)
-    resumed.load_state_dict(state)
-    device = torch.device("cpu")
-    before = [(*first.device_augment(images, targets, device), keys) for images, targets, keys in taken]
-    after = _batches(resumed)
-    assert len(before) + len(after) == len(uninterrupted) == 8
-    for (images, targets, keys), (expected_images, expected_targets, expected_keys) in zip(before + after,
-                                                                                          uninterrupted):
+    make = lambda: _stream(shards, "fast", "gpu", transform=transform, num_workers=num_workers, mixup=mixup)  # noqa: E731
+    uninterrupted = _batches(make())
+    augment = make().device_augment
+    resumed = [(*augment(images, targets, torch.device("cpu")), keys)
+               for images, targets, keys in interrupted_batches(make, stop=random.Random(num_workers).randrange(1, 7))]
+    assert len(resumed) == len(uninterrupted) == 8
+    for (images, targets, keys), (expected_images, expected_targets, expected_keys) in zip(resumed, uninterrupted):
         assert keys == expected_keys
         assert torch.equal(images, expected_images) and torch.equal(targets, expected_targets)
 
