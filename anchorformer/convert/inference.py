@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import timm
 from timm.data import resolve_data_config
@@ -76,6 +76,8 @@ def load_for_inference(spec: str, checkpoint: Optional[str] = None, weights: Wei
         origin = {"model": str(folder), "source": str(folder), **read_provenance(folder)}
         return _described(model, model.pretrained_cfg.get("label_names"), None, origin, image_size, crop_pct)
     if path.exists():
+        if checkpoint is not None and not path.is_dir():
+            raise ValueError(f"{spec} is a checkpoint file; --checkpoint applies to run folders and timm model names")
         source = load_source(_checkpoint_in(path, checkpoint), weights)
         return _from_source(source, None, spec, image_size, crop_pct)
     if not timm.is_model(spec) and not spec.startswith("hf-hub:"):
@@ -96,7 +98,7 @@ def _checkpoint_in(run: Path, checkpoint: Optional[str]) -> Path:
     return tag if tag.is_dir() else Path(checkpoint)
 
 
-def _timm_call(create: Any, what: Any) -> nn.Module:
+def _timm_call(create: Callable[[], nn.Module], what: object) -> nn.Module:
     """timm's loaders raise RuntimeError / OSError for missing or unreachable weights: as ValueError."""
     try:
         return create()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional
 
 import timm
 from timm.models import save_for_hf
@@ -22,7 +22,7 @@ from anchorformer.convert.export import Exported, Verify, build_source_model, ex
 from anchorformer.convert.recipe import recipe_label_names, recipe_of
 from anchorformer.convert.source import SourceCheckpoint
 from anchorformer.convert.staging import staged_outputs
-from anchorformer.data.transforms import EvalTransformConfig, eval_transform_config
+from anchorformer.data.transforms import eval_transform_config
 
 __all__ = ["TIMM_FILES", "export_timm_folder", "load_timm_folder", "is_timm_folder", "read_provenance"]
 
@@ -54,19 +54,17 @@ def read_provenance(folder: str | Path) -> Dict[str, Any]:
 
 
 def export_timm_folder(source: SourceCheckpoint, folder: str | Path, model_name: Optional[str] = None,
-                       model_args: Optional[Dict[str, Any]] = None,
-                       preprocessing: Optional[EvalTransformConfig] = None,
-                       label_names: Optional[Sequence[str]] = None, verify: Optional[Verify] = None) -> Exported:
-    """Write the classification model into ``folder`` in timm's layout.
+                       model_args: Optional[Dict[str, Any]] = None, verify: Optional[Verify] = None) -> Exported:
+    """Write the classification model into ``folder`` in timm's layout, with the evaluation
+    preprocessing (``data.image_size``, ``data.augment.crop_pct/interpolation/mean/std``) and the
+    class names of the recipe recorded with the weights (the model's default cfg and no names for
+    sources that record no recipe).
 
     Args:
         source: the weights.
         folder: the export folder (created; its two files are replaced when they exist).
         model_name: timm name, when the source does not record it.
         model_args: architecture overrides, when the source does not record them.
-        preprocessing: the evaluation preprocessing; default the recorded recipe's
-            (``data.image_size``, ``data.augment.crop_pct/interpolation/mean/std``).
-        label_names: class names by label; default those of the recorded recipe's data.
         verify: a check of the staged folder (``Exported.path``); nothing is written when it raises.
 
     Returns:
@@ -78,11 +76,11 @@ def export_timm_folder(source: SourceCheckpoint, folder: str | Path, model_name:
     model, args = build_source_model(source, model_name, model_args)
     name = model_name or source.model_name
     recipe = recipe_of(source)
-    if recipe is not None:
-        preprocessing = preprocessing or eval_transform_config(recipe.data)
-        label_names = label_names if label_names is not None else recipe_label_names(recipe)
-    if preprocessing is None:
-        logger.warning("%s records no recipe: the export carries %s's default preprocessing", source.source, name)
+    preprocessing = eval_transform_config(recipe.data) if recipe is not None else None
+    label_names = recipe_label_names(recipe) if recipe is not None else None
+    if recipe is None:
+        logger.warning("%s records no recipe: the export carries %s's default preprocessing and no class names",
+                       source.source, name)
     if label_names is not None and len(label_names) != model.num_classes:
         raise ValueError(f"{len(label_names)} label names for a head of {model.num_classes} classes; the class "
                          f"map beside the shards does not belong to this model")

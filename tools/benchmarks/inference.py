@@ -10,6 +10,7 @@ reported after warm-up calls (the first compiled call compiles).
 """
 import argparse
 import logging
+import os
 import statistics
 import time
 from contextlib import nullcontext
@@ -69,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sizes of the backbone rows (default: base on CUDA, tiny on CPU)")
     parser.add_argument("--tokens-per-batch", type=int, default=None,
                         help="throughput batch = this // tokens per image, at least 1 (default: 256 images at "
-                             "224 px on CUDA, 4 on CPU)")
+                             "224 px on CUDA, 2 on CPU)")
     parser.add_argument("--precisions", type=comma_separated(str, PRECISIONS), default=list(PRECISIONS),
                         help="fp32 and/or bf16 (autocast)")
     parser.add_argument("--modes", type=comma_separated(str, MODES), default=list(MODES),
@@ -77,15 +78,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-max-tokens", type=int, default=None,
                         help="compiled rows only for forwards of at most this many tokens, 0: all (default: all "
                              "on CUDA, 197 on CPU, where each compile costs 20-50 s)")
+    parser.add_argument("--compile-precisions", type=comma_separated(str, PRECISIONS), default=None,
+                        help="precisions of the compiled rows (default: every one on CUDA, fp32 on CPU, where a "
+                             "bf16 compile takes 35-50 s per model)")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="timed calls per model and row, median reported (default: 20 on CUDA, 5 on CPU)")
+                        help="timed calls per model and row, median reported (default: 20 on CUDA, 3 on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
     parser.add_argument("--section", default=None, help="docs/benchmarks.md section (default: inference-DEVICE)")
 
 
 def _cases(args: argparse.Namespace, on_gpu: bool) -> list[Case]:
-    tokens_per_batch = args.tokens_per_batch or (256 if on_gpu else 4) * 197
+    tokens_per_batch = args.tokens_per_batch or (256 if on_gpu else 2) * 197
     compile_max = args.compile_max_tokens if args.compile_max_tokens is not None else (0 if on_gpu else 197)
+    compiled_precisions = args.compile_precisions or (PRECISIONS if on_gpu else ["fp32"])
     shapes: list[tuple[Kind, str, int, int]] = []
     for resolution in args.resolutions:
         tokens = (resolution // 16) ** 2 + 1
@@ -97,7 +102,8 @@ def _cases(args: argparse.Namespace, on_gpu: bool) -> list[Case]:
         shapes += [("backbone", size, args.backbone_resolution, max(1, tokens_per_batch // tokens))
                    for size in args.backbone_sizes or (["base"] if on_gpu else ["tiny"])]
     cases = [Case(*shape, precision, mode) for shape in shapes for mode in args.modes for precision in args.precisions]
-    return [case for case in cases if case.mode == "eager" or not compile_max or case.tokens <= compile_max]
+    return [case for case in cases if case.mode == "eager"
+            or ((not compile_max or case.tokens <= compile_max) and case.precision in compiled_precisions)]
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -170,7 +176,8 @@ def measure(case: Case, models: _Models, device: torch.device, repeats: int) -> 
     before = backend_calls()
     anchor()
     ran = sorted(name for name, count in backend_calls().items() if count > before.get(name, 0))
-    deit_s, anchor_s = _alternating_medians([deit, anchor], device, warmup=2, repeats=repeats)
+    warmup = 3 if device.type == "cuda" else 1
+    deit_s, anchor_s = _alternating_medians([deit, anchor], device, warmup=warmup, repeats=repeats)
     return {"deit_s": deit_s, "anchor_s": anchor_s, "backends": "+".join(ran) or "-"}
 
 
@@ -198,8 +205,9 @@ def run(args: argparse.Namespace) -> str:
     on_gpu = device.type == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)
-    repeats = args.repeats or (20 if on_gpu else 5)
+    repeats = args.repeats or (20 if on_gpu else 3)
     cases = _cases(args, on_gpu)
+    load_before = os.getloadavg()[0]
     rows = []
     models: Optional[_Models] = None
     built_for = None
@@ -209,6 +217,10 @@ def run(args: argparse.Namespace) -> str:
             models, built_for = _Models(*shape, device), shape
         logger.info("inference benchmark: %s", case)
         rows.append(_row(case, measure(case, models, device, repeats)))
+    load = (load_before, os.getloadavg()[0])
+    cpus = len(os.sched_getaffinity(0))
+    shared = (f" Above {cpus}, other jobs shared the machine: the times are inflated and noisy, and the ratios "
+              f"less reliable than on an idle machine." if max(load) > cpus else "")
     header = ["kind", "size", "px", "batch", "precision", "mode", "unit", "DeiT", "AnchorFormer", "AF / DeiT",
               "target", "AF anchor mix"]
     return "\n".join([
@@ -222,6 +234,8 @@ def run(args: argparse.Namespace) -> str:
         f"anchorformer.kernels ('-': inside a compiled graph, where the compiler fuses the PyTorch path, or on "
         f"CUDA runs the kernels as custom ops). Targets: AF-tiny latency <= 0.9x DeiT-tiny at 224 px and <= 0.7x "
         f"at 384 px; AF-base throughput >= 1.1x DeiT-base at 224 px and >= 1.4x at 384 px.",
+        "",
+        f"Load average (1 min) {load[0]:.1f} at the start and {load[1]:.1f} at the end, on {cpus} CPUs.{shared}",
         "",
         markdown_table(header, rows),
     ])
