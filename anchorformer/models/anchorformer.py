@@ -93,8 +93,12 @@ def _anchor_backbone_kwargs(num_anchors: int, kwargs: Dict[str, Any]) -> Dict[st
     """Validate the user-facing arguments and route ``num_anchors`` into every block."""
     if not isinstance(num_anchors, int) or num_anchors < 1:
         raise ValueError(f"num_anchors must be an integer >= 1, got num_anchors={num_anchors!r}")
-    embed_dim, num_heads = kwargs.get("embed_dim", 768), kwargs.get("num_heads", 12)
-    if num_heads < 1 or embed_dim % num_heads:
+    depth, embed_dim, num_heads = kwargs.get("depth", 12), kwargs.get("embed_dim", 768), kwargs.get("num_heads", 12)
+    if not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth must be an integer >= 1 (blocks), got depth={depth!r}")
+    if not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be an integer >= 1, got num_heads={num_heads!r}")
+    if embed_dim % num_heads:
         raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
     img_size, patch_size = _as_pair(kwargs.get("img_size", 224)), _as_pair(kwargs.get("patch_size", 16))
     if not kwargs.get("dynamic_img_size") and any(i % p for i, p in zip(img_size, patch_size)):
