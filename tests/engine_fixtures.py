@@ -81,7 +81,7 @@ def synthetic_config(out: Path, name: str, stage: int, micro: int, persistence: 
         "model": {"name": "anchorformer_tiny_patch16_224", "num_classes": 10, "img_size": 16,
                   "drop_path_rate": 0.0, "kwargs": {"patch_size": 4, "depth": 2, "embed_dim": 48,
                                                     "num_heads": 2, "num_anchors": 8}},
-        "data": {"source": "embedded"},
+        "data": {"source": "embedded", "image_size": 16},
         "optim": {"lr": 1e-3, "lr_reference_batch": 0},
         "schedule": {"epochs": 2, "warmup_epochs": 0.5},
         "train": {"global_batch_size": GLOBAL_BATCH, "micro_batch_size": micro, "precision": "fp32",

@@ -10,6 +10,7 @@ from helpers import REPO
 
 from anchorformer import config
 from anchorformer.config import ConfigError
+from anchorformer.data.transforms import mixup_config, train_transform_config
 
 RECIPES = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -17,7 +18,7 @@ RECIPES = sorted((REPO / "configs").glob("*.yaml"))
 @pytest.fixture
 def recipe(tmp_path) -> Path:
     (tmp_path / "base.yaml").write_text(
-        "data: {source: embedded}\nmodel: {num_classes: 10, img_size: 32}\noptim: {lr: 1.0e-3}\n")
+        "data: {source: embedded, image_size: 32}\nmodel: {num_classes: 10, img_size: 32}\noptim: {lr: 1.0e-3}\n")
     path = tmp_path / "child.yaml"
     path.write_text("base: base.yaml\noptim: {weight_decay: 0.1}\ntrain: {micro_batch_size: 32, global_batch_size: 256}\n")
     return path
@@ -68,12 +69,30 @@ def test_yaml_round_trip(recipe, tmp_path):
     (["task=pose"], "task", "'classification', 'detection', 'segmentation'"),
     (["optim=3"], "optim", "is a section"),
     (["optim.lr"], "optim.lr", "section.key=value"),
+    (["data.augment.three_augment=true"], "data.augment.three_augment", "set data.augment.auto_augment=null"),
+    (["data.augment.auto_augment=bogus-m9"], "data.augment.auto_augment", "is not a timm policy"),
+    (["model.kwargs={img_size: 64}"], "model.kwargs.img_size", "duplicates model.img_size"),
+    (["data.image_size=64"], "model.img_size", "differs from data.image_size=64"),
+    (["train.global_batch_size=33", "train.micro_batch_size=33"], "train.micro_batch_size", "must be even"),
+    (["data.image_size=4", "model.img_size=4"], "data.image_size", "smaller than the embedded 8x8 digits"),
 ])
 def test_bad_values_name_the_key(recipe, override, key, fragment):
     with pytest.raises(ConfigError) as info:
         config.load(recipe, override)
     assert info.value.key == key
     assert fragment in str(info.value)
+
+
+def test_the_data_side_receives_the_validated_augmentation(recipe):
+    cfg = config.load(recipe, ["data.augment.auto_augment=null", "data.augment.three_augment=true",
+                               "data.augment.re_count=2", "data.mixup.mode=pair", "loss.label_smoothing=0.2"])
+    train = train_transform_config(cfg.data)
+    assert train.image_size == 32 and train.three_augment and train.auto_augment is None and train.re_count == 2
+    shared = [f.name for f in dataclasses.fields(train) if f.name != "image_size"]
+    assert {name: getattr(train, name) for name in shared} == {name: getattr(cfg.data.augment, name) for name in shared}
+    mixup = mixup_config(cfg.data, cfg.loss.label_smoothing)
+    assert (mixup.mode, mixup.label_smoothing, mixup.mixup_alpha) == ("pair", 0.2, 0.8)
+    assert mixup_config(config.load(recipe, ["data.mixup.prob=0"]).data, 0.1) is None
 
 
 def test_unknown_key_in_recipe_file(tmp_path):

@@ -18,6 +18,13 @@ __all__ = [
 ]
 
 
+_MODEL_FIELDS_PASSED_TO_TIMM = ("num_classes", "img_size", "drop_rate", "drop_path_rate")
+"""ModelConfig fields given to timm.create_model by name (model.kwargs must not repeat them)."""
+
+_AUTO_AUGMENT_PREFIXES = ("rand", "augmix", "original", "originalr", "v0", "v0r", "3a")
+"""How timm's auto-augment policy strings begin (rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, v0, ...)."""
+
+
 class ConfigError(ValueError):
     """A configuration value that cannot be used; ``key`` is its dotted path (``optim.lr``)."""
 
@@ -62,6 +69,11 @@ class ModelConfig:
         _require(0.0 <= self.drop_path_rate < 1.0, "drop_path_rate",
                  f"must be in [0, 1), got {self.drop_path_rate}")
         _require(0.0 <= self.drop_rate < 1.0, "drop_rate", f"must be in [0, 1), got {self.drop_rate}")
+        for name in _MODEL_FIELDS_PASSED_TO_TIMM:
+            _require(name not in self.kwargs, f"kwargs.{name}",
+                     f"duplicates model.{name}, which is passed to the model already; remove it from "
+                     f"model.kwargs and set model.{name}")
+
 
 
 @dataclass(frozen=True)
@@ -107,6 +119,14 @@ class AugmentConfig:
         _require(self.re_count >= 1, "re_count", f"must be >= 1, got {self.re_count}")
         _require(0.0 < self.crop_pct <= 1.0, "crop_pct", f"must be in (0, 1], got {self.crop_pct}")
         _require(all(s > 0 for s in self.std), "std", f"every entry must be > 0, got {self.std}")
+        if self.auto_augment is not None:
+            _require(self.auto_augment.startswith(_AUTO_AUGMENT_PREFIXES), "auto_augment",
+                     f"{self.auto_augment!r} is not a timm policy; use one starting with "
+                     f"{', '.join(_AUTO_AUGMENT_PREFIXES)} (e.g. rand-m9-mstd0.5-inc1), or null")
+        _require(not (self.three_augment and self.auto_augment), "three_augment",
+                 f"three-augment replaces auto_augment={self.auto_augment!r}; set "
+                 f"data.augment.auto_augment=null to use it")
+
 
 
 @dataclass(frozen=True)
@@ -177,12 +197,9 @@ class DataConfig:
         _require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         _require(self.shuffle_buffer >= 0, "shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
         _require(self.repeated_aug >= 1, "repeated_aug", f"must be >= 1, got {self.repeated_aug}")
-        _require(self.augment_on == "cpu" or self.pipeline == "fast", "augment_on",
-                 "gpu runs the fast pipeline's batched ops on the device; set data.pipeline=fast too")
-        if self.augment_on == "gpu":
-            _require(not self.augment.three_augment and not (self.augment.auto_augment or "").startswith("augmix"),
-                     "augment_on", "gpu implements RandAugment, AutoAugment and colour jitter, not three-augment "
-                     "or AugMix; set data.augment_on=cpu for those")
+        if self.source == "embedded":
+            _require(self.image_size >= 8, "image_size",
+                     f"{self.image_size} px is smaller than the embedded 8x8 digits; use at least 8")
 
 
 @dataclass(frozen=True)
@@ -583,9 +600,16 @@ class RootConfig:
         if self.data.source == "embedded":
             _require(self.model.num_classes == 10, "model.num_classes",
                      f"must be 10 with data.source=embedded (ten digit classes), got {self.model.num_classes}")
+        if self.task == "classification":
+            _require(self.model.img_size == self.data.image_size, "model.img_size",
+                     f"{self.model.img_size} differs from data.image_size={self.data.image_size}, the crop "
+                     f"the model is fed; set both to the same size")
         if self.data.mixup.enabled:
             _require(self.task == "classification", "data.mixup.prob",
                      f"mixup applies to classification only; set data.mixup.prob=0 for task={self.task}")
+            _require(self.train.micro_batch_size % 2 == 0, "train.micro_batch_size",
+                     f"Mixup/CutMix pairs the images of a batch: {self.train.micro_batch_size} must be even; "
+                     f"change it or set data.mixup.prob=0")
         if self.train.precision == "fp16" and self.deepspeed.communication_data_type == "bf16":
             raise ConfigError("deepspeed.communication_data_type",
                               "bf16 communication needs train.precision=bf16, bf16-mixed or fp32")

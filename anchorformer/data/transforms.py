@@ -1,7 +1,9 @@
 """Image transforms, built with timm: the training transform (random resized crop, flip, color
 jitter, RandAugment or DeiT-III three-augment, random erasing), the evaluation transform (resize +
-center crop), and Mixup/CutMix with label smoothing. Configs are plain dataclasses whose defaults
-are the DeiT recipe's."""
+center crop), and Mixup/CutMix with label smoothing. The option dataclasses hold what the builders
+take, with the DeiT recipe's defaults; they do not check their values: every augmentation rule lives
+in ``config.schema`` (``data.augment``, ``data.mixup``), and ``train_transform_config`` /
+``eval_transform_config`` / ``mixup_config`` turn a validated ``data`` section into them."""
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -13,28 +15,8 @@ from timm.data.auto_augment import AugmentOp
 from anchorformer.config import DataConfig
 
 __all__ = ["TrainTransformConfig", "EvalTransformConfig", "MixupConfig", "build_train_transform",
-           "build_eval_transform", "eval_transform_config", "build_mixup"]
-
-_INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "random")
-_ERASE_MODES = ("const", "rand", "pixel")
-_MIXUP_MODES = ("batch", "pair", "elem")
-
-
-def _check_probability(owner: str, name: str, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{owner}.{name}={value} must be a probability in [0, 1]")
-
-
-def _check_normalization(owner: str, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-    if len(mean) != 3 or len(std) != 3:
-        raise ValueError(f"{owner}.mean and .std need 3 values (RGB), got {mean} and {std}")
-    if any(value <= 0 for value in std):
-        raise ValueError(f"{owner}.std={std} must be positive")
-
-
-def _check_interpolation(owner: str, interpolation: str) -> None:
-    if interpolation not in _INTERPOLATIONS:
-        raise ValueError(f"{owner}.interpolation={interpolation!r}; choose from {_INTERPOLATIONS}")
+           "build_eval_transform", "train_transform_config", "eval_transform_config", "mixup_config",
+           "build_mixup"]
 
 
 @dataclass
@@ -67,34 +49,6 @@ class TrainTransformConfig:
     std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
     """normalization std (RGB, 0..1 scale)"""
 
-    def __post_init__(self) -> None:
-        owner = "TrainTransformConfig"
-        if self.image_size < 1:
-            raise ValueError(f"{owner}.image_size={self.image_size} must be a positive number of pixels")
-        self.scale, self.ratio = tuple(self.scale), tuple(self.ratio)
-        self.mean, self.std = tuple(self.mean), tuple(self.std)
-        if len(self.scale) != 2 or not 0.0 < self.scale[0] <= self.scale[1] <= 1.0:
-            raise ValueError(f"{owner}.scale={self.scale} must be (low, high) with 0 < low <= high <= 1")
-        if len(self.ratio) != 2 or not 0.0 < self.ratio[0] <= self.ratio[1]:
-            raise ValueError(f"{owner}.ratio={self.ratio} must be (low, high) with 0 < low <= high")
-        _check_probability(owner, "hflip", self.hflip)
-        _check_probability(owner, "re_prob", self.re_prob)
-        if self.color_jitter < 0:
-            raise ValueError(f"{owner}.color_jitter={self.color_jitter} must be >= 0 (0 disables)")
-        _check_interpolation(owner, self.interpolation)
-        if self.re_mode not in _ERASE_MODES:
-            raise ValueError(f"{owner}.re_mode={self.re_mode!r}; choose from {_ERASE_MODES}")
-        if self.re_count < 1:
-            raise ValueError(f"{owner}.re_count={self.re_count} must be at least 1")
-        if self.three_augment and self.auto_augment:
-            raise ValueError(f"{owner}: three_augment=True replaces auto_augment={self.auto_augment!r}; "
-                             f"set auto_augment=None to use three-augment")
-        if self.auto_augment is not None and not self.auto_augment.startswith(
-                ("rand", "augmix", "original", "originalr", "v0", "v0r", "3a")):
-            raise ValueError(f"{owner}.auto_augment={self.auto_augment!r} is not a timm policy "
-                             f"(rand-..., augmix-..., original, v0, 3a) or None")
-        _check_normalization(owner, self.mean, self.std)
-
 
 @dataclass
 class EvalTransformConfig:
@@ -109,18 +63,6 @@ class EvalTransformConfig:
     """normalization mean (RGB, 0..1 scale)"""
     std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
     """normalization std (RGB, 0..1 scale)"""
-
-    def __post_init__(self) -> None:
-        owner = "EvalTransformConfig"
-        if self.image_size < 1:
-            raise ValueError(f"{owner}.image_size={self.image_size} must be a positive number of pixels")
-        if not 0.0 < self.crop_pct <= 1.0:
-            raise ValueError(f"{owner}.crop_pct={self.crop_pct} must be in (0, 1]")
-        _check_interpolation(owner, self.interpolation)
-        if self.interpolation == "random":
-            raise ValueError(f"{owner}.interpolation='random' would make evaluation random; pick bicubic")
-        self.mean, self.std = tuple(self.mean), tuple(self.std)
-        _check_normalization(owner, self.mean, self.std)
 
     def as_pretrained_cfg(self) -> dict[str, Any]:
         """These options as timm pretrained-cfg fields: ``timm.data.resolve_data_config`` reads them
@@ -143,6 +85,15 @@ class EvalTransformConfig:
                    interpolation=data_config.get("interpolation", "bicubic"),
                    mean=tuple(data_config.get("mean", IMAGENET_DEFAULT_MEAN)),
                    std=tuple(data_config.get("std", IMAGENET_DEFAULT_STD)))
+
+
+def train_transform_config(data: DataConfig) -> TrainTransformConfig:
+    """A recipe's training augmentation: ``data.image_size`` and the ``data.augment`` options."""
+    a = data.augment
+    return TrainTransformConfig(image_size=data.image_size, scale=a.scale, ratio=a.ratio, hflip=a.hflip,
+                                color_jitter=a.color_jitter, auto_augment=a.auto_augment,
+                                interpolation=a.interpolation, re_prob=a.re_prob, re_mode=a.re_mode,
+                                re_count=a.re_count, three_augment=a.three_augment, mean=a.mean, std=a.std)
 
 
 def eval_transform_config(data: DataConfig) -> EvalTransformConfig:
@@ -170,19 +121,15 @@ class MixupConfig:
     label_smoothing: float = 0.1
     """label smoothing of the soft targets"""
 
-    def __post_init__(self) -> None:
-        owner = "MixupConfig"
-        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
-            raise ValueError(f"{owner}.mixup_alpha={self.mixup_alpha} and .cutmix_alpha={self.cutmix_alpha} "
-                             f"must be >= 0 (0 disables)")
-        if self.mixup_alpha == 0 and self.cutmix_alpha == 0:
-            raise ValueError(f"{owner}: mixup_alpha and cutmix_alpha are both 0; pass mixup=None to disable")
-        _check_probability(owner, "prob", self.prob)
-        _check_probability(owner, "switch_prob", self.switch_prob)
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"{owner}.label_smoothing={self.label_smoothing} must be in [0, 1)")
-        if self.mode not in _MIXUP_MODES:
-            raise ValueError(f"{owner}.mode={self.mode!r}; choose from {_MIXUP_MODES}")
+
+def mixup_config(data: DataConfig, label_smoothing: float) -> MixupConfig | None:
+    """A recipe's Mixup/CutMix (``data.mixup``, smoothing the soft targets by ``label_smoothing``,
+    i.e. ``loss.label_smoothing``); None when ``data.mixup`` mixes nothing."""
+    m = data.mixup
+    if not m.enabled:
+        return None
+    return MixupConfig(mixup_alpha=m.mixup_alpha, cutmix_alpha=m.cutmix_alpha, prob=m.prob,
+                       switch_prob=m.switch_prob, mode=m.mode, label_smoothing=label_smoothing)
 
 
 def _posterize(image: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:

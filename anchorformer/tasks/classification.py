@@ -15,13 +15,13 @@ from torch import nn
 
 import anchorformer.models  # noqa: F401  (registers the anchorformer_* models with timm)
 from anchorformer import data as shards
-from anchorformer.config import RootConfig
-from anchorformer.data.transforms import eval_transform_config
+from anchorformer.config import ConfigError, ModelConfig, RootConfig
+from anchorformer.data.transforms import eval_transform_config, mixup_config, train_transform_config
 from anchorformer.dist import in_lockstep, sum_across_ranks
 from anchorformer.tasks.base import Runtime
 from anchorformer.tasks.losses import ClassificationLoss, load_teacher
 
-__all__ = ["ClassificationTask", "load_pretrained"]
+__all__ = ["ClassificationTask", "create_classifier", "load_pretrained"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,31 @@ def load_pretrained(model: nn.Module, path: str) -> None:
     logger.info("loaded %s (%d tensors; re-initialised: %s)", path, len(state), fresh or "none")
 
 
+def create_classifier(m: ModelConfig, distillation: str = "none") -> nn.Module:
+    """The network of a ``model`` config section at its initialisation (no weights loaded):
+    ``timm.create_model(m.name, ...)``, trained with a distillation head unless ``distillation``
+    (``loss.distillation``) is none. Builds on the current default device (meta for the pre-flight).
+
+    Raises:
+        ConfigError: when the model is not registered or has no distillation head to train.
+    """
+    try:
+        model = timm.create_model(m.name, num_classes=m.num_classes, img_size=m.img_size,
+                                  drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate, **m.kwargs)
+    except RuntimeError as err:
+        if "Unknown model" not in str(err):
+            raise
+        raise ConfigError("model.name", f"{m.name!r} is not a timm model; pick a registered one, e.g. "
+                                        f"{timm.list_models('anchorformer*')[:4]}") from err
+    if distillation != "none":
+        if not hasattr(model, "set_distilled_training"):
+            raise ConfigError("loss.distillation",
+                              f"{distillation} needs a model with a distillation token, not {m.name}; set "
+                              f"model.name to a distilled one (e.g. anchorformer_tiny_distilled_patch16_224)")
+        model.set_distilled_training(True)
+    return model
+
+
 class ClassificationTask:
     """Classification on webdataset shards (or the embedded digits).
 
@@ -71,25 +96,10 @@ class ClassificationTask:
         self.device_augment = None  # data.augment_on=gpu: the train stream's batch augmentation (build_data)
 
     def build_model(self) -> nn.Module:
-        """``timm.create_model(model.name, ...)`` with the config's overrides."""
-        m = self.cfg.model
-        try:
-            model = timm.create_model(m.name, num_classes=m.num_classes, img_size=m.img_size,
-                                      drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate,
-                                      **m.kwargs)
-        except RuntimeError as err:
-            if "Unknown model" not in str(err):
-                raise
-            raise ValueError(f"model.name={m.name!r} is not a timm model; e.g. "
-                             f"{timm.list_models('anchorformer*')[:4]}") from err
-        if m.pretrained_checkpoint:
-            load_pretrained(model, m.pretrained_checkpoint)
-        if self.cfg.loss.distillation != "none":
-            if not hasattr(model, "set_distilled_training"):
-                raise ValueError(f"loss.distillation={self.cfg.loss.distillation} needs a model with a "
-                                 f"distillation token (e.g. anchorformer_tiny_distilled_patch16_224), "
-                                 f"not {m.name}")
-            model.set_distilled_training(True)
+        """``timm.create_model(model.name, ...)`` with the config's overrides and initial weights."""
+        model = create_classifier(self.cfg.model, self.cfg.loss.distillation)
+        if self.cfg.model.pretrained_checkpoint:
+            load_pretrained(model, self.cfg.model.pretrained_checkpoint)
         return model
 
     def example_input(self) -> torch.Tensor:
@@ -101,21 +111,12 @@ class ClassificationTask:
         """Train and validation streams of this rank (the embedded digits are built on first use)."""
         d = self.cfg.data
         (train, train_index), _ = self._shards()
-        a = d.augment
-        mixup = None
-        if d.mixup.enabled:
-            mixup = shards.MixupConfig(mixup_alpha=d.mixup.mixup_alpha, cutmix_alpha=d.mixup.cutmix_alpha,
-                                       prob=d.mixup.prob, switch_prob=d.mixup.switch_prob,
-                                       mode=d.mixup.mode, label_smoothing=self.cfg.loss.label_smoothing)
         train_stream = shards.build_train_stream(
-            train, index=train_index, seed=self.cfg.train.seed, mixup=mixup,
-            shuffle_buffer=d.shuffle_buffer, repeated_aug=d.repeated_aug,
-            transform=shards.TrainTransformConfig(
-                image_size=d.image_size, scale=a.scale, ratio=a.ratio, hflip=a.hflip,
-                color_jitter=a.color_jitter, auto_augment=a.auto_augment,
-                interpolation=a.interpolation, re_prob=a.re_prob, re_mode=a.re_mode,
-                re_count=a.re_count, three_augment=a.three_augment, mean=a.mean, std=a.std),
-            pipeline=d.pipeline, augment_on=d.augment_on, **self._stream_args())
+            train, index=train_index, seed=self.cfg.train.seed,
+            mixup=mixup_config(d, self.cfg.loss.label_smoothing), shuffle_buffer=d.shuffle_buffer,
+            repeated_aug=d.repeated_aug, transform=train_transform_config(d),
+            global_batch_size=self.cfg.train.global_batch_size, pipeline=d.pipeline, augment_on=d.augment_on,
+            **self._stream_args())
         self.device_augment = train_stream.device_augment
         return {"train": train_stream, "val": self.build_val_data()}
 
