@@ -26,7 +26,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
 bench: $(STAMP)
-	$(BIN)/python tools/benchmark.py all
+	$(BIN)/python tools/benchmark.py --write-docs all
 
 slurm-up: $(STAMP)
 	$(BIN)/python tests/slurm_cluster.py start

@@ -38,8 +38,8 @@ def test_write_json_replaces_only_its_section(tmp_path):
 
 def test_one_run_writes_the_table_and_its_json_twin_with_the_same_verdicts(tmp_path):
     doc = tmp_path / "benchmarks.md"
-    benchmark_cli.main(["--doc", str(doc), "attention", "--device", "cpu", "--tokens", "197", "--widths", "tiny",
-                        "--repeats", "1"])
+    benchmark_cli.main(["--doc", str(doc), "--write-docs", "attention", "--device", "cpu", "--tokens", "197",
+                        "--widths", "tiny", "--repeats", "1"])
     (row,) = table_rows(doc.read_text())
     rows = json.loads(doc.with_suffix(".json").read_text())
     assert {r["section"] for r in rows} == {"attention-cpu"}
@@ -47,3 +47,11 @@ def test_one_run_writes_the_table_and_its_json_twin_with_the_same_verdicts(tmp_p
     assert ratio["model"].startswith("tiny n=197") and ratio["target"] == 0.7 and ratio["goal"] == "at_most"
     assert ratio["value"] == pytest.approx(float(row[4]), abs=1e-3)
     assert row[5] == results.verdict(ratio["met"], 0.7, "at_most")
+
+
+def test_without_write_docs_the_table_is_printed_and_no_file_written(tmp_path, capsys):
+    doc = tmp_path / "benchmarks.md"
+    benchmark_cli.main(["--doc", str(doc), "attention", "--device", "cpu", "--tokens", "197", "--widths", "tiny",
+                        "--repeats", "1"])
+    assert "| tiny" in capsys.readouterr().out
+    assert not doc.exists() and not doc.with_suffix(".json").exists()

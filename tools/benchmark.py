@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""Run a benchmark and write its table into docs/benchmarks.md and its numbers into docs/benchmarks.json.
+"""Run a benchmark and print its table; with --write-docs also write it into docs/benchmarks.md
+and its numbers into docs/benchmarks.json.
 
-    python tools/benchmark.py attention            # one benchmark
-    python tools/benchmark.py all                  # every benchmark, CPU-sized defaults
-    python tools/benchmark.py attention --help     # its options
+    python tools/benchmark.py attention                # one benchmark, table printed
+    python tools/benchmark.py --write-docs attention   # and its docs section rewritten
+    python tools/benchmark.py all                      # every benchmark, CPU-sized defaults
+    python tools/benchmark.py attention --help         # its options
 """
 import argparse
 import logging
@@ -23,9 +25,10 @@ from benchmarks.results import take, write_json  # noqa: E402
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"),
-                        help="markdown file whose section for the benchmark is rewritten; its .json twin "
-                             "gets the section's numbers")
-    parser.add_argument("--no-write", action="store_true", help="print the table, leave --doc alone")
+                        help="markdown file whose section for the benchmark --write-docs rewrites; its .json "
+                             "twin gets the section's numbers")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="rewrite the benchmark's section of --doc and its .json twin (default: print only)")
     sub = parser.add_subparsers(dest="name", required=True)
     sub.add_parser("all", help="every benchmark with its defaults")
     for name in BENCHMARKS:
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         take()  # forget numbers a failed earlier run may have left
         section = module.run(bench_args)
         print(section)
-        if not args.no_write:
+        if args.write_docs:
             device = str(getattr(bench_args, "device", "cpu")).split(":")[0]
             section_name = getattr(bench_args, "section", None) or f"{name}-{device}"
             write_section(args.doc, section_name, section)

@@ -79,7 +79,7 @@ if ! run_step kernel-tests 150 "$PYTHON" -m pytest -q -p no:cacheprovider -m "no
   mix_backend=torch
   echo "kernel tests failed: the benchmarks run the PyTorch anchor-mix path" | tee -a "$summary"
 fi
-bench=("$PYTHON" tools/benchmark.py)
+bench=("$PYTHON" tools/benchmark.py --write-docs)  # the tables are what this check is for
 run_step model-224 80 "${bench[@]}" model --device cuda --backend "$mix_backend" \
   --resolutions 224 --backbone-resolution 0 --section model-224-cuda
 run_step train 120 "${bench[@]}" train --device cuda --backend "$mix_backend" --precisions bf16,bf16-mixed

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Parameters and MACs of every AnchorFormer variant next to the DeiT of the same size, at 224,
 384 and 1024 px, counted twice: by torch's FlopCounterMode and by the closed form in
-anchorformer/models/complexity.py. Fails if the two disagree; writes docs/model_zoo.md.
+anchorformer/models/complexity.py. Fails if the two disagree; prints the table, and with
+--write-docs writes it to docs/model_zoo.md.
 
-    python tools/model_stats.py [--out docs/model_zoo.md]
+    python tools/model_stats.py [--write-docs [--out docs/model_zoo.md]]
 """
 import argparse
 import sys
@@ -41,7 +42,8 @@ def count_row(name: str, img_size: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("docs/model_zoo.md"), help="markdown file to write")
+    parser.add_argument("--write-docs", action="store_true", help="write the table to --out (default: print only)")
+    parser.add_argument("--out", type=Path, default=Path("docs/model_zoo.md"), help="markdown file --write-docs writes")
     args = parser.parse_args(argv)
     header = ["model", "px", "params (M)", "GMACs", "DeiT params (M)", "DeiT GMACs", "MACs ratio"]
     rows = []
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
             print(" | ".join(map(str, rows[-1])), flush=True)
     text = (
         "# Model zoo\n\n"
-        "Written by `python tools/model_stats.py`. Every variant next to the DeiT of the same size "
+        "Written by `python tools/model_stats.py --write-docs`. Every variant next to the DeiT of the same size "
         "(timm's `deit_*`), with the classifier for 1000 classes. Parameters and forward MACs per "
         "image are counted by torch's FlopCounterMode on the meta device and by the closed form in "
         "`anchorformer/models/complexity.py`; the tool fails unless both agree exactly. Only matrix "
@@ -62,6 +64,9 @@ def main(argv: list[str] | None = None) -> None:
         "a third of the qkv projection.\n\n"
         + markdown_table(header, rows) + "\n"
     )
+    if not args.write_docs:
+        print(text, end="")
+        return
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(args.out, text.encode("utf-8"))
     print(f"wrote {args.out}")
