@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export DS_BUILD_OPS := 0
 export DS_ACCELERATOR ?= cpu
+# DeepSpeed's JIT-built ops are cached per checkout: two checkouts never wait on each other's build lock.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
 .PHONY: install demo test test-fast bench slurm-up slurm-down clean
 
@@ -31,6 +33,7 @@ bench: $(STAMP)
 slurm-up: $(STAMP)
 	$(BIN)/python tests/slurm_cluster.py start
 
+# Stops the local cluster only if `make slurm-up` of this checkout started it.
 slurm-down: $(STAMP)
 	$(BIN)/python tests/slurm_cluster.py stop
 
