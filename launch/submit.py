@@ -32,6 +32,7 @@ from anchorformer.atomic import atomic_write_bytes
 from anchorformer.config import (
     ConfigError, RootConfig, check_world_size, from_dict, load, run_directory, to_dict, to_yaml,
 )
+from anchorformer.engine.preflight import check_run
 from anchorformer.slurm_job import PREEMPT_SIGNAL, TrainingJob
 
 SUBMITIT_SIGNAL_VARIABLE = "SUBMITIT_PREEMPT_SIGNAL"
@@ -129,6 +130,7 @@ def resolve_config(args: argparse.Namespace) -> RootConfig:
             data["slurm"].update(changes)
             cfg = from_dict(data)
         _check_launch(cfg, args.local)
+        check_run(cfg, cfg.slurm.nodes * cfg.slurm.gpus_per_node)
     except ConfigError as error:
         option = next((o for o, f in OPTION_FIELDS.items() if error.key == f"slurm.{f}"), None)
         if option is None or getattr(args, option) is None:

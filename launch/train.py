@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from anchorformer import config  # noqa: E402
 from anchorformer.dist import detect, uses_cuda  # noqa: E402
 from anchorformer.engine import run_training  # noqa: E402
+from anchorformer.engine.preflight import check_run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,11 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.config is None:
         parser.error("a recipe YAML is required (e.g. configs/demo.yaml)")
 
+    env = None
     try:
         cfg = config.load(args.config, args.overrides)
         env = detect(cuda_available=uses_cuda(cfg.train.device))
-    except ValueError as err:  # ConfigError included: a bad recipe, override or launcher variable
-        print(f"error: {err}", file=sys.stderr)
+        check_run(cfg, env.world_size)  # before any work: no process group, run folder or model yet
+    except ValueError as err:  # ConfigError included: a bad recipe, override, input or launcher variable
+        if env is None or env.local_rank == 0:  # one line per node, not one per rank
+            print("error: " + " ".join(str(err).split()), file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {env.rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -8,7 +8,8 @@ from types import FrameType
 from typing import Optional, Sequence
 
 from anchorformer import dist
-from anchorformer.config import RootConfig, check_world_size
+from anchorformer.config import RootConfig
+from anchorformer.engine.preflight import check_run
 from anchorformer.engine.trainer import FitResult, Trainer
 
 __all__ = ["run_training", "DEFAULT_STOP_SIGNALS"]
@@ -33,7 +34,7 @@ def run_training(cfg: RootConfig, stop_signals: Sequence[signal.Signals] = DEFAU
         How the run ended.
     """
     env = env if env is not None else dist.detect(cuda_available=dist.uses_cuda(cfg.train.device))
-    check_world_size(cfg, env.world_size)  # before any work: a bad batch split fails here
+    check_run(cfg, env.world_size)  # before any work: a bad config, input or batch split fails here
     dist.init(env)
     trainer: Optional[Trainer] = None
     previous = {}
