@@ -1,5 +1,6 @@
 """Shared pieces of the benchmark tests: one torch thread, a benchmark's parsed options, its table."""
 import argparse
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -18,10 +19,13 @@ def one_torch_thread():
 
 
 def benchmark_args(module: ModuleType, argv: list[str]) -> argparse.Namespace:
-    """``argv`` parsed by the options of benchmark ``module`` (as ``tools/benchmark.py NAME`` does)."""
+    """``argv`` parsed by the options of benchmark ``module`` (as ``tools/benchmark.py NAME`` does,
+    without --write-docs)."""
     parser = argparse.ArgumentParser()
     module.add_arguments(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.doc, args.write_docs = Path("docs/benchmarks.md"), False
+    return args
 
 
 def table_rows(section: str) -> list[list[str]]:

@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         module = load(name)
         bench_args = args if args.name == name else sub.choices[name].parse_args([])
+        # a benchmark that draws files for the docs writes them beside --doc, and only with --write-docs
+        bench_args.doc, bench_args.write_docs = args.doc, args.write_docs
         take()  # forget numbers a failed earlier run may have left
         section = module.run(bench_args)
         print(section)

@@ -104,8 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads during the runs (CPU only; the data worker is separate)")
     parser.add_argument("--plot", type=Path, default=None,
-                        help="PNG of top-1 against tokens, written by every run, with or without --write-docs "
-                             "(default: docs/quality-DEVICE.png, the image the docs section shows)")
+                        help="PNG of top-1 against tokens (default: with --write-docs, quality-DEVICE.png beside "
+                             "--doc, the image the docs section shows; without it, none)")
     parser.add_argument("--section", default=None,
                         help="name of the docs/benchmarks.md section (default: quality-DEVICE)")
 
@@ -294,7 +294,7 @@ def run(args: argparse.Namespace) -> str:
     _check(args)
     bases = model_configs(args.recipe, args.overrides, args.tokens, args.anchors)
     device = torch.device(args.device)
-    plot = args.plot or Path("docs") / f"quality-{device.type}.png"
+    plot = args.plot or (args.doc.parent / f"quality-{device.type}.png" if args.write_docs else None)
     threads_before = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
@@ -322,7 +322,8 @@ def run(args: argparse.Namespace) -> str:
     finally:
         torch.set_num_threads(threads_before)
     stats = {cell: _Stats.of(runs[cell]) for cell in runs}
-    _plot(plot, stats, args.device)
+    if plot is not None:
+        _plot(plot, stats, args.device)
     return _section(args, machine, bases, calibration, budgets, plans, stats, plot, time.perf_counter() - started)
 
 
@@ -394,7 +395,7 @@ def _plot(path: Path, stats: dict[Cell, _Stats], device: str) -> None:
 
 def _section(args: argparse.Namespace, machine: str, bases: dict[Cell, dict[str, Any]],
              calibration: dict[Cell, _Calibration], budgets: dict[int, float], plans: dict[Cell, tuple[int, float]],
-             stats: dict[Cell, _Stats], plot: Path, total_s: float) -> str:
+             stats: dict[Cell, _Stats], plot: Optional[Path], total_s: float) -> str:
     rows, verdicts = [], {"wins": [], "ties": [], "loses": [], "one seed": []}
     for cell in bases:
         cal, stat, (epochs, planned) = calibration[cell], stats[cell], plans[cell]
@@ -424,7 +425,6 @@ def _section(args: argparse.Namespace, machine: str, bases: dict[Cell, dict[str,
     m = base["model"]
     summary = "; ".join(f"**{verdict}** at {', '.join(cells)}" for verdict, cells in verdicts.items() if cells)
     overrides = f" with {' '.join(f'`{o}`' for o in args.overrides)}" if args.overrides else ""
-    image = os.path.relpath(plot, "docs")
     return "\n".join([
         f"## Quality map at equal wall-clock: AnchorFormer (m anchors) vs DeiT over tokens ({args.device})",
         "",
@@ -447,6 +447,5 @@ def _section(args: argparse.Namespace, machine: str, bases: dict[Cell, dict[str,
         markdown_table(header, rows),
         "",
         f"AnchorFormer {summary}.",
-        "",
-        f"![top-1 against tokens, one line per m]({image})",
+        *(["", f"![top-1 against tokens, one line per m]({os.path.relpath(plot, args.doc.parent)})"] if plot else []),
     ])
