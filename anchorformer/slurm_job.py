@@ -4,10 +4,13 @@ Only ``launch/submit.py`` imports this module: it is the scheduler's side of tra
 
 A :class:`TrainingJob` is pickled by submitit and unpickled in every task of the job. Calling it
 runs the same trainer as ``launch/train.py``. When SLURM signals (USR1 ``signal_delay_s`` before
-the time limit, or SIGTERM on preemption) the trainer finishes its step, every rank writes one
-checkpoint, and the job requeues itself through submitit's own machinery: rank 0 dumps
-:meth:`TrainingJob.checkpoint` (a fresh copy that resumes from the run folder) over the job's
-pickle and runs ``scontrol requeue``; the requeued job (same id) resumes where it stopped.
+the time limit or from ``scancel --signal``; TERM on preemption, ``scontrol requeue``, ``scancel``)
+the trainer finishes its step, every rank writes one checkpoint and exits 0. A job still running
+(the time limit, ``scancel --signal=...``) requeues itself through submitit's own machinery: rank 0
+dumps :meth:`TrainingJob.checkpoint` (a fresh copy that resumes from the run folder) over the job's
+pickle and runs ``scontrol requeue``. A job SLURM is already ending (state COMPLETING: requeued by
+``scontrol requeue`` or a preemption, which SLURM restarts itself, or cancelled by ``scancel``,
+which stays cancelled) is left to SLURM. The requeued job (same id) resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from anchorformer.config import RootConfig, from_dict, to_dict
 if TYPE_CHECKING:
     from anchorformer.dist import DistEnv
 
-__all__ = ["PREEMPT_SIGNAL", "STOP_SIGNALS", "TrainingJob", "JobSummary"]
+__all__ = ["PREEMPT_SIGNAL", "TrainingJob", "JobSummary"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +37,6 @@ PREEMPT_SIGNAL = "USR1"
 """Signal SLURM sends ``signal_delay_s`` before the time limit (``#SBATCH --signal=USR1@N``);
 submitit must agree on it (``SUBMITIT_PREEMPT_SIGNAL``), both where it writes the sbatch script
 and inside the job."""
-
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-"""Signals that make the trainer stop at the next step boundary and checkpoint: USR1 before the
-time limit (or ``scancel --signal=USR1``), TERM on preemption or cancellation."""
-
 
 @dataclass(frozen=True)
 class JobSummary:
@@ -87,28 +85,38 @@ class TrainingJob:
         Returns:
             The trainer's summary when training completed.
         """
-        from anchorformer.dist import detect, uses_cuda  # imports torch: only inside the job
+        # submitit installed its requeue handler on USR1; keep it to requeue after the
+        # checkpoint, while the trainer takes the signals over so that they only request a stop.
+        submitit_handler = signal.getsignal(getattr(signal, f"SIG{PREEMPT_SIGNAL}"))
+        from anchorformer.dist.stop_signals import StopRequest  # imports torch: only inside the job
+
+        stop = StopRequest().install()  # first: a signal during start-up stops after the first step
+        from anchorformer.dist import detect, uses_cuda
 
         if submitit.JobEnvironment.USR_SIG != PREEMPT_SIGNAL:
             raise RuntimeError(f"submitit listens for SIG{submitit.JobEnvironment.USR_SIG}, not "
                                f"SIG{PREEMPT_SIGNAL}; export SUBMITIT_PREEMPT_SIGNAL={PREEMPT_SIGNAL} "
                                "in the job (launch/submit.py does)")
         job_env = submitit.JobEnvironment()
-        # submitit installed its requeue handler on USR1; keep it to requeue after the
-        # checkpoint, while the trainer takes the signal over so that it only requests a stop.
-        submitit_handler = signal.getsignal(getattr(signal, f"SIG{PREEMPT_SIGNAL}"))
         if job_env.cluster == "local":
             _export_local_rendezvous(job_env)
         dist_env = detect(cuda_available=uses_cuda(self.cfg.train.device))  # as launch/train.py detects
         _setup_process(dist_env)
         from anchorformer.engine import run_training  # imports deepspeed: after DS_ACCELERATOR
 
-        logger.info("starting training in %s (requeued %d times before)", job_env, self.requeues)
-        result = run_training(self.cfg, stop_signals=STOP_SIGNALS, env=dist_env)
+        # SLURM restarts a job it requeued itself (scontrol requeue, preemption) from the pickle
+        # as submitted: that restart resumes too.
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        job = self._continued(restarts) if restarts > self.requeues else self
+        logger.info("starting training in %s (requeued %d times before)", job_env, job.requeues)
+        result = run_training(job.cfg, env=dist_env, stop=stop)
         if result.status == "stopped":
+            # The checkpoint is written: a repeated signal (scancel twice, TERM after USR1) must
+            # not start a second requeue while this one runs.
+            stop.ignore()
             self._requeue(job_env, submitit_handler)
         return JobSummary(status=result.status, epoch=result.epoch, step=result.step,
-                          requeues=self.requeues, metrics=dict(result.metrics))
+                          requeues=job.requeues, metrics=dict(result.metrics))
 
     def checkpoint(self) -> Optional[submitit.helpers.DelayedSubmission]:
         """The submission that continues this run after a requeue (submitit calls it).
@@ -122,36 +130,60 @@ class TrainingJob:
             logger.error("not requeuing: the run was requeued %d times (slurm.max_requeues=%d)",
                          self.requeues, max_requeues)
             return None
+        return submitit.helpers.DelayedSubmission(self._continued(self.requeues + 1))
+
+    def _continued(self, requeues: int) -> TrainingJob:
+        """This run after ``requeues`` requeues: it resumes from the run folder."""
         resumed = copy.deepcopy(self.config)
         resumed["train"]["resume"] = "auto"
-        return submitit.helpers.DelayedSubmission(TrainingJob(resumed, self.requeues + 1))
+        return TrainingJob(resumed, requeues)
 
     def _requeue(self, job_env: submitit.JobEnvironment,
                  submitit_handler: Callable[[int, Any], None] | int | None) -> None:
-        """Requeue through submitit (rank 0) after the checkpoint, then leave without a result.
+        """After the checkpoint: rank 0 requeues a job that is still running through submitit;
+        every rank then leaves without a result (exit 0).
 
         Leaving with SystemExit keeps submitit from writing a result file, so the submitter
         keeps waiting for the requeued job.
         """
-        # The checkpoint is written: a repeated signal (scancel twice, TERM after USR1) must
-        # not start a second requeue while this one runs.
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
         if job_env.global_rank != 0:
             logger.info("stopped after the checkpoint; rank 0 requeues the job")
+            raise SystemExit(0)
+        state = _slurm_job_state(job_env)
+        if state not in ("RUNNING", None):
+            # COMPLETING: SLURM is ending the job. It restarts a requeued or preempted job itself
+            # (which then resumes); a cancelled one must stay cancelled (a requeue revives it).
+            logger.info("SLURM is ending job %s (state %s: scontrol requeue, a preemption or scancel); "
+                        "the checkpoint is saved, SLURM decides whether the job restarts",
+                        job_env.job_id, state)
             raise SystemExit(0)
         if not callable(submitit_handler):
             raise RuntimeError(f"training stopped on a signal but submitit's {PREEMPT_SIGNAL} "
                                f"handler is not installed ({submitit_handler!r}); run this job "
                                "through launch/submit.py")
         try:
-            # Dumps self.checkpoint() over the job pickle, requeues, then exits (SystemExit).
+            # Dumps self.checkpoint() over the job pickle, requeues, then exits with -1.
             submitit_handler(getattr(signal, f"SIG{PREEMPT_SIGNAL}"), None)
+        except SystemExit:
+            raise SystemExit(0) from None  # requeued: this run ended as it should
         except subprocess.CalledProcessError as error:
-            # Cancelled jobs cannot be requeued, and SLURM requeues preempted ones itself.
             logger.warning("could not requeue (%s); the checkpoint is saved and a resubmission "
                            "with train.resume=auto continues from it", error)
             raise SystemExit(1) from None
+
+
+def _slurm_job_state(job_env: submitit.JobEnvironment) -> Optional[str]:
+    """The job's SLURM state (RUNNING, COMPLETING, ...); None for submitit's local executor or
+    when squeue does not answer (then the job tries to requeue itself)."""
+    if job_env.cluster != "slurm":
+        return None
+    try:
+        done = subprocess.run(["squeue", "-h", "-j", str(job_env.job_id), "-o", "%T"], capture_output=True,
+                              text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    states = done.stdout.split() if done.returncode == 0 else []
+    return states[0] if states else None
 
 
 def _setup_process(dist_env: DistEnv) -> None:

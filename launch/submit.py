@@ -19,8 +19,11 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -32,6 +35,7 @@ from anchorformer.atomic import atomic_write_bytes
 from anchorformer.config import (
     ConfigError, RootConfig, check_world_size, from_dict, load, run_directory, to_dict, to_yaml,
 )
+from anchorformer.engine import run_lock
 from anchorformer.engine.preflight import check_run
 from anchorformer.slurm_job import PREEMPT_SIGNAL, TrainingJob
 
@@ -132,11 +136,16 @@ def resolve_config(args: argparse.Namespace) -> RootConfig:
         _check_launch(cfg, args.local)
         check_run(cfg, cfg.slurm.nodes * cfg.slurm.gpus_per_node)
     except ConfigError as error:
-        option = next((o for o, f in OPTION_FIELDS.items() if error.key == f"slurm.{f}"), None)
-        if option is None or getattr(args, option) is None:
-            raise
-        raise ValueError(f"option --{option.replace('_', '-')}: {error.detail}") from None
+        raise _named_by_option(error, args) from None
     return cfg
+
+
+def _named_by_option(error: ConfigError, args: argparse.Namespace) -> ValueError:
+    """The error naming the command-line option that set the key, when one did."""
+    option = next((o for o, f in OPTION_FIELDS.items() if error.key == f"slurm.{f}"), None)
+    if option is None or getattr(args, option) is None:
+        return error
+    return ValueError(f"option --{option.replace('_', '-')}: {error.detail}")
 
 
 def profile_overrides(path: Path) -> list[str]:
@@ -185,6 +194,81 @@ def _check_launch(cfg: RootConfig, local: bool) -> None:
         raise ConfigError("slurm.nodes",
                           f"--local runs on this machine: it needs 1 node, got {slurm.nodes}")
     check_world_size(cfg, slurm.nodes * slurm.gpus_per_node)
+
+
+@dataclass(frozen=True)
+class NodeOffer:
+    """One node of one partition, as ``sinfo`` reports it."""
+
+    partition: str
+    default: bool
+    """Whether it is the cluster's default partition (sbatch without --partition)."""
+    cpus: int
+    memory_mb: int
+    gpus: int
+
+
+_GPU_GRES = re.compile(r"gpu(?::[^:,(]+)?:(\d+)")
+"""The count in a gres entry: gpu:8, gpu:a100:8, gpu:a100:8(S:0-1)."""
+
+
+def partition_nodes() -> Optional[list[NodeOffer]]:
+    """Every node of every partition (``sinfo -N``); None where sinfo is missing or fails."""
+    if shutil.which("sinfo") is None:
+        return None
+    done = subprocess.run(["sinfo", "-h", "-N", "-o", "%P|%c|%m|%G"], capture_output=True, text=True,
+                          timeout=60)
+    if done.returncode != 0:
+        logging.getLogger(__name__).warning("sinfo failed (%s): the request is not checked against the "
+                                            "partition", done.stderr.strip())
+        return None
+    nodes = []
+    for line in done.stdout.split():
+        partition, cpus, memory, gres = line.split("|")
+        nodes.append(NodeOffer(partition.rstrip("*"), partition.endswith("*"), int(cpus.rstrip("+")),
+                               int(memory.rstrip("+")), sum(int(n) for n in _GPU_GRES.findall(gres))))
+    return nodes
+
+
+def check_request(cfg: RootConfig, nodes: Sequence[NodeOffer]) -> None:
+    """Refuse a request that the partition can never run (SLURM would keep it pending forever,
+    ``Reason=PartitionConfig``): per node CPUs (tasks x cpus_per_task), GPUs and memory, then the
+    number of nodes that offer all three.
+
+    Args:
+        cfg: the resolved configuration.
+        nodes: what the cluster offers (:func:`partition_nodes`).
+
+    Raises:
+        ConfigError: naming the slurm key (and so the option) to change.
+    """
+    slurm = cfg.slurm
+    names = sorted({node.partition for node in nodes})
+    partition = slurm.partition or next((node.partition for node in nodes if node.default), None)
+    if partition is None:
+        return  # no default partition: sbatch itself asks for --partition
+    if partition not in names:
+        raise ConfigError("slurm.partition", f"partition {partition!r} does not exist on this cluster "
+                                             f"(sinfo lists {', '.join(names)})")
+    members = [node for node in nodes if node.partition == partition]
+    tasks = slurm.gpus_per_node
+    needs = {  # key: (amount per node, NodeOffer field, what it is)
+        "slurm.cpus_per_task": (tasks * slurm.cpus_per_task, "cpus",
+                                f"{tasks} task(s) x {slurm.cpus_per_task} CPUs = {tasks * slurm.cpus_per_task} CPUs"),
+        "slurm.gpus_per_node": (tasks if uses_gpus(cfg) else 0, "gpus", f"{tasks} GPUs (one per task)"),
+        "slurm.mem_gb": (slurm.mem_gb * 1024, "memory_mb", f"{slurm.mem_gb} GB of memory"),
+    }
+    for key, (amount, field, what) in needs.items():
+        most = max(getattr(node, field) for node in members)
+        if amount > most:
+            offered = f"{most / 1024:.0f} GB" if field == "memory_mb" else f"{most} {field[:-1].upper()}s"
+            raise ConfigError(key, f"{what} per node, but the nodes of partition {partition!r} have at most "
+                                   f"{offered}: the job could never start; ask for less")
+    fitting = [node for node in members if all(getattr(node, f) >= a for a, f, _ in needs.values())]
+    if len(fitting) < slurm.nodes:
+        raise ConfigError("slurm.nodes", f"{slurm.nodes} nodes, but partition {partition!r} has {len(fitting)} "
+                                         "with the CPUs, GPUs and memory asked per node: the job could never "
+                                         "start; ask for fewer")
 
 
 def run_folder(cfg: RootConfig) -> Path:
@@ -297,11 +381,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     try:
         executor = make_executor(cfg, args.local)
+        offers = None if args.local else partition_nodes()
+        if offers:
+            check_request(cfg, offers)
+        run_lock.check_free(run_folder(cfg), me=None)  # a live run in the folder: refused
+    except ConfigError as error:
+        print(f"error: {_named_by_option(error, args)}\nnothing was submitted", file=sys.stderr)
+        return 2
     except RuntimeError as error:
         print(f"error: {error}\nnothing was submitted", file=sys.stderr)
         return 2
     job = executor.submit(TrainingJob.from_config(cfg))
     _write_job_id(run_folder(cfg), job.job_id)
+    if not args.local:  # locked for the job from now on: a second submission is refused while it waits
+        run_lock.claim_for_job(run_folder(cfg), job.job_id)
     print(f"submitted job {job.job_id} ({'local' if args.local else 'SLURM'}, {layout})")
     print(f"logs: {job.paths.stdout} (rank 0 output), {job.paths.stderr} (rank 0 errors)")
     print(f"run folder: {run_folder(cfg)}")

@@ -13,15 +13,37 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+_SIGNALS_BEFORE_IMPORTS: list[tuple[int, float]] = []
+"""Stop signals that came while torch and DeepSpeed were importing (seconds): kept, not fatal, and
+handed to run_training's StopRequest, which stops after the first step."""
+
+
+def _keep_stop_signal(signum: int, frame: object) -> None:
+    _SIGNALS_BEFORE_IMPORTS.append((signum, time.monotonic()))
+
+
+if __name__ == "__main__":  # before the heavy imports; anchorformer.dist.stop_signals takes over
+    for _stop_signal in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(_stop_signal, _keep_stop_signal)
+
+_CHECKOUT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(_CHECKOUT))
+# DeepSpeed's JIT-built ops (e.g. the CPU shared-memory all-reduce) are cached per checkout, so two
+# checkouts on one machine never wait on each other's build lock (a set TORCH_EXTENSIONS_DIR wins).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_CHECKOUT / ".cache" / "torch_extensions"))
 
 from anchorformer import config  # noqa: E402
 from anchorformer.dist import detect, uses_cuda  # noqa: E402
+from anchorformer.dist.stop_signals import STOP_SIGNALS, StopRequest  # noqa: E402
 from anchorformer.engine import run_training  # noqa: E402
 from anchorformer.engine.preflight import check_run  # noqa: E402
+from anchorformer.engine.run_lock import RunFolderInUse  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help=argparse.SUPPRESS)  # passed by the deepspeed launcher; read by dist.detect
     args = parser.parse_args(argv)
+    # From here to the exit a stop signal only asks the trainer to checkpoint at its next step.
+    stop = StopRequest(STOP_SIGNALS, received=_SIGNALS_BEFORE_IMPORTS).install()
     if args.help_config:
         print("\n".join(config.describe()))
         return 0
@@ -49,7 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {env.rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
-    result = run_training(cfg, env=env)
+    try:
+        result = run_training(cfg, env=env, stop=stop)
+    except RunFolderInUse as err:  # another live run holds the run folder: refused before any work
+        if env.local_rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        return 2
     if env.rank == 0:
         run_dir = config.run_directory(cfg)
         metrics = result.metrics

@@ -1,5 +1,6 @@
 """Constants and subprocess helpers shared by the tests (imported explicitly): the repository
-root, the interpreter's script folder, and the environment of a CPU subprocess of the project."""
+root, the interpreter's script folder, the environment of a CPU subprocess of the project, and a
+run folder's logged training losses."""
 import os
 import sys
 from pathlib import Path
@@ -14,3 +15,16 @@ def cpu_env(**variables: str) -> dict[str, str]:
     """This process's environment for a subprocess on the CPU: DeepSpeed on its CPU accelerator,
     the repository importable, plus ``variables`` (e.g. ``OMP_NUM_THREADS="1"``)."""
     return dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), **variables)
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """train/loss per step from a run folder's TensorBoard files (a resumed run adds a file)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    losses: dict[int, float] = {}
+    for events in sorted((run_dir / "tensorboard").glob("events.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        if "train/loss" in accumulator.Tags()["scalars"]:
+            losses.update({e.step: e.value for e in accumulator.Scalars("train/loss")})
+    return losses

@@ -18,7 +18,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 import submitit
-from helpers import BIN, REPO
+from helpers import BIN, REPO, train_losses
 from omegaconf import OmegaConf
 
 from anchorformer.config import SlurmConfig, from_dict, load
@@ -30,6 +30,7 @@ def _load_submit_module():
     spec = importlib.util.spec_from_file_location("anchorformer_launch_submit",
                                                   REPO / "launch" / "submit.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -215,9 +216,10 @@ def test_cluster_profile_with_unknown_key_is_refused(capsys, tmp_path: Path, rec
 
 MAX_STEPS = 40
 SIGNAL_AFTER_STEP = 5
-# The demo recipe, shrunk so that a run takes seconds: one 32-wide block, 40 steps of 2 x 16.
+# The demo recipe, shrunk so that a run takes seconds: one 32-wide block, 40 steps of 2 x 16, two
+# DataLoader workers per rank (SLURM signals them too).
 TINY = ["model.kwargs.depth=1", "model.kwargs.embed_dim=32", "model.kwargs.num_heads=2",
-        "model.kwargs.num_anchors=4", "data.num_workers=0", "train.global_batch_size=32",
+        "model.kwargs.num_anchors=4", "data.num_workers=2", "train.global_batch_size=32",
         "train.micro_batch_size=16", f"train.max_steps={MAX_STEPS}", "schedule.epochs=1",
         "schedule.warmup_epochs=0", "logging.every_steps=1", "logging.progress_bar=false"]
 JOB_OPTIONS = ["--nodes", "1", "--gpus-per-node", "2", "--cpus-per-task", "1", "--time", "20",
@@ -232,12 +234,17 @@ def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("slurm")
 
 
+def _submit_command(workdir: Path, run_name: str, *extra: str) -> list[str]:
+    """``launch/submit.py`` on the demo config."""
+    return [sys.executable, str(REPO / "launch" / "submit.py"), *JOB_OPTIONS, *extra,
+            str(REPO / "configs" / "demo.yaml"), *TINY, f"logging.output_dir={workdir / 'runs'}",
+            f"logging.run_name={run_name}", f"data.cache_dir={workdir / 'cache'}"]
+
+
 def _submit_cli(workdir: Path, run_name: str, *extra: str) -> tuple[str, str]:
     """Run ``launch/submit.py`` on the demo config; returns (job id, its output)."""
-    cmd = [sys.executable, str(REPO / "launch" / "submit.py"), *JOB_OPTIONS, *extra,
-           str(REPO / "configs" / "demo.yaml"), *TINY, f"logging.output_dir={workdir / 'runs'}",
-           f"logging.run_name={run_name}", f"data.cache_dir={workdir / 'cache'}"]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    done = subprocess.run(_submit_command(workdir, run_name, *extra), capture_output=True, text=True, cwd=REPO,
+                          timeout=600)
     assert done.returncode == 0, f"submit failed:\n{done.stdout}{done.stderr}"
     match = re.search(r"submitted job (\S+)", done.stdout)
     assert match, done.stdout
@@ -296,19 +303,6 @@ def _release_requeued(job_id: str) -> None:
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
 
 
-def _train_losses(run_dir: Path) -> dict[int, float]:
-    """train/loss per step from the run's TensorBoard files (a resumed run adds a file)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    losses: dict[int, float] = {}
-    for events in sorted((run_dir / "tensorboard").glob("events.*")):
-        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        accumulator.Reload()
-        if "train/loss" in accumulator.Tags()["scalars"]:
-            losses.update({e.step: e.value for e in accumulator.Scalars("train/loss")})
-    return losses
-
-
 def _eval_metrics(summary: dict) -> dict[str, float]:
     return {k: v for k, v in summary["metrics"].items() if k.startswith("eval/")}
 
@@ -341,7 +335,7 @@ def test_submitted_demo_job_finishes_with_metrics_and_checkpoint_in_the_run_fold
     assert summary["status"] == "completed" and summary["step"] == MAX_STEPS
     assert 0.0 <= summary["metrics"]["eval/top1"] <= 100.0
     assert results[0].metrics["eval/top1"] == summary["metrics"]["eval/top1"]
-    assert sorted(_train_losses(run_dir)) == list(range(1, MAX_STEPS + 1))
+    assert sorted(train_losses(run_dir)) == list(range(1, MAX_STEPS + 1))
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step_{MAX_STEPS}" and (run_dir / "checkpoints" / latest).is_dir()
     # Accounting saw both tasks of the step.
@@ -351,34 +345,45 @@ def test_submitted_demo_job_finishes_with_metrics_and_checkpoint_in_the_run_fold
 
 
 @pytest.mark.slow
-def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(reference_run, workdir: Path,
-                                                                  record_property):
-    job_id, _ = _submit_cli(workdir, "interrupted")
-    run_dir = workdir / "runs" / "interrupted"
+@pytest.mark.parametrize("interruption", ["scancel --signal=TERM", "scontrol requeue"])
+def test_preemption_checkpoints_requeues_and_resumes_to_the_same_result(reference_run, workdir: Path,
+                                                                        interruption: str, record_property):
+    run_name = interruption.split()[-1].removeprefix("--signal=").lower()
+    job_id, _ = _submit_cli(workdir, run_name)
+    run_dir = workdir / "runs" / run_name
     log = run_dir / "slurm" / f"{job_id}_0_log.err"
     latest = run_dir / "checkpoints" / "latest"
 
     _wait_for_step(log, SIGNAL_AFTER_STEP)
     assert not latest.exists()
     signalled = time.time()
-    subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
+    # TERM reaches every process of the step, the loader workers included. scancel --signal: the
+    # job keeps running and requeues itself; scontrol requeue: SLURM ends it (KILL after KillWait,
+    # 30 s) and restarts it.
+    subprocess.run([*interruption.split(), job_id], check=True)
     # Keep signalling until the checkpoint is complete: signals arriving while the ranks agree
     # and write must neither corrupt it nor requeue twice. (scancel retries for minutes once
     # the job is being requeued; such a retrying call is cut short.)
-    while not latest.exists() and time.time() - signalled < 120:
+    while interruption.startswith("scancel") and not latest.exists() and time.time() - signalled < 30:
         try:
-            subprocess.run(["scancel", "--signal=USR1", job_id], capture_output=True, timeout=2)
+            subprocess.run(interruption.split() + [job_id], capture_output=True, timeout=2)
         except subprocess.TimeoutExpired:
             break
         time.sleep(0.05)
-    _wait_until("the checkpoint written on USR1", latest.exists, timeout=120, interval=0.05)
+    _wait_until("the checkpoint written on the signal", latest.exists, timeout=30, interval=0.05)
     signal_to_checkpoint = latest.stat().st_mtime - signalled
+    _wait_until("the job to leave RUNNING", lambda: "JobState=RUNNING" not in subprocess.run(
+        ["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout, timeout=30, interval=0.1)
+    signal_to_exit = time.time() - signalled
     record_property("signal_to_checkpoint_s", round(signal_to_checkpoint, 3))
-    print(f"\nUSR1 -> checkpoint complete ('latest' moved): {signal_to_checkpoint:.2f} s")
+    record_property("signal_to_exit_s", round(signal_to_exit, 3))
+    print(f"\n{interruption}: checkpoint complete ('latest' moved) after {signal_to_checkpoint:.2f} s, "
+          f"job no longer running after {signal_to_exit:.2f} s")
     stopped_at = int(latest.read_text().strip().removeprefix("step_"))
     assert SIGNAL_AFTER_STEP <= stopped_at < MAX_STEPS
+    assert "killed by signal" not in log.read_text()
 
-    # The job requeued itself (same id); SLURM holds requeued jobs ~2 min: release it now.
+    # Requeued (same id); SLURM holds requeued jobs ~2 min: release it now.
     _release_requeued(job_id)
 
     assert _wait_for_end(job_id, log) == "COMPLETED"
@@ -390,6 +395,41 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(reference_run,
     assert [(r.status, r.requeues) for r in results] == [("completed", 1)] * 2
 
     _assert_same_training(run_dir, reference_run["run_dir"])
+
+
+@pytest.mark.slow
+def test_scancel_still_ends_the_job_after_its_checkpoint_and_a_busy_folder_is_refused(reference_run,
+                                                                                      workdir: Path):
+    job_id, _ = _submit_cli(workdir, "cancelled")
+    run_dir = workdir / "runs" / "cancelled"
+    log = run_dir / "slurm" / f"{job_id}_0_log.err"
+    _wait_for_step(log, SIGNAL_AFTER_STEP)
+    # A second run on the folder, while the job uses it: refused at the door.
+    second = subprocess.run(_submit_command(workdir, "cancelled"), capture_output=True, text=True, cwd=REPO,
+                            timeout=600)
+    assert second.returncode == 2 and "nothing was submitted" in second.stderr, second.stderr[-3000:]
+    assert f"is in use by SLURM job {job_id}" in second.stderr and "logging.run_name" in second.stderr
+    subprocess.run(["scancel", job_id], check=True)
+    assert _wait_for_end(job_id, log) == "CANCELLED"
+    time.sleep(3)  # a requeue from the job (which would revive it) would show by now
+    assert _sacct_states(job_id) == ["CANCELLED"]
+    assert (run_dir / "checkpoints" / "latest").exists()
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "stopped"
+
+
+@pytest.mark.slow
+def test_a_request_the_partition_cannot_run_is_refused_naming_the_option(slurm_cluster, workdir: Path):
+    cpus = int(subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True, check=True).stdout)
+    # 2 tasks x (cpus) CPUs on a node of `cpus` CPUs: SLURM would keep it pending forever.
+    refused = subprocess.run([*_submit_command(workdir, "too_big"), "--cpus-per-task", str(cpus)],
+                             capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert refused.returncode == 2, refused.stdout + refused.stderr[-3000:]
+    assert f"error: option --cpus-per-task: 2 task(s) x {cpus} CPUs = {2 * cpus} CPUs per node, but the " \
+           f"nodes of partition 'debug' have at most {cpus} CPUs" in refused.stderr
+    accounted = subprocess.run(["sacct", "-n", "-X", "-a", "--name", "too_big", "-o", "JobID"],
+                               capture_output=True, text=True, check=True).stdout
+    assert not accounted.strip(), "nothing may be submitted"
+    assert not (workdir / "runs" / "too_big").exists()
 
 
 @pytest.mark.slow
@@ -415,7 +455,7 @@ def _sbatch_template(template: str, workdir: Path, run_name: str, *options: str,
 
 def _assert_same_training(run_dir: Path, reference_dir: Path) -> None:
     """Same loss at every step and same final metrics as the reference run."""
-    assert _train_losses(run_dir) == pytest.approx(_train_losses(reference_dir), rel=1e-6)
+    assert train_losses(run_dir) == pytest.approx(train_losses(reference_dir), rel=1e-6)
     summary = json.loads((run_dir / "summary.json").read_text())
     reference = json.loads((reference_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["step"] == MAX_STEPS
@@ -438,14 +478,22 @@ def test_srun_template_requeues_itself_after_usr1_and_resumes(reference_run, wor
 
 
 @pytest.mark.slow
-def test_deepspeed_template_trains_from_a_hostfile_of_the_node_list(reference_run, workdir: Path):
+def test_deepspeed_template_trains_from_a_hostfile_and_requeues_itself_after_term(reference_run, workdir: Path):
     deepspeed = str(BIN / "deepspeed")
     job_id, output = _sbatch_template("train_deepspeed.sbatch", workdir, "deepspeed_template",
                                       "--cpus-per-task=2",
                                       env={"DEEPSPEED": deepspeed, "SLOTS_PER_NODE": "2"})
+    _wait_for_step(output, SIGNAL_AFTER_STEP)
+    # TERM reaches both launcher processes, the ranks and their workers: the `deepspeed` command
+    # must outlive it (the template ignores TERM for it), else the step ends and kills the ranks.
+    subprocess.run(["scancel", "--signal=TERM", job_id], check=True)
+    _release_requeued(job_id)
     assert _wait_for_end(job_id, output) == "COMPLETED", output.read_text()[-4000:]
+    log = output.read_text()
+    assert "task 0: Terminated" not in log and "requeuing job" in log and "resumed from" in log
+    assert _sacct_states(job_id) == ["REQUEUED", "COMPLETED"]
     run_dir = workdir / "runs" / "deepspeed_template"
     host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
     assert (run_dir / f"hostfile.{job_id}").read_text() == f"{host} slots=2\n"
-    assert "deepspeed launcher" in output.read_text()  # the ranks came from the DeepSpeed launcher
+    assert "deepspeed launcher" in log  # the ranks came from the DeepSpeed launcher
     _assert_same_training(run_dir, reference_run["run_dir"])

@@ -4,14 +4,21 @@
 #     bash tools/gpu_check.sh                # on the GPU machine; at most $GPU_CHECK_BUDGET s (480)
 # Installs the wheels in .whl/ into a temporary site dir, then runs, most important first, each
 # under its own time limit and whatever the others do: nvidia-smi, the kernel tests on the GPU,
-# the model (224 px), train (through the Trainer), attention, profile, anchor-mix backend, model
-# (384 px, 1024 px backbone) and compiled-model (PyTorch path fused by the compiler, then the
+# the model (224 px), train (through the Trainer), attention, profile, anchor-mix (base and tiny
+# width), inference, model (384 px, 1024 px backbone) and compiled-model (PyTorch path fused by the compiler, then the
 # kernels as custom ops) benchmarks; each writes its section of
 # docs/benchmarks.md and its rows of docs/benchmarks.json. A step starts only while the budget has time left and is cut at its end.
 # Logs go to $GPU_CHECK_LOGS (default: a temporary folder). When $OUT is set, docs/benchmarks.md,
 # docs/benchmarks.json, summary.txt and logs.tar.gz are refreshed there after every step, so an outer time limit keeps
 # what finished. Exits non-zero when any step failed or was skipped; summary.txt lists them.
 set -uo pipefail
+usage() { sed -n '2,/^set -uo/{/^set -uo/d;s/^# \{0,1\}//;p}' "$0"; }
+case "${1:-}" in
+  "") ;;
+  -h|--help) usage; exit 0 ;;
+  *) echo "gpu_check.sh: unknown argument '$1' (it takes none; the settings are environment variables)" >&2
+     usage >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 budget=${GPU_CHECK_BUDGET:-480}
@@ -89,6 +96,7 @@ run_step anchor-mix-base 90 "${bench[@]}" anchor-mix --device cuda --heads 12 --
   --section anchor-mix-base-cuda
 run_step anchor-mix-tiny 60 "${bench[@]}" anchor-mix --device cuda --heads 3 --batch 32 --tokens 197 785 4097 \
   --section anchor-mix-tiny-cuda
+run_step inference 100 "${bench[@]}" inference --device cuda
 run_step model-384 45 "${bench[@]}" model --device cuda --backend "$mix_backend" \
   --resolutions 384 --backbone-resolution 0 --section model-384-cuda
 run_step model-1024 35 "${bench[@]}" model --device cuda --backend "$mix_backend" \

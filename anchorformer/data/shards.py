@@ -36,6 +36,7 @@ from anchorformer.data.pipelines import build_train_pipeline
 from anchorformer.data.stages import (SKIP_REASONS, BatchMeta, SkipCounter, add_skip_counts, batch_samples,
                                       decode_samples, derive_seed, end_with_counts, number_samples, transform_samples)
 from anchorformer.data.transforms import EvalTransformConfig, MixupConfig, TrainTransformConfig, build_eval_transform
+from anchorformer.data.workers import init_worker
 
 __all__ = ["TrainStream", "ValStream", "build_train_stream", "build_val_stream"]
 
@@ -183,7 +184,8 @@ def _check_classes(index: ShardIndex | None, index_name: str | None, num_classes
 
 def _loader(dataset: IterableDataset, num_workers: int, pin_memory: bool) -> wds.WebLoader:
     # Batches are made in the workers: batch_size=None passes them through untouched.
-    return wds.WebLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
+    return wds.WebLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                         worker_init_fn=init_worker)
 
 
 class TrainStream:

@@ -1,58 +1,88 @@
-"""One training run from a config: detect the launcher, start the process group, route stop
-signals to the trainer, train, and always clean up."""
+"""One training run from a config: catch stop signals, detect the launcher, lock the run folder,
+start the process group, train, and always clean up."""
 from __future__ import annotations
 
 import logging
-import signal
-from types import FrameType
+from pathlib import Path
 from typing import Optional, Sequence
 
 from anchorformer import dist
-from anchorformer.config import RootConfig
+from anchorformer.config import RootConfig, run_directory
+from anchorformer.dist.stop_signals import STOP_SIGNALS, StopRequest
+from anchorformer.engine import run_lock
 from anchorformer.engine.preflight import check_run
 from anchorformer.engine.trainer import FitResult, Trainer
 
-__all__ = ["run_training", "DEFAULT_STOP_SIGNALS"]
+__all__ = ["run_training"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-"""SLURM sends USR1 before the time limit (``--signal``) and TERM on preemption."""
 
-
-def run_training(cfg: RootConfig, stop_signals: Sequence[signal.Signals] = DEFAULT_STOP_SIGNALS,
-                 env: Optional[dist.DistEnv] = None) -> FitResult:
+def run_training(cfg: RootConfig, stop_signals: Sequence[int] = STOP_SIGNALS,
+                 env: Optional[dist.DistEnv] = None, stop: Optional[StopRequest] = None) -> FitResult:
     """Train ``cfg`` in this process (one rank of the job).
+
+    A stop signal at any moment, from start-up to the last evaluation, makes every rank finish
+    its step, write one checkpoint and return 'stopped' (a signal after the last step changes
+    nothing: the run completes).
 
     Args:
         cfg: validated configuration.
-        stop_signals: signals that make the trainer checkpoint and return at the next step.
+        stop_signals: signals that make the trainer checkpoint and return at the next step
+            (when ``stop`` is not given; ``()`` for none).
         env: the process's place in the job; default ``dist.detect()`` (nccl when the config
             trains on GPUs, gloo otherwise).
+        stop: the caller's installed :class:`StopRequest` (launch/train.py installs one before its
+            imports); default: one for ``stop_signals``, installed now and restored at the end.
 
     Returns:
         How the run ended.
+
+    Raises:
+        RunFolderInUse: another live job holds the run folder (checked before the process group).
     """
-    env = env if env is not None else dist.detect(cuda_available=dist.uses_cuda(cfg.train.device))
-    check_run(cfg, env.world_size)  # before any work: a bad config, input or batch split fails here
-    dist.init(env)
+    owned = stop is None
+    stop = StopRequest(stop_signals).install() if stop is None else stop
     trainer: Optional[Trainer] = None
-    previous = {}
+    lock: Optional[run_lock.LockHolder] = None
+    result: Optional[FitResult] = None
     try:
+        env = env if env is not None else dist.detect(cuda_available=dist.uses_cuda(cfg.train.device))
+        check_run(cfg, env.world_size)  # before any work: a bad config, input or batch split fails here
+        run_dir = run_directory(cfg)
+        run_lock.check_free(run_dir, run_lock.LockHolder.this_process())  # at the door: no process group yet
+        dist.init(env)
+        lock = _lock_run_folder(run_dir, env)
         trainer = Trainer(cfg, env)
-
-        def _on_signal(signum: int, frame: Optional[FrameType]) -> None:
-            trainer.request_stop()  # only sets a flag: safe inside a signal handler
-
-        previous = {sig: signal.signal(sig, _on_signal) for sig in stop_signals}
+        stop.forward_to(trainer.request_stop)
         result = trainer.fit()
         if env.is_main:
             logger.info("run %s: %s at epoch %d step %d", trainer.run_dir, result.status,
                         result.epoch, result.step)
+        if result.status == "stopped":
+            logger.warning("stopped at step %d on %s; the checkpoint is written", result.step,
+                           stop.describe() or "another rank's stop signal")
         return result
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        if owned:
+            stop.restore()
         if trainer is not None:
             trainer.close()
+        # A SLURM job that stopped requeues itself and takes its lock back: keep it meanwhile.
+        if lock is not None and not (result is not None and result.status == "stopped" and lock.slurm_job_id):
+            run_lock.release(run_directory(cfg), lock)
         dist.shutdown()
+
+
+def _lock_run_folder(run_dir: Path, env: dist.DistEnv) -> Optional[run_lock.LockHolder]:
+    """Rank 0 takes the run folder's lock; every rank raises the same refusal if it could not."""
+    holder, refusal = None, None
+    if env.is_main:
+        try:
+            holder = run_lock.acquire(run_dir)
+        except run_lock.RunFolderInUse as error:
+            refusal = error.detail
+    refusal = dist.broadcast_object(refusal)
+    if refusal is not None:
+        raise run_lock.RunFolderInUse("logging.run_name", refusal)
+    return holder

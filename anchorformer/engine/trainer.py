@@ -89,6 +89,7 @@ class Trainer:
         self.dtype = _WEIGHT_DTYPES[cfg.train.precision]
         self.run_dir = run_directory(cfg)
         self._stop_requested = False
+        self._stopped = False  # all ranks agreed on a stop at a step boundary
         self._start_time = time.perf_counter()
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -156,7 +157,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ public API
     def request_stop(self) -> None:
-        """Ask the run to checkpoint and return at the next step boundary (async-signal-safe)."""
+        """Ask the run to checkpoint and return at the next step boundary (async-signal-safe); asked
+        during start-up or an evaluation, it stops after the next step."""
         self._stop_requested = True
 
     def add_step_callback(self, callback: StepCallback) -> None:
@@ -220,7 +222,7 @@ class Trainer:
                 metrics = self.evaluate()
             if self.cfg.checkpoint.at_epoch_end:
                 self._save()
-        if self._stop_requested:
+        if self._stopped:  # not the local flag: a signal after the last step changes nothing
             self._save()
             logger.info("stopped at step %d on request; checkpoint in %s", self.step,
                         self.checkpointer.directory)
@@ -251,6 +253,7 @@ class Trainer:
                     self._log_train(losses)
                     losses = []
                 if stop:
+                    self._stopped = True
                     return False
                 if self.checkpointer.due(self.step):
                     self._save()
