@@ -2,16 +2,19 @@
 coverage across 2 ranks x 2 workers, equal step counts, exact resume, validation exactly once, and
 bad input skipped and counted or stopped with a named message (repeated augmentation:
 tests/test_repeated_aug.py)."""
+import dataclasses
 import json
 import random
 from collections import Counter
 
 import pytest
 import torch
-from data_fixtures import digit_jpeg, write_jpeg_shards, write_raw_tar
+from data_fixtures import digit_jpeg, jpeg_listing, write_jpeg_shards, write_raw_tar
 
 from anchorformer.data import (EvalTransformConfig, MixupConfig, TrainTransformConfig, build_train_stream,
                                build_val_stream)
+from anchorformer.data.sources import SourceListing
+from anchorformer.data.writer import write_shards
 
 NUM_CLASSES = 10
 TRAIN_TRANSFORM = TrainTransformConfig(image_size=16, scale=(0.5, 1.0), re_prob=0.25)
@@ -154,14 +157,37 @@ def test_bad_samples_and_truncated_shard_are_skipped_and_counted(tmp_path):
     assert train.skip_counts()["decode_error"] >= 1 and train.skip_counts()["unreadable_shard"] >= 1
 
 
-def test_validation_counts_samples_a_damaged_shard_lost_against_the_index(tmp_path):
+def test_validation_counts_samples_a_damaged_shard_lost_against_the_index_per_evaluation(tmp_path):
     pattern, index = write_jpeg_shards(tmp_path, "val", count=12, per_shard=6, size=64)
     second = tmp_path / "val-000001.tar"
     second.write_bytes(second.read_bytes()[:3000])
     stream = _val((pattern, index), num_workers=0)
-    yielded = len(_keys(stream))
+    for _ in range(2):  # the counts are one evaluation's, not a running total
+        yielded = len(_keys(stream))
+        counts = stream.skip_counts()
+        assert counts["unreadable_shard"] == 1 and 0 < counts["lost_in_shard"] == 12 - yielded
+
+
+def test_a_truncated_training_shard_loses_samples_that_are_counted_exactly(tmp_path):
+    """Over one pass of the reader's shards, delivered + skipped + lost = the index's count."""
+    listing = jpeg_listing(18, NUM_CLASSES, size=64, prefix="train")
+    samples = list(listing.samples)
+    samples[8] = dataclasses.replace(samples[8], data=b"\xff\xd8\xff\xe0 not a jpeg")  # third of shard 1
+    index = write_shards(SourceListing(samples, listing.classes), tmp_path, "train", max_samples=6,
+                         shuffle_seed=None, progress=False)
+    truncated = tmp_path / "train-000002.tar"
+    truncated.write_bytes(truncated.read_bytes()[:3000])
+    stream = build_train_stream(str(tmp_path / "train-{000000..000002}.tar"), index=str(tmp_path / "train-index.json"),
+                                num_classes=NUM_CLASSES, rank=0, world_size=1, micro_batch_size=1, num_workers=0,
+                                seed=0, transform=TRAIN_TRANSFORM, mixup=None, shuffle_buffer=0, return_keys=True)
+    first_pass: list[str] = []
+    for _, _, (key,) in stream:
+        if key in first_pass:  # the first sample of the second pass (the first sample of a shard)
+            break
+        first_pass.append(key)
     counts = stream.skip_counts()
-    assert counts["unreadable_shard"] == 1 and yielded < 12 and counts["unread"] == 12 - yielded
+    assert counts["unreadable_shard"] == 1 and counts["decode_error"] == 1 and counts["lost_in_shard"] > 0
+    assert len(first_pass) + counts["decode_error"] + counts["lost_in_shard"] == index.total == 18
 
 
 def test_empty_pattern_empty_index_and_label_out_of_range_stop_with_named_messages(tmp_path, uneven_shards):

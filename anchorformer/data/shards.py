@@ -34,7 +34,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from anchorformer.data.index import ShardIndex, ShardSpec, resolve_shards
 from anchorformer.data.pipelines import build_train_pipeline
 from anchorformer.data.stages import (SKIP_REASONS, BatchMeta, SkipCounter, add_skip_counts, batch_samples,
-                                      decode_samples, derive_seed, end_with_counts, number_samples, transform_samples)
+                                      count_shard_samples, decode_samples, derive_seed, end_with_counts,
+                                      number_samples, transform_samples)
 from anchorformer.data.transforms import EvalTransformConfig, MixupConfig, TrainTransformConfig, build_eval_transform
 from anchorformer.data.workers import init_worker
 
@@ -47,13 +48,6 @@ _RESUME_KEYS = ("seed", "rank", "world_size", "num_workers", "micro_batch_size",
                 "steps_per_epoch")
 
 
-def _count_read(samples: Iterator[dict], counter: SkipCounter) -> Iterator[dict]:
-    """Count the samples the tar reader delivers (to notice a worker whose shards are all unreadable)."""
-    for sample in samples:
-        counter.samples_read += 1
-        yield sample
-
-
 def _shard_urls_once(urls: list[str], counter: SkipCounter) -> Iterator[dict]:
     """The shards in order, keeping ``counter.current_shard`` on the one being read."""
     for url in urls:
@@ -61,27 +55,30 @@ def _shard_urls_once(urls: list[str], counter: SkipCounter) -> Iterator[dict]:
         yield {"url": url}
 
 
-def _epoch_samples(urls: list[str], seed: int, epoch: int, stream: int, shuffle_buffer: int,
+def _epoch_samples(shards: list[ShardSpec], seed: int, epoch: int, stream: int, shuffle_buffer: int,
                    counter: SkipCounter) -> Iterator[dict]:
     """A logical worker's samples for one epoch, endlessly: its shards in the dealt order, then the
     same shards again in a new seeded order per pass (resampling keeps every worker's batch count).
 
     Each pass has its own shuffle buffer, emptied at the end of the pass, so the first pass yields
-    every sample of the worker's shards once before any sample repeats."""
+    every sample of the worker's shards once before any sample repeats. The samples a damaged shard
+    loses against the index are counted in each pass."""
     for shard_pass in itertools.count():
-        order = list(urls)
+        order = list(shards)
         if shard_pass > 0:
             random.Random(derive_seed(seed, epoch, stream, shard_pass)).shuffle(order)
         read_before = counter.samples_read
         counter.shard_pass = shard_pass
-        samples = wds.tarfile_to_samples(handler=counter.shard_error)(_shard_urls_once(order, counter))
-        samples = _count_read(samples, counter)
+        samples = wds.tarfile_to_samples(handler=counter.shard_error)(
+            _shard_urls_once([shard.url for shard in order], counter))
+        samples = count_shard_samples(samples, order, counter)
         if shuffle_buffer > 1:
             rng = random.Random(derive_seed(seed, epoch, stream, shard_pass, "samples"))
             samples = wds.shuffle(shuffle_buffer, min(_SHUFFLE_INITIAL, shuffle_buffer), rng=rng)(samples)
         yield from samples
         if counter.samples_read == read_before:
-            raise RuntimeError(f"{counter.where}: none of its shards could be read ({', '.join(urls)}); "
+            raise RuntimeError(f"{counter.where}: none of its shards could be read "
+                               f"({', '.join(shard.url for shard in shards)}); "
                                f"see the shard errors logged above")
 
 
@@ -146,7 +143,7 @@ class _TrainEpoch(IterableDataset):
             stream = followed_rank * workers + logical
             where = counter.where + (f" copy {copy}" if plan.repeated_aug > 1 else "")
             copy_counter = SkipCounter(where=where, counts=counter.counts)  # one tally per worker
-            samples = _epoch_samples([plan.shards[i].url for i in dealt[stream]], plan.seed, self.epoch, stream,
+            samples = _epoch_samples([plan.shards[i] for i in dealt[stream]], plan.seed, self.epoch, stream,
                                      plan.shuffle_buffer // plan.repeated_aug, copy_counter)
             already_taken = max(0, -(-(start - copy) // plan.repeated_aug))  # positions < start from this copy
             copies.append(number_samples(samples, start=already_taken, counter=copy_counter))
@@ -295,11 +292,12 @@ class _ValPass(IterableDataset):
     def __iter__(self) -> Iterator[tuple]:
         plan = self.plan
         worker = _worker_slot(max(1, plan.num_workers))
-        urls = [shard.url for shard in plan.rank_shards[worker::max(1, plan.num_workers)]]
+        shards = plan.rank_shards[worker::max(1, plan.num_workers)]
         counter = SkipCounter(where=f"val rank {plan.rank} worker {worker}")
         stages = [
-            functools.partial(_shard_urls_once, urls, counter),
+            functools.partial(_shard_urls_once, [shard.url for shard in shards], counter),
             wds.tarfile_to_samples(handler=counter.shard_error),
+            functools.partial(count_shard_samples, shards=shards, counter=counter),
             functools.partial(number_samples, start=0, counter=counter),
             functools.partial(decode_samples, num_classes=plan.num_classes, counter=counter),
             functools.partial(transform_samples, transform=plan.transform, seed_parts=None),
@@ -340,16 +338,16 @@ class ValStream:
             yielded += len(keys)
             yield (images, targets, keys) if self.return_keys else (images, targets)
         skips = functools.reduce(add_skip_counts, final)
-        skipped = skips["decode_error"] + skips["missing_image"] + skips["missing_label"]
-        skips["unread"] = max(0, self.num_samples - yielded - skipped)
-        if yielded + skipped != self.num_samples:
-            _logger.warning("val rank %d: its shards hold %d samples per the index but %d were read (%d yielded, "
-                            "%d skipped); see the shard errors logged above or rebuild the index", self.rank,
-                            self.num_samples, yielded + skipped, yielded, skipped)
-        self._skips = add_skip_counts(self._skips, skips)
+        accounted = yielded + sum(n for reason, n in skips.items() if reason != "unreadable_shard")
+        if accounted != self.num_samples:
+            _logger.warning("val rank %d: its shards hold %d samples per the index, but %d were yielded, skipped or "
+                            "lost; the shards hold more than the index says: rebuild the index", self.rank,
+                            self.num_samples, accounted)
+        self._skips = skips
 
     def skip_counts(self) -> dict[str, int]:
-        """Samples (shards, for ``unreadable_shard``) this rank skipped over all passes, by reason."""
+        """Samples (shards, for ``unreadable_shard``) this rank skipped in its last pass (one
+        evaluation), by reason."""
         return dict(self._skips)
 
 

@@ -16,20 +16,23 @@ import torch
 from PIL import Image
 from torch.utils.data import get_worker_info
 
+from anchorformer.data.index import ShardSpec
 from anchorformer.data.sources import IMAGE_EXTENSIONS
 
-__all__ = ["SKIP_REASONS", "SkipCounter", "BatchMeta", "derive_seed", "seeded_rngs", "number_samples",
+__all__ = ["SKIP_REASONS", "SkipCounter", "BatchMeta", "derive_seed", "seeded_rngs", "count_shard_samples",
+           "number_samples",
            "decode_pil", "decode_samples", "transform_samples", "batch_samples", "mix_batches", "end_with_counts",
            "add_skip_counts"]
 
 _logger = logging.getLogger(__name__)
 
-SKIP_REASONS = ("decode_error", "missing_image", "missing_label", "unreadable_shard", "unread")
+SKIP_REASONS = ("decode_error", "missing_image", "missing_label", "unreadable_shard", "lost_in_shard")
 """Why samples are skipped, by every stream (shards and the dense readers): image bytes PIL cannot
 decode, a sample without an image or without a valid label (a shard sample's integer ``cls``, an
 ADE20K label PNG of the image's size), a shard that could not be opened or read to its end (counted
-once per shard and pass), and (validation) samples the index promises that a damaged shard did not
-deliver."""
+once per shard and pass), and samples the index promises for a shard that the damaged shard did not
+deliver (counted when the reader is past the shard, once per pass). A shard stream's delivered,
+skipped and lost samples add up to the index's count."""
 
 _LOGGED_PER_REASON = 10
 
@@ -78,15 +81,15 @@ class SkipCounter:
     failed_shards: set[tuple[int, str]] = field(default_factory=set)
     shard_pass: int = 0
 
-    def skip(self, reason: str, message: str) -> None:
-        """Count one skip (unless fast-forwarding over samples already counted) and log it, at
-        most ``_LOGGED_PER_REASON`` times per reason, then every 1000th."""
+    def skip(self, reason: str, message: str, samples: int = 1) -> None:
+        """Count ``samples`` skipped (unless fast-forwarding over samples already counted) and log
+        it, at most ``_LOGGED_PER_REASON`` times per reason, then every 1000th."""
         if not self.counting:
             return
-        self.counts[reason] += 1
+        self.counts[reason] += samples
         count = self.counts[reason]
-        if count <= _LOGGED_PER_REASON or count % 1000 == 0:
-            suffix = "; further ones are logged every 1000th" if count == _LOGGED_PER_REASON else ""
+        if count - samples < _LOGGED_PER_REASON or count // 1000 > (count - samples) // 1000:
+            suffix = "; further ones are logged every 1000th" if count - samples < _LOGGED_PER_REASON <= count else ""
             _logger.warning("%s: skipped (%s #%d) %s%s", self.where, reason, count, message, suffix)
 
     def shard_error(self, exn: Exception) -> bool:
@@ -116,14 +119,39 @@ class _Decoded:
     position: int
 
 
+def count_shard_samples(samples: Iterable[dict], shards: list[ShardSpec], counter: SkipCounter) -> Iterator[dict]:
+    """Pass on the tar reader's samples of ``shards`` (read in this order), counting each in
+    ``counter.samples_read`` and, once the reader is past a shard, the samples its index entry
+    promised but it did not deliver (``lost_in_shard``: truncated or unreadable)."""
+    pending = iter(shards)
+    shard, delivered = None, 0
+    for sample in samples:
+        while shard is None or sample["__url__"] != shard.url:  # the reader moved on: shards before are done
+            if shard is not None:
+                _count_lost(shard, delivered, counter)
+            shard, delivered = next(pending), 0
+        delivered += 1
+        counter.samples_read += 1
+        yield sample
+    for rest in ([shard] if shard is not None else []) + list(pending):
+        _count_lost(rest, delivered if rest is shard else 0, counter)
+
+
+def _count_lost(shard: ShardSpec, delivered: int, counter: SkipCounter) -> None:
+    if delivered < shard.samples:
+        counter.skip("lost_in_shard", f"shard {shard.url} delivered {delivered} of the {shard.samples} samples its "
+                                      f"index promises", samples=shard.samples - delivered)
+
+
 def number_samples(samples: Iterable[dict], start: int, counter: SkipCounter) -> Iterator[dict]:
     """Number the samples as they leave the shuffle buffer and drop the first ``start`` of them
-    without decoding (fast-forward on resume); counting skips resumes at ``start``."""
+    without decoding (fast-forward on resume). Counting skips resumes with the reads that fetch
+    sample ``start``: an uninterrupted run made them after its checkpoint."""
     counter.counting = start == 0
     for position, sample in enumerate(samples):
         if position < start:
+            counter.counting = position == start - 1
             continue
-        counter.counting = True
         sample["__position__"] = position
         yield sample
 
