@@ -54,6 +54,10 @@ TARGET_GPU_PATH_WORKERS = 4  # workers per GPU that feed AnchorFormer-B at its b
 _MODELS = {"DeiT-B": "DeiT img/s", "AnchorFormer-B": "AnchorFormer img/s"}
 _STAGES = ("decode", "crop + resize + flip", "RandAugment", "to float + normalise", "random erasing", "plan (gpu)",
            "collation", "IPC to the training process")
+_WORKER_STAGES = {"pil": [stage for stage in _STAGES if stage != "plan (gpu)"],
+                  "fast": [stage for stage in _STAGES if stage != "plan (gpu)"],
+                  "gpu": ["decode", "crop + resize + flip", "plan (gpu)", "collation", "IPC to the training process"]}
+"""The stages each path's workers run (the gpu path's augmentation runs in the training process)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -162,7 +166,7 @@ def _ms_per_image(fn: Callable[[list], object], batches: list[list], images: int
 
 def _stage_costs(jpegs: list[bytes], transform: TrainTransformConfig, batch: int) -> dict[str, dict[str, float]]:
     """ms per image of each stage of each path (run inside a loader worker)."""
-    costs: dict[str, dict[str, float]] = {path: dict.fromkeys(_STAGES, 0.0) for path in PATHS}
+    costs: dict[str, dict[str, float]] = {path: dict.fromkeys(_WORKER_STAGES[path], 0.0) for path in PATHS}
     count = len(jpegs) // batch * batch
     chunks = lambda items: [items[first:first + batch] for first in range(0, count, batch)]  # noqa: E731
     names = {"RandomResizedCropAndInterpolation": "crop + resize + flip", "RandomHorizontalFlip": "crop + resize + flip",
@@ -311,7 +315,7 @@ def _section(args: argparse.Namespace, device: torch.device, rows: list, costs: 
                              "target fast / pil"], rows), "",
              f"Where a worker's time goes (ms per image inside one loader worker, one thread; the gpu path's "
              f"batched ops run in the training process instead, at {device_rate:.0f} img/s on {on}):", ""]
-    stage_rows = [(stage, *(f"{costs[path][stage]:.3f}" if costs[path][stage] else "-" for path in PATHS))
+    stage_rows = [(stage, *(f"{costs[path][stage]:.3f}" if stage in costs[path] else "-" for path in PATHS))
                   for stage in _STAGES]
     totals = [sum(costs[path].values()) for path in PATHS]
     stage_rows.append(("**sum**", *(f"{total:.3f}" for total in totals)))
