@@ -3,8 +3,9 @@ resumable training stream of one rank, and the rank's share of an evaluation set
 reader skips a sample it cannot deliver.
 
 The sample order of an epoch is a permutation drawn from (seed, epoch), cut into global batches
-of ``micro_batch_size x world_size``, of which rank r takes the r-th slice; so "micro-batches
-consumed this epoch" is enough to resume at the same sample. Augmentation draws come from the
+of ``micro_batch_size x world_size``, of which rank r takes the r-th slice; so the samples consumed
+this epoch (all ranks') are enough to resume at the same sample, on any micro-batch size and number
+of ranks (an optimizer step keeps its samples). Augmentation draws come from the
 DataLoader workers' generators, which are re-seeded from (seed, epoch, rank, position).
 
 Skips speak the vocabulary of the shard streams (``anchorformer.data.stages.SKIP_REASONS``): a
@@ -113,19 +114,33 @@ class MapTrainStream:
             yield batch
 
     def state_dict(self) -> Dict[str, int]:
-        """Position in the stream (JSON-serialisable)."""
-        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed}
+        """Position in the stream (JSON-serialisable): the micro-batches this rank consumed, and the
+        samples all ranks consumed of the epoch's order (its global position)."""
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed,
+                "samples": self.consumed * self.micro_batch_size * self.world_size}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
-        """Continue at a saved position.
+        """Continue at a saved position, on any micro-batch size and number of ranks: the epoch's
+        order does not depend on them, so each optimizer step keeps its samples.
 
         Raises:
-            ValueError: when the state was saved with another seed.
+            ValueError: when the state was saved with another seed, or its position is not a whole
+                number of this layout's micro-batches (``micro_batch_size x world_size`` samples).
         """
         if state["seed"] != self.seed:
             raise ValueError(f"the data position was saved with train.seed={state['seed']}, this run uses "
                              f"{self.seed}; resume with the same seed")
-        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+        per_batch = self.micro_batch_size * self.world_size
+        samples = int(state.get("samples", int(state["consumed"]) * per_batch))  # older states: this layout's
+        if samples % per_batch:
+            raise ValueError(f"the data position ({samples} samples of the epoch) is not a whole number of "
+                             f"micro-batches of {self.micro_batch_size} x {self.world_size} ranks; resume with "
+                             f"a micro-batch size and number of processes that divide it")
+        self.epoch, self.consumed = int(state["epoch"]), samples // per_batch
+
+    def load_resharded(self, states: List[Dict[str, int]]) -> None:
+        """Continue the position every rank saved (the same global one) on another number of ranks."""
+        self.load_state_dict(states[0])
 
     def skip_counts(self) -> Dict[str, int]:
         """Samples left out of batches so far on this rank, by reason (``SKIP_REASONS``)."""

@@ -20,19 +20,28 @@ in nearly the same step; an epoch keeps its length, so it sees about 1/r of the 
 worker's shuffle buffer is split between its r copies (the same memory as without repeats). The
 worker's state stays one position: how many samples it took from its copies in turn.
 
+Resume on another layout (world size, workers, micro-batch size; same global batch): the saved
+positions of every rank are the epoch's global position (``data/resume_plan.py``). The rest of the
+interrupted epoch is planned from it: each remaining optimizer step gets the samples it had in the
+layout that started the epoch, cut over the new ranks and workers, each read from its origin
+worker's sample order and augmented with its origin seed; none repeated, none skipped. The next
+epochs are those of a run started on the new layout.
+
 Validation: the shards are dealt to ranks, then workers, read once in order; every sample is
 yielded once overall, ranks may yield different numbers of batches, nothing is padded."""
+import dataclasses
 import functools
 import itertools
 import logging
 import random
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from anchorformer.data.index import ShardIndex, ShardSpec, resolve_shards
 from anchorformer.data.pipelines import build_train_pipeline
+from anchorformer.data.resume_plan import Origin, planned_samples, spare_samples
 from anchorformer.data.stages import (SKIP_REASONS, BatchMeta, SkipCounter, add_skip_counts, batch_samples,
                                       count_shard_samples, decode_samples, derive_seed, end_with_counts,
                                       number_samples, transform_samples)
@@ -46,6 +55,8 @@ _logger = logging.getLogger(__name__)
 _SHUFFLE_INITIAL = 100
 _RESUME_KEYS = ("seed", "rank", "world_size", "num_workers", "micro_batch_size", "repeated_aug", "shuffle_buffer",
                 "steps_per_epoch")
+_EPOCH_KEYS = ("seed", "repeated_aug", "shuffle_buffer", "global_batch_size", "total_samples")
+"""The settings an epoch's samples depend on, whatever the layout (older states lack the last two)."""
 
 
 def _shard_urls_once(urls: list[str], counter: SkipCounter) -> Iterator[dict]:
@@ -120,40 +131,95 @@ def _worker_slot(expected_workers: int) -> int:
     return worker
 
 
+def _worker_samples(stream: "TrainStream", epoch: int, world_size: int, workers: int, rank: int, logical: int,
+                    start: int, counter: SkipCounter) -> Iterator[dict]:
+    """The samples of logical worker ``logical`` of ``rank`` in a layout of ``world_size`` ranks x
+    ``workers`` logical workers, from position ``start`` on (numbered, not decoded)."""
+    dealt = _deal_shards(stream.shards, world_size * workers, stream.seed, epoch)
+    copies = []
+    for copy, followed_rank in enumerate(_followed_ranks(rank, world_size, stream.repeated_aug)):
+        reader = followed_rank * workers + logical
+        where = counter.where + (f" copy {copy}" if stream.repeated_aug > 1 else "")
+        copy_counter = SkipCounter(where=where, counts=counter.counts)  # one tally per worker
+        samples = _epoch_samples([stream.shards[i] for i in dealt[reader]], stream.seed, epoch, reader,
+                                 stream.shuffle_buffer // stream.repeated_aug, copy_counter)
+        already_taken = max(0, -(-(start - copy) // stream.repeated_aug))  # positions < start from this copy
+        copies.append(number_samples(samples, start=already_taken, counter=copy_counter))
+    return _take_in_turn(copies, start)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Remainder:
+    """The rest of an epoch started on another layout: its global position, the first step this
+    layout plans from it, and the new ranks sharing the origin ranks' samples."""
+    origin: Origin
+    first_step: int
+    ranks: tuple[int, ...]
+
+
+def _planned_samples(stream: "TrainStream", epoch: int, remainder: _Remainder, logical: int, start: int,
+                     counter: SkipCounter) -> Iterator:
+    """This worker's decoded, transformed samples of the remainder plan from its position ``start``
+    on, each read from its origin worker's sample order and augmented with its origin seed; renumbered
+    in this worker's own order. Unreadable ones are skipped and counted, and the spare samples past
+    the epoch's end fill in for them."""
+    origin = remainder.origin
+    steps = stream.steps_per_epoch // stream.accumulation
+    planned = planned_samples(origin, stream.global_batch_size, remainder.ranks, stream.logical_workers,
+                              stream.micro_batch_size, stream.world_size, stream.rank, logical,
+                              remainder.first_step, steps)
+    spare = spare_samples(origin, steps * origin.accumulation(stream.global_batch_size), remainder.ranks,
+                          stream.logical_workers, stream.rank, logical)
+    sources: dict[tuple[int, int], Iterator[dict]] = {}
+    for number, (rank, worker, position) in enumerate(itertools.islice(itertools.chain(planned, spare), start, None),
+                                                      start):
+        if (rank, worker) not in sources:
+            source_counter = SkipCounter(where=f"{counter.where} (origin rank {rank} worker {worker})",
+                                         counts=counter.counts)
+            sources[rank, worker] = _worker_samples(stream, epoch, origin.world_size, origin.num_workers, rank,
+                                                    worker, position, source_counter)
+        sample = next(sources[rank, worker])
+        while sample["__position__"] < position:  # another new worker's sample
+            sample = next(sources[rank, worker])
+        for decoded in decode_samples([sample], stream.num_classes, counter, decoder=stream.pipeline.decode):
+            for transformed in transform_samples([decoded], stream.pipeline.transform,
+                                                 seed_parts=(stream.seed, epoch, rank, worker)):
+                yield dataclasses.replace(transformed, position=number)
+
+
 class _TrainEpoch(IterableDataset):
     """One pass over the rest of an epoch: each DataLoader worker plays one logical worker."""
 
-    def __init__(self, stream: "TrainStream", epoch: int, start_batch: int, start_positions: list[int]):
+    def __init__(self, stream: "TrainStream", epoch: int, start_batch: int, start_positions: list[int],
+                 remainder: _Remainder | None):
         super().__init__()
         self.plan = stream
         self.epoch = epoch
         self.start_batch = start_batch
         self.start_positions = start_positions
+        self.remainder = remainder
 
     def __iter__(self) -> Iterator[tuple]:
         plan, workers = self.plan, self.plan.logical_workers
         # Batches are handed out round-robin from DataLoader worker 0, so the worker that gets the
         # next batch of the epoch (start_batch) must play logical worker start_batch % workers.
         logical = (_worker_slot(workers) + self.start_batch) % workers
-        dealt = _deal_shards(plan.shards, plan.world_size * workers, plan.seed, self.epoch)
         counter = SkipCounter(where=f"train rank {plan.rank} worker {logical}")
         start = self.start_positions[logical]
-        copies = []
-        for copy, followed_rank in enumerate(_followed_ranks(plan.rank, plan.world_size, plan.repeated_aug)):
-            stream = followed_rank * workers + logical
-            where = counter.where + (f" copy {copy}" if plan.repeated_aug > 1 else "")
-            copy_counter = SkipCounter(where=where, counts=counter.counts)  # one tally per worker
-            samples = _epoch_samples([plan.shards[i] for i in dealt[stream]], plan.seed, self.epoch, stream,
-                                     plan.shuffle_buffer // plan.repeated_aug, copy_counter)
-            already_taken = max(0, -(-(start - copy) // plan.repeated_aug))  # positions < start from this copy
-            copies.append(number_samples(samples, start=already_taken, counter=copy_counter))
         first = self.start_batch + (logical - self.start_batch) % workers
+        if self.remainder is None:
+            samples = [
+                functools.partial(_worker_samples, plan, self.epoch, plan.world_size, workers, plan.rank, logical,
+                                  start, counter),
+                functools.partial(decode_samples, num_classes=plan.num_classes, counter=counter,
+                                  decoder=plan.pipeline.decode),
+                functools.partial(transform_samples, transform=plan.pipeline.transform,
+                                  seed_parts=(plan.seed, self.epoch, plan.rank, logical)),
+            ]
+        else:
+            samples = [functools.partial(_planned_samples, plan, self.epoch, self.remainder, logical, start, counter)]
         stages = [
-            functools.partial(_take_in_turn, copies, start),
-            functools.partial(decode_samples, num_classes=plan.num_classes, counter=counter,
-                              decoder=plan.pipeline.decode),
-            functools.partial(transform_samples, transform=plan.pipeline.transform,
-                              seed_parts=(plan.seed, self.epoch, plan.rank, logical)),
+            *samples,
             functools.partial(batch_samples, batch_size=plan.micro_batch_size,
                               batch_numbers=range(first, plan.steps_per_epoch, workers), worker=logical,
                               counter=counter, partial=False, stack=plan.pipeline.stack),
@@ -197,7 +263,8 @@ class TrainStream:
     def __init__(self, shards: list[ShardSpec], *, num_classes: int, rank: int, world_size: int,
                  micro_batch_size: int, num_workers: int, seed: int, transform: TrainTransformConfig,
                  mixup: MixupConfig | None, shuffle_buffer: int, repeated_aug: int, pin_memory: bool,
-                 return_keys: bool, pipeline: str = "pil", augment_on: str = "cpu"):
+                 return_keys: bool, pipeline: str = "pil", augment_on: str = "cpu",
+                 global_batch_size: int | None = None):
         self.shards = shards
         self.num_classes = num_classes
         self.rank, self.world_size = rank, world_size
@@ -212,10 +279,14 @@ class TrainStream:
         self.pin_memory = pin_memory
         self.return_keys = return_keys
         self.total_samples = sum(shard.samples for shard in shards)
-        self.steps_per_epoch = self.total_samples // (micro_batch_size * world_size)
+        self.global_batch_size = global_batch_size or micro_batch_size * world_size
+        self.accumulation = self.global_batch_size // (micro_batch_size * world_size)
+        # whole optimizer steps only: the epoch is the same samples on every layout
+        self.steps_per_epoch = self.total_samples // self.global_batch_size * self.accumulation
         self._epoch = 0
         self._batches = 0
         self._positions = [0] * self.logical_workers
+        self._remainder: _Remainder | None = None
         self._skips = dict.fromkeys(SKIP_REASONS, 0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -228,6 +299,7 @@ class TrainStream:
             raise ValueError(f"epoch={epoch} must be >= 0")
         if epoch != self._epoch:
             self._epoch, self._batches, self._positions = epoch, 0, [0] * self.logical_workers
+            self._remainder = None
 
     def __len__(self) -> int:
         return self.steps_per_epoch - self._batches
@@ -236,7 +308,7 @@ class TrainStream:
         start = self._batches
         if start >= self.steps_per_epoch:
             return
-        dataset = _TrainEpoch(self, self._epoch, start, list(self._positions))
+        dataset = _TrainEpoch(self, self._epoch, start, list(self._positions), self._remainder)
         reported = [dict.fromkeys(SKIP_REASONS, 0) for _ in range(self.logical_workers)]
         for images, targets, keys, meta in _loader(dataset, self.num_workers, self.pin_memory):
             meta: BatchMeta
@@ -251,31 +323,113 @@ class TrainStream:
     def _settings(self) -> dict:
         return {key: getattr(self, key) for key in _RESUME_KEYS}
 
+    def _layout(self) -> tuple[int, int, int]:
+        return self.world_size, self.logical_workers, self.micro_batch_size
+
     def state_dict(self) -> dict:
-        """A small JSON-serialisable state: where this rank is in which epoch, and the settings
-        the sample order depends on."""
-        return {"epoch": self._epoch, "batches": self._batches, "positions": list(self._positions),
-                "skips": dict(self._skips), **self._settings()}
+        """A small JSON-serialisable state: where this rank is in which epoch, the settings the
+        sample order depends on and, in an epoch that started on another layout, that epoch's
+        global position."""
+        state = {"epoch": self._epoch, "batches": self._batches, "positions": list(self._positions),
+                 "skips": dict(self._skips), **self._settings(),
+                 **{key: getattr(self, key) for key in _EPOCH_KEYS}}
+        if self._remainder is not None:
+            state["remainder"] = {"origin": self._remainder.origin.state_dict(),
+                                  "first_step": self._remainder.first_step, "ranks": list(self._remainder.ranks)}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where ``state`` was taken: the next ``__iter__`` yields the batches an
-        uninterrupted run would have yielded next.
+        """Continue where this rank's ``state`` was taken, on the same number of ranks: exactly (the
+        batches an uninterrupted run would have yielded next) when the layout is unchanged, else the
+        rest of the epoch planned from this rank's share of its position (see
+        :meth:`load_resharded`).
 
         Args:
-            state: a ``state_dict()`` of a stream built with the same settings.
+            state: this rank's ``state_dict()`` of a stream over the same data and seed.
+
+        Raises:
+            ValueError: when the data settings changed, or the state was taken mid-step and the
+                number of workers or the micro-batch size changed.
         """
-        changed = [f"{key}: saved {state.get(key)!r}, now {value!r}" for key, value in self._settings().items()
-                   if state.get(key) != value]
-        if changed:
-            raise ValueError("cannot resume the training data stream exactly, its settings changed ("
-                             + "; ".join(changed) + "); resume with the same data settings, world size and "
-                             "number of loader workers")
-        if len(state["positions"]) != self.logical_workers or not 0 <= state["batches"] <= self.steps_per_epoch:
-            raise ValueError(f"data stream state {state} does not fit {self.logical_workers} workers and "
-                             f"{self.steps_per_epoch} steps per epoch")
-        self._epoch, self._batches = int(state["epoch"]), int(state["batches"])
-        self._positions = [int(position) for position in state["positions"]]
+        self._check_epoch_settings(state)
+        if state.get("world_size") != self.world_size or state.get("rank") != self.rank:
+            raise ValueError(f"the data state of rank {state.get('rank')} of {state.get('world_size')} cannot resume "
+                             f"rank {self.rank} of {self.world_size}; pass every rank's state to load_resharded()")
+        remainder = state.get("remainder")
+        if all(state.get(key) == value for key, value in self._settings().items()):
+            if len(state["positions"]) != self.logical_workers or not 0 <= state["batches"] <= self.steps_per_epoch:
+                raise ValueError(f"data stream state {state} does not fit {self.logical_workers} workers and "
+                                 f"{self.steps_per_epoch} steps per epoch")
+            self._epoch, self._batches = int(state["epoch"]), int(state["batches"])
+            self._positions = [int(position) for position in state["positions"]]
+            self._remainder = None if remainder is None else _Remainder(
+                Origin.from_state(remainder["origin"]), int(remainder["first_step"]), tuple(remainder["ranks"]))
+        else:
+            origin = Origin.from_state(remainder["origin"]) if remainder else self._origin_of([state])
+            self._plan_rest(state, origin)
         self._skips = add_skip_counts(dict.fromkeys(SKIP_REASONS, 0), state["skips"])
+
+    def load_resharded(self, states: Sequence[dict]) -> None:
+        """Continue the epoch every rank's ``states`` (rank order) were taken in, on this layout:
+        each remaining optimizer step gets the samples it had in the layout that started the epoch
+        (``data/resume_plan.py``), this rank its share of them. The following epochs are those of a
+        run started on this layout. The skip counts so far move to rank 0.
+
+        Args:
+            states: ``state_dict()`` of every rank of the saved run, taken at an optimizer step
+                boundary (as the trainer saves them).
+
+        Raises:
+            ValueError: when the data settings changed, or the states are not one step boundary of
+                one epoch of all the saved ranks.
+        """
+        first = states[0]
+        for state in states:
+            self._check_epoch_settings(state)
+        if [state.get("rank") for state in states] != list(range(first["world_size"])) or any(
+                (state["epoch"], state["batches"]) != (first["epoch"], first["batches"]) for state in states):
+            raise ValueError(f"load_resharded() needs the data states of all {first['world_size']} saved ranks, in rank "
+                             f"order, at the same epoch and batch")
+        remainders = [state.get("remainder") for state in states]
+        if any(remainders):
+            origin = Origin.merge([Origin.from_state(r["origin"]) for r in remainders if r is not None])
+        else:
+            origin = self._origin_of(states)
+        if not origin.complete:
+            raise ValueError(f"the saved data states hold the position of origin ranks {sorted(origin.positions)} "
+                             f"only, not all {origin.world_size}; resume on {first['world_size']} ranks")
+        self._plan_rest(first, origin)
+        total = functools.reduce(add_skip_counts, [state["skips"] for state in states])
+        self._skips = total if self.rank == 0 else dict.fromkeys(SKIP_REASONS, 0)
+
+    def _check_epoch_settings(self, state: dict) -> None:
+        changed = [f"{key}: saved {state[key]!r}, now {getattr(self, key)!r}" for key in _EPOCH_KEYS
+                   if key in state and state[key] != getattr(self, key)]
+        if changed:
+            raise ValueError("cannot resume the training data stream, the settings its sample order depends on "
+                             "changed (" + "; ".join(changed) + "); resume with the same data, seed and global batch")
+
+    def _origin_of(self, states: Sequence[dict]) -> Origin:
+        """The global position of ``states`` (one rank's or all), taken in an epoch their layout started."""
+        first = states[0]
+        return Origin(first["world_size"], max(1, first["num_workers"]), first["micro_batch_size"],
+                      first["batches"], {state["rank"]: tuple(state["positions"]) for state in states})
+
+    def _plan_rest(self, state: dict, origin: Origin) -> None:
+        """Plan the rest of ``state``'s epoch on this layout from its global position ``origin``."""
+        saved_acc = self.global_batch_size // (state["micro_batch_size"] * state["world_size"])
+        if state["batches"] % saved_acc:
+            raise ValueError(f"the data state was taken after {state['batches']} micro-batches, inside an "
+                             f"optimizer step of {saved_acc}; only a step boundary resumes on another layout")
+        step = state["batches"] // saved_acc
+        steps = self.steps_per_epoch // self.accumulation
+        self._epoch, self._batches = int(state["epoch"]), step * self.accumulation
+        self._positions = [0] * self.logical_workers
+        ranks = tuple(range(self.world_size)) if origin.complete else (self.rank,)
+        self._remainder = _Remainder(origin, step, ranks) if step < steps else None
+        _logger.info("train stream rank %d: epoch %d resumes at step %d of %d on %d ranks x %d workers x %d, "
+                     "planned from its start on %d x %d x %d", self.rank, self._epoch, step, steps, *self._layout(),
+                     origin.world_size, origin.num_workers, origin.micro_batch_size)
 
     def skip_counts(self) -> dict[str, int]:
         """Samples (shards, for ``unreadable_shard``) this rank skipped so far, by reason."""
@@ -355,7 +509,8 @@ def build_train_stream(shards: str | list[str], *, index: str | None, num_classe
                        world_size: int, micro_batch_size: int, num_workers: int, seed: int,
                        transform: TrainTransformConfig, mixup: MixupConfig | None, shuffle_buffer: int = 1000,
                        repeated_aug: int = 1, pin_memory: bool = False, return_keys: bool = False,
-                       pipeline: str = "pil", augment_on: str = "cpu") -> TrainStream:
+                       pipeline: str = "pil", augment_on: str = "cpu",
+                       global_batch_size: int | None = None) -> TrainStream:
     """The training stream of one rank.
 
     Args:
@@ -377,9 +532,14 @@ def build_train_stream(shards: str | list[str], *, index: str | None, num_classe
             tensors, about twice the images per worker; see ``data.pipelines``).
         augment_on: ``cpu`` (in the workers) or ``gpu`` (``fast`` only: the workers decode and
             crop, ``stream.device_augment`` does the rest on the training device).
+        global_batch_size: samples per optimizer step over all ranks (a multiple of
+            ``micro_batch_size * world_size``); an epoch is a whole number of steps, the same
+            samples on every layout, and resumes on another layout keep each step's samples.
+            ``None``: one micro-batch per rank and step.
 
     Returns:
-        The stream; ``steps_per_epoch = total // (micro_batch_size * world_size)`` on every rank.
+        The stream; ``steps_per_epoch = total // global_batch_size * accumulation`` micro-batches
+        on every rank (``accumulation = global_batch_size // (micro_batch_size * world_size)``).
     """
     _check_common(num_classes, rank, world_size, micro_batch_size, num_workers)
     if shuffle_buffer < 0:
@@ -388,6 +548,9 @@ def build_train_stream(shards: str | list[str], *, index: str | None, num_classe
         raise ValueError(f"repeated_aug={repeated_aug} must be >= 1 (1 disables repeated augmentation)")
     if mixup is not None and micro_batch_size % 2:
         raise ValueError(f"Mixup/CutMix needs an even micro_batch_size, got {micro_batch_size}")
+    if global_batch_size is not None and (global_batch_size < 1 or global_batch_size % (micro_batch_size * world_size)):
+        raise ValueError(f"global_batch_size={global_batch_size} is not a positive multiple of micro_batch_size x "
+                         f"world_size = {micro_batch_size} x {world_size}")
     specs, loaded = resolve_shards(shards, index)
     _check_classes(loaded, index or shards, num_classes)
     streams = world_size * max(1, num_workers)
@@ -398,10 +561,12 @@ def build_train_stream(shards: str | list[str], *, index: str | None, num_classe
     stream = TrainStream(specs, num_classes=num_classes, rank=rank, world_size=world_size,
                          micro_batch_size=micro_batch_size, num_workers=num_workers, seed=seed, transform=transform,
                          mixup=mixup, shuffle_buffer=shuffle_buffer, repeated_aug=repeated_aug,
-                         pin_memory=pin_memory, return_keys=return_keys, pipeline=pipeline, augment_on=augment_on)
+                         pin_memory=pin_memory, return_keys=return_keys, pipeline=pipeline, augment_on=augment_on,
+                         global_batch_size=global_batch_size)
     if stream.steps_per_epoch == 0:
         raise ValueError(f"{stream.total_samples} training samples make no global batch of "
-                         f"{micro_batch_size} x {world_size} ranks; lower the micro batch size")
+                         f"{stream.global_batch_size} ({micro_batch_size} x {world_size} ranks x "
+                         f"{stream.accumulation}); lower the batch size")
     _logger.info("train stream rank %d/%d: %d shards, %d samples, %d steps per epoch of %d x %d", rank, world_size,
                  len(specs), stream.total_samples, stream.steps_per_epoch, micro_batch_size, world_size)
     return stream
