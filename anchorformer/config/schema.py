@@ -200,6 +200,12 @@ class DataConfig:
         if self.source == "embedded":
             _require(self.image_size >= 8, "image_size",
                      f"{self.image_size} px is smaller than the embedded 8x8 digits; use at least 8")
+        _require(self.augment_on == "cpu" or self.pipeline == "fast", "augment_on",
+                 "gpu runs the fast pipeline's batched ops on the device; set data.pipeline=fast too")
+        if self.augment_on == "gpu":
+            _require(not self.augment.three_augment and not (self.augment.auto_augment or "").startswith("augmix"),
+                     "augment_on", "gpu implements RandAugment, AutoAugment and colour jitter, not three-augment "
+                     "or AugMix; set data.augment_on=cpu for those")
 
 
 @dataclass(frozen=True)
