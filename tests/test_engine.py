@@ -234,11 +234,20 @@ def test_ema_update_swap_and_state_round_trip():
         assert torch.allclose(model.weight, start + 1.0)
     assert torch.allclose(model.weight, start + 2.0)
     restored = ShardedEma(model, decay=0.5)
-    state = ema.state_dict(is_main=True)
-    restored.load_state_dict(ema.state_dict(is_main=False), state)
+    state = ema.state_dict()
+    restored.load_state_dict(state)
     assert torch.equal(restored.full_state_dict()["weight"], ema.shadow["weight"]) and restored.updates == 1
+    two_ranks = [{"updates": 1, "chunks": {}} for _ in range(2)]  # each rank's half of every flat average
+    for name, average in ema.shadow.items():
+        padded = torch.zeros(2 * -(-average.numel() // 2))
+        padded[: average.numel()] = average.reshape(-1)
+        for rank, half in enumerate(padded.chunk(2)):
+            two_ranks[rank]["chunks"][name] = half
+    resharded = ShardedEma(model, decay=0.5)
+    resharded.load_resharded(two_ranks)
+    assert all(torch.equal(resharded.shadow[n], ema.shadow[n]) for n in ema.shadow) and resharded.updates == 1
     with pytest.raises(ValueError, match="another model"):
-        ShardedEma(nn.Linear(4, 1), 0.5).load_state_dict(state, state)
+        ShardedEma(nn.Linear(4, 1), 0.5).load_state_dict(state)
 
 
 def test_forward_flops_are_measured():
@@ -279,20 +288,23 @@ def test_checkpoint_lookup_and_compatibility_messages(tmp_path):
     signature = model_signature(_tiny(), "anchorformer_tiny_patch16_224")
     tag = tmp_path / "ckpt" / "step_7"
     tag.mkdir()
-    layout = {"zero_stage": 2, "world_size": 8, "precision": "bf16"}
+    layout = {"zero_stage": 2, "world_size": 8, "precision": "bf16", "global_batch_size": 64, "optimizer": "adamw"}
     (tag / "meta.json").write_text(json.dumps({**signature, **layout}))
     assert checkpoints.find("auto") == tag == checkpoints.find(str(tag))
-    Checkpointer.check(tag, {**signature, **layout})
+    assert Checkpointer.check(tag, {**signature, **layout})["world_size"] == 8
+    Checkpointer.check(tag, {**signature, **layout, "zero_stage": 3, "world_size": 4})  # another layout: resharded
     with pytest.raises(CheckpointError, match="another model"):
         Checkpointer.check(tag, {**model_signature(_tiny(depth=4), "x"), **layout})
-    with pytest.raises(CheckpointError, match="ZeRO stage 2 on 8 ranks; this run uses stage 3 on 8"):
-        Checkpointer.check(tag, {**signature, **layout, "zero_stage": 3})
-    with pytest.raises(CheckpointError, match="stage 2 on 8 ranks; this run uses stage 2 on 4"):
-        Checkpointer.check(tag, {**signature, **layout, "world_size": 4})
     with pytest.raises(CheckpointError, match="train.precision=bf16; this run uses bf16-mixed"):
         Checkpointer.check(tag, {**signature, **layout, "precision": "bf16-mixed"})
-    (tag / "meta.json").write_text(json.dumps({**signature, "zero_stage": 2, "world_size": 8}))  # before precision
-    Checkpointer.check(tag, {**signature, **layout, "precision": "bf16-mixed"})
+    with pytest.raises(CheckpointError, match="train.global_batch_size=64; this run uses 32"):
+        Checkpointer.check(tag, {**signature, **layout, "global_batch_size": 32})
+    (tag / "meta.json").write_text(json.dumps({**signature, **layout, "optimizer": "sgd"}))
+    Checkpointer.check(tag, {**signature, **layout, "optimizer": "sgd"})
+    with pytest.raises(CheckpointError, match="optim.name=sgd on 8 ranks at ZeRO stage 2; only AdamW"):
+        Checkpointer.check(tag, {**signature, **layout, "optimizer": "sgd", "world_size": 4})
+    (tag / "meta.json").write_text(json.dumps({**signature, "zero_stage": 2, "world_size": 8}))  # older meta
+    Checkpointer.check(tag, {**signature, **layout, "precision": "bf16-mixed", "global_batch_size": 32})
 
 
 def test_init_and_shutdown_leave_the_environment_as_they_found_it(monkeypatch):

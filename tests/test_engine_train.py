@@ -17,7 +17,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from anchorformer import config
 from anchorformer.engine import TrainingDiverged, run_training
-from anchorformer.engine.checkpoint import CheckpointError
 from anchorformer.tasks.classification import ClassificationTask
 
 pytestmark = pytest.mark.slow
@@ -169,13 +168,15 @@ def test_persistent_nonfinite_loss_stops_with_last_good_checkpoint(tmp_path, emb
 @pytest.mark.parametrize("change, message", [
     ({"model": {"kwargs": {"patch_size": 4, "depth": 3, "embed_dim": 48, "num_heads": 2, "num_anchors": 8}}},
      "another model"),
-    ({"deepspeed": {"zero_stage": 2}}, "ZeRO stage 0 on 1 ranks; this run uses stage 2"),
+    ({"train": {"global_batch_size": 64, "micro_batch_size": 64}}, "train.global_batch_size=128; this run uses 64"),
 ])
-def test_resume_refuses_checkpoint_of_other_model_or_layout(tmp_path, embedded_cache_dir, uninterrupted,
-                                                            change, message):
+def test_resume_refuses_checkpoint_of_other_model_or_global_batch(tmp_path, embedded_cache_dir, uninterrupted,
+                                                                  change, message):
+    """(Another ZeRO stage or number of processes resumes: tests/test_reshard.py.)"""
     run_dir, _, _ = uninterrupted
-    cfg = _cfg(tmp_path, embedded_cache_dir, "other", train={"resume": str(run_dir / "checkpoints")}, **change)
-    with pytest.raises(CheckpointError, match=message):
+    change = {**change, "train": {**change.get("train", {}), "resume": str(run_dir / "checkpoints")}}
+    cfg = _cfg(tmp_path, embedded_cache_dir, "other", **change)
+    with pytest.raises(ValueError, match=message):  # refused at the door (ConfigError naming train.resume)
         run_training(cfg)
 
 

@@ -5,8 +5,8 @@ or a safetensors file, choosing the model's weights or their EMA.
 DeepSpeed stages 1-3 are consolidated with DeepSpeed's own ``zero_to_fp32``; stage 0 stores whole
 weights in ``mp_rank_00_model_states.pt["module"]`` (in the training precision: bf16 weights of a
 bf16 stage-0 run are converted from bf16). The EMA of our trainer is stored next to them
-(``trainer_shared.pt`` holds whole tensors, ``trainer_rank{r}.pt`` each rank's ZeRO-3 partition of
-the partitioned ones), and is re-assembled here.
+(``trainer_rank{r}.pt`` holds rank r's chunk of every average, whatever the ZeRO stage), and is
+re-assembled here.
 """
 from __future__ import annotations
 
@@ -146,26 +146,22 @@ def _load_deepspeed(tag_dir: Path, weights: Weights) -> SourceCheckpoint:
 
 def _assemble_ema(tag_dir: Path, model_state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The model's state dict with the EMA's values for every averaged weight."""
-    shared_file = tag_dir / "trainer_shared.pt"
-    shared = (_torch_load(shared_file) if shared_file.is_file() else {}).get("ema")
-    if shared is None:
+    rank_files = sorted(tag_dir.glob("trainer_rank*.pt"), key=lambda p: int(re.findall(r"\d+", p.name)[-1]))
+    saved = [_torch_load(p).get("ema") for p in rank_files]
+    if not saved or any(state is None for state in saved):
         raise ValueError(f"{tag_dir} holds no EMA (the run had train.ema.enabled=false); convert with "
                          "--weights model")
-    rank_files = sorted(tag_dir.glob("trainer_rank*.pt"), key=lambda p: int(re.findall(r"\d+", p.name)[-1]))
-    partitions = [(_torch_load(p).get("ema") or {}).get("shadow", {}) for p in rank_files]
     out = dict(model_state)
-    for key, value in shared["shadow"].items():
+    for key in saved[0]["chunks"]:
         if key not in out:
             raise ValueError(f"the EMA of {tag_dir} has weight {key!r}, which the model does not; the checkpoint "
                              "is inconsistent")
-        if partitions and key in partitions[0]:
-            # ZeRO-3: each rank averaged its flat, padded slice; rank order restores the tensor.
-            flat = torch.cat([part[key].reshape(-1).float() for part in partitions])
-            value = flat[: out[key].numel()].view(out[key].shape)
-        elif value.shape != out[key].shape:
-            raise ValueError(f"EMA weight {key!r} has shape {tuple(value.shape)} but the model's is "
-                             f"{tuple(out[key].shape)}; the checkpoint is inconsistent")
-        out[key] = value.float().clone()
+        # each rank holds its chunk of the flattened average (equal padded slices): rank order restores it
+        flat = torch.cat([state["chunks"][key].reshape(-1).float() for state in saved])
+        if flat.numel() < out[key].numel():
+            raise ValueError(f"the EMA chunks of {key!r} in {tag_dir} hold {flat.numel()} values, the weight has "
+                             f"{out[key].numel()}; is every rank's file there?")
+        out[key] = flat[: out[key].numel()].view(out[key].shape).clone()
     return out
 
 

@@ -4,12 +4,13 @@ Under ZeRO-3 each rank averages only its own partition of every weight (``param.
 no communication, 1/world of the memory. Under stages 0-2 weights are whole on every rank and
 are averaged whole. For evaluation the average is swapped into the partitions the engine
 gathers from (ZeRO-3 weights still gathered, such as the small "persistent" ones, are released
-first so that the forward gathers them again), then swapped back.
+first so that the forward gathers them again, and DeepSpeed's recorded fetch order, which assumed
+them gathered, is dropped), then swapped back.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -44,26 +45,42 @@ class ShardedEma:
     Args:
         module: the engine's module (``engine.module``) after ``deepspeed.initialize``.
         decay: weight of the old average per update, in (0, 1).
+        fetch_coordinator: ZeRO-3's parameter-fetch coordinator of the engine (see :meth:`for_engine`).
     """
 
-    def __init__(self, module: nn.Module, decay: float):
+    def __init__(self, module: nn.Module, decay: float, fetch_coordinator: Optional[Any] = None):
         self.decay = decay
+        self._coordinator = fetch_coordinator
         self.updates = 0
         self._params = {n: p for n, p in module.named_parameters() if p.requires_grad}
         self.shadow = {n: _storage(p).detach().float().clone() for n, p in self._params.items()}
 
+    @classmethod
+    def for_engine(cls, engine: Any, decay: float) -> "ShardedEma":
+        """The EMA of a DeepSpeed engine's module; under ZeRO-3 with the engine's parameter-fetch
+        coordinator, whose recorded fetch order a swap invalidates."""
+        offload = getattr(engine.optimizer, "parameter_offload", None)
+        return cls(engine.module, decay, offload.get_param_coordinator() if offload is not None else None)
+
     @torch.no_grad()
-    def update(self) -> None:
-        """Fold the current weights into the average: ``ema = decay * ema + (1 - decay) * w``."""
+    def update(self, keep: Optional[torch.Tensor] = None) -> None:
+        """Fold the current weights into the average: ``ema = decay * ema + (1 - decay) * w``.
+
+        Args:
+            keep: a 0-dim 1.0 / 0.0 on the weights' device; 0.0 leaves the average as it is (a
+                skipped optimizer step), decided on the device without a host synchronisation.
+                ``updates`` counts the calls.
+        """
+        weight = 1.0 - self.decay if keep is None else keep * (1.0 - self.decay)
         for name, param in self._params.items():
-            self.shadow[name].lerp_(_storage(param).float(), 1.0 - self.decay)
+            self.shadow[name].lerp_(_storage(param).float(), weight)
         self.updates += 1
 
     @contextmanager
     def swapped_in(self) -> Iterator[None]:
         """Run the module with the averaged weights inside the block; restore afterwards."""
         backup = {}
-        _release_gathered(list(self._params.values()))
+        self._release_gathered()
         with torch.no_grad():
             for name, param in self._params.items():
                 storage = _storage(param)
@@ -72,10 +89,17 @@ class ShardedEma:
         try:
             yield
         finally:
-            _release_gathered(list(self._params.values()))
+            self._release_gathered()
             with torch.no_grad():
                 for name, param in self._params.items():
                     _storage(param).copy_(backup[name])
+
+    def _release_gathered(self) -> None:
+        _release_gathered(list(self._params.values()))
+        # DeepSpeed prefetches by the fetch order it recorded with these weights gathered; a
+        # forward with them released no longer follows it (resumed runs trip over it): record anew
+        if self._coordinator is not None and not self._coordinator.is_invalid_trace():
+            self._coordinator._invalidate_trace()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole averaged weights on every rank (gathers ZeRO-3 partitions; a collective)."""
@@ -89,26 +113,68 @@ class ShardedEma:
                 full[name] = shadow.clone()
         return full
 
-    def state_dict(self, is_main: bool) -> dict[str, Any]:
-        """What this rank must persist: its partitions, plus the whole weights on the main rank."""
-        keep = {n: t for n, t in self.shadow.items()
-                if _is_partitioned(self._params[n]) or is_main}
-        return {"decay": self.decay, "updates": self.updates, "shadow": keep}
+    def state_dict(self) -> dict[str, Any]:
+        """What this rank persists, the same under every ZeRO stage: its chunk of every average,
+        slice ``rank`` of ``world_size`` equal zero-padded slices of the flattened average (which
+        is the average's ZeRO-3 partition), so that all ranks' chunks in rank order make it whole."""
+        chunks = {name: self._chunk(name) for name in self._params}
+        return {"decay": self.decay, "updates": self.updates, "chunks": chunks}
 
-    def load_state_dict(self, own: dict[str, Any], main: dict[str, Any]) -> None:
-        """Restore from this rank's saved state and the main rank's (for the whole weights).
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from this rank's :meth:`state_dict` of a run on as many ranks (any ZeRO stage).
+        A collective where weights are whole: the other ranks' chunks complete them.
 
         Raises:
-            ValueError: when a saved tensor is missing or has another shape (other model/layout).
+            ValueError: when a saved chunk is missing (another model, or an older checkpoint).
         """
         for name, param in self._params.items():
-            source = own if _is_partitioned(param) else main
-            saved = source["shadow"].get(name)
-            if saved is None or saved.shape != self.shadow[name].shape:
-                raise ValueError(
-                    f"EMA state for {name!r} is missing or has shape "
-                    f"{None if saved is None else tuple(saved.shape)} instead of "
-                    f"{tuple(self.shadow[name].shape)}: the checkpoint was written by another model "
-                    f"or ZeRO layout")
-            self.shadow[name].copy_(saved)
-        self.updates = int(own["updates"])
+            chunk = self._saved_chunk(state, name).to(self.shadow[name].device)
+            if _is_partitioned(param):
+                if chunk.numel() != self.shadow[name].numel():
+                    raise ValueError(f"the saved EMA chunk of {name!r} holds {chunk.numel()} values, this rank's "
+                                     f"partition {self.shadow[name].numel()}: the checkpoint was written by another model")
+                self.shadow[name].copy_(chunk.view_as(self.shadow[name]))
+            else:
+                self._set_from_whole(name, torch.cat(dist.all_gather_tensor(chunk)))
+        self.updates = int(state["updates"])
+
+    def load_resharded(self, states: list[dict[str, Any]]) -> None:
+        """Restore from the :meth:`state_dict` of every rank (rank order) of a run on another number
+        of ranks: the whole average from their chunks, then this rank's storage of it."""
+        for name in self._params:
+            self._set_from_whole(name, torch.cat([self._saved_chunk(state, name) for state in states]))
+        self.updates = int(states[0]["updates"])
+
+    def _chunk(self, name: str) -> torch.Tensor:
+        shadow = self.shadow[name]
+        if _is_partitioned(self._params[name]):
+            return shadow.reshape(-1).clone()
+        return _slice(shadow.reshape(-1), dist.rank(), dist.world_size())
+
+    @staticmethod
+    def _saved_chunk(state: dict[str, Any], name: str) -> torch.Tensor:
+        chunk = state.get("chunks", {}).get(name)
+        if chunk is None:
+            raise ValueError(f"the saved EMA has no values for {name!r}: the checkpoint was written by another "
+                             f"model or an older version; resume with train.ema.enabled=false")
+        return chunk.reshape(-1).float()
+
+    def _set_from_whole(self, name: str, flat: torch.Tensor) -> None:
+        """Set this rank's storage of ``name``'s average from the flat whole (padding after its end)."""
+        param, shadow = self._params[name], self.shadow[name]
+        numel = param.ds_numel if _is_partitioned(param) else shadow.numel()
+        if flat.numel() < numel:
+            raise ValueError(f"the saved EMA of {name!r} holds {flat.numel()} values, the weight has {numel}: the "
+                             f"checkpoint was written by another model")
+        mine = _slice(flat[:numel], dist.rank(), dist.world_size()) if _is_partitioned(param) else flat[:numel]
+        shadow.copy_(mine.to(shadow.device).view_as(shadow))
+
+
+def _slice(flat: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Slice ``rank`` of ``world`` equal slices of the 1-d ``flat``, zero-padded at the end (as
+    ZeRO-3 partitions a weight)."""
+    size = -(-flat.numel() // world)
+    part = torch.zeros(size, dtype=flat.dtype, device=flat.device)
+    mine = flat[rank * size:(rank + 1) * size]
+    part[: mine.numel()] = mine
+    return part

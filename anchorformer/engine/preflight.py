@@ -26,7 +26,7 @@ from torch import nn
 from anchorformer.config import ConfigError, RootConfig, check_world_size, run_directory
 from anchorformer.data.index import ShardSpec, resolve_shards
 from anchorformer.dist import DistEnv
-from anchorformer.engine.checkpoint import CheckpointError, Checkpointer, model_signature
+from anchorformer.engine.checkpoint import CheckpointError, Checkpointer, model_signature, resume_meta
 from anchorformer.tasks import Runtime, task_class
 from anchorformer.tasks.classification import create_classifier
 
@@ -207,11 +207,10 @@ def _check_writable(folder: Path, key: str) -> None:
 
 
 def _check_resume(cfg: RootConfig, network: nn.Module, world_size: int) -> None:
-    """The checkpoint ``train.resume`` names exists and fits this run's model, ZeRO layout and
-    precision (the checks the trainer's resume runs)."""
+    """The checkpoint ``train.resume`` names exists and fits this run's model, precision and global
+    batch (it may come from another number of ranks or ZeRO stage)."""
     checkpointer = Checkpointer(run_directory(cfg) / "checkpoints", cfg.checkpoint, is_main=True)
-    expected = {**model_signature(network, cfg.model.name), "zero_stage": cfg.deepspeed.zero_stage,
-                "precision": cfg.train.precision, "world_size": world_size}
+    expected = resume_meta(model_signature(network, cfg.model.name), cfg, world_size)
     try:
         tag_dir = checkpointer.find(cfg.train.resume)
         if tag_dir is not None:

@@ -23,12 +23,13 @@ from anchorformer import dist
 from anchorformer.atomic import atomic_write_bytes
 from anchorformer.config import RootConfig, check_world_size, run_directory, to_dict, to_yaml
 from anchorformer.engine import deepspeed_config
-from anchorformer.engine.checkpoint import Checkpointer, model_signature
+from anchorformer.engine.checkpoint import Checkpointer, RngState, model_signature, resume_meta
 from anchorformer.engine.ema import ShardedEma
 from anchorformer.engine.metrics import (
     TensorBoardLogger, Throughput, measure_forward_flops, peak_memory_gb,
 )
 from anchorformer.engine.optim import LrSchedule, build_optimizer, peak_lr, set_lr
+from anchorformer.engine.reshard import optimizer_param_names
 from anchorformer.tasks import Runtime, Task, build_task
 
 __all__ = ["FitResult", "StepInfo", "TrainingDiverged", "Trainer"]
@@ -114,10 +115,11 @@ class Trainer:
         # the basic optimizer, wrapped per ZeRO stage; one fused kernel per step on GPUs
         self.optimizer = build_optimizer(model, cfg.optim, fused=self.device.type == "cuda"
                                          and cfg.deepspeed.offload_optimizer == "none")
+        optimizer_params = optimizer_param_names(model, self.optimizer)  # before ZeRO regroups them
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=self.optimizer, dist_init_required=False,
             config=deepspeed_config.build(cfg, env.world_size))
-        self.ema = ShardedEma(self.engine.module, cfg.train.ema.decay) if cfg.train.ema.enabled else None
+        self.ema = ShardedEma.for_engine(self.engine, cfg.train.ema.decay) if cfg.train.ema.enabled else None
         if env.world_size == 1 and cfg.deepspeed.zero_stage in (1, 2) and cfg.deepspeed.offload_optimizer == "none":
             logger.info("ZeRO stage %d on one process partitions nothing but still copies and norms every "
                         "parameter on the host each step; deepspeed.zero_stage=0 skips that (docs/training.md)",
@@ -141,8 +143,13 @@ class Trainer:
         self._nonfinite_in_a_row = 0
         self._grad_norm: Optional[float] = None
         self._step_callbacks: list[StepCallback] = []
+        # everything that survives a stop; a checkpoint of another layout resumes resharded
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint, env.is_main)
-        self.resumed_from = self._resume()
+        self.checkpointer.register_engine(self.engine, self.optimizer, optimizer_params)
+        self.checkpointer.register(shared={"trainer": self},
+                                   per_rank={"data": self.train_stream, "rng": RngState(), "ema": self.ema})
+        self.resumed = self.checkpointer.load(cfg.train.resume, self._meta())
+        self.resumed_from = self.resumed.tag_dir if self.resumed else None
 
         self.tensorboard = TensorBoardLogger(self.run_dir / "tensorboard",
                                              env.is_main and cfg.logging.tensorboard)
@@ -357,35 +364,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _meta(self) -> dict[str, Any]:
-        return {**self.signature, "zero_stage": self.cfg.deepspeed.zero_stage, "precision": self.cfg.train.precision,
-                "world_size": self.env.world_size, "step": self.step, "epoch": self.epoch}
+        return {**resume_meta(self.signature, self.cfg, self.env.world_size), "step": self.step, "epoch": self.epoch}
 
     def _save(self) -> None:
-        client_state = {"epoch": self.epoch, "step": self.step, "best_metric": self.best_metric,
-                        "nonfinite_steps": self.nonfinite_steps, "config": to_dict(self.cfg)}
-        rank_state = {"data": self.train_stream.state_dict(), "rng": dist.rng_state(),
-                      "ema": self.ema.state_dict(is_main=False) if self.ema is not None else None}
-        shared_state = {"ema": self.ema.state_dict(is_main=True) if self.ema is not None else None}
-        self.checkpointer.save(self.engine, self.step, client_state, self._meta(), rank_state,
-                               shared_state if self.env.is_main else {})
+        self.checkpointer.save(self.step, self._meta(), client_state={"config": to_dict(self.cfg)})
 
-    def _resume(self) -> Optional[Path]:
-        tag_dir = self.checkpointer.find(self.cfg.train.resume)
-        if tag_dir is None:
-            return None
-        self.checkpointer.check(tag_dir, self._meta())
-        client, own, shared = self.checkpointer.load(self.engine, tag_dir)
-        self.epoch, self.step = int(client["epoch"]), int(client["step"])
-        self.best_metric = client["best_metric"]
-        self.nonfinite_steps = int(client["nonfinite_steps"])
-        self.train_stream.load_state_dict(own["data"])
-        dist.set_rng_state(own["rng"])
-        if self.ema is not None:
-            if own.get("ema") is None or shared.get("ema") is None:
-                raise ValueError(f"{tag_dir} has no EMA state but train.ema.enabled=true; resume "
-                                 f"with train.ema.enabled=false or from a run that kept an EMA")
-            self.ema.load_state_dict(own["ema"], shared["ema"])
-        return tag_dir
+    def state_dict(self) -> dict[str, Any]:
+        """The trainer's own counters, for the checkpoint (shared by all ranks)."""
+        return {"epoch": self.epoch, "step": self.step, "best_metric": self.best_metric,
+                "nonfinite_steps": self.nonfinite_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the counters of a checkpoint."""
+        self.epoch, self.step, self.best_metric = int(state["epoch"]), int(state["step"]), state["best_metric"]
+        self.nonfinite_steps = int(state["nonfinite_steps"])
 
     # ------------------------------------------------------------------ summary
     def _totals(self) -> dict[str, float]:
