@@ -2,7 +2,6 @@
 tensors: each op gives timm's Pillow pixels at the same argument on real photos, the device-side
 normalisation / erasing / Mixup give the pil pipeline's batches, and the gpu path's stream resumes
 exactly with 0 and 2 workers."""
-import gc
 import random
 
 import numpy as np
@@ -184,9 +183,6 @@ def test_training_with_augment_on_gpu_follows_the_fast_cpu_pipeline_step_by_step
             "logging": {"output_dir": str(tmp_path), "run_name": augment_on, "every_steps": 1, "progress_bar": False},
         })
         run_training(cfg)
-        # The destroyed process group's objects are freed here: a DataLoader worker forked later
-        # would otherwise free them itself and hang joining threads it does not have.
-        gc.collect()
         events = EventAccumulator(str(tmp_path / augment_on / "tensorboard"))
         events.Reload()
         losses[augment_on] = [event.value for event in sorted(events.Scalars("train/loss"), key=lambda e: e.step)]

@@ -5,7 +5,7 @@
 # Installs the wheels in .whl/ into a temporary site dir, then runs, most important first, each
 # under its own time limit and whatever the others do: nvidia-smi, the kernel tests on the GPU,
 # the model (224 px), train (through the Trainer), attention, profile, anchor-mix (base and tiny
-# width), inference, model (384 px, 1024 px backbone) and compiled-model (PyTorch path fused by the compiler, then the
+# width), inference, loader (GPU augmentation path), model (384 px, 1024 px backbone) and compiled-model (PyTorch path fused by the compiler, then the
 # kernels as custom ops) benchmarks; each writes its section of
 # docs/benchmarks.md and its rows of docs/benchmarks.json. A step starts only while the budget has time left and is cut at its end.
 # Logs go to $GPU_CHECK_LOGS (default: a temporary folder). When $OUT is set, docs/benchmarks.md,
@@ -97,6 +97,7 @@ run_step anchor-mix-base 90 "${bench[@]}" anchor-mix --device cuda --heads 12 --
 run_step anchor-mix-tiny 60 "${bench[@]}" anchor-mix --device cuda --heads 3 --batch 32 --tokens 197 785 4097 \
   --section anchor-mix-tiny-cuda
 run_step inference 100 "${bench[@]}" inference --device cuda
+run_step loader 90 "${bench[@]}" loader --device cuda --workers 1 4
 run_step model-384 45 "${bench[@]}" model --device cuda --backend "$mix_backend" \
   --resolutions 384 --backbone-resolution 0 --section model-384-cuda
 run_step model-1024 35 "${bench[@]}" model --device cuda --backend "$mix_backend" \

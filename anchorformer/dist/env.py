@@ -4,6 +4,7 @@ group's start and end.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
@@ -146,6 +147,9 @@ def shutdown() -> None:
         import deepspeed.comm
 
         deepspeed.comm.destroy_process_group()
+        # Free the destroyed group's objects now: a DataLoader worker forked later in this process
+        # would otherwise free its copy of them and hang joining gloo threads it does not have.
+        gc.collect()
     for key, value in _environ_before_init.items():
         if value is None:
             os.environ.pop(key, None)
