@@ -22,7 +22,9 @@ from anchorformer.engine import deepspeed_config
 from anchorformer.engine.checkpoint import CheckpointError, Checkpointer, model_signature
 from anchorformer.engine.ema import ShardedEma
 from anchorformer.engine.metrics import measure_forward_flops
-from anchorformer.engine.optim import AdamW, LrSchedule, build_optimizer, param_groups, peak_lr
+from anchorformer.engine.optim import (SGD, AdamW, LrSchedule, build_optimizer, param_groups, peak_lr,
+                                       skip_step_where)
+from anchorformer.engine.step_guard import StepGuard, StepOutcome, TrainingDiverged
 from anchorformer.engine.trainer import StepInfo, Trainer
 from anchorformer.tasks import task_class
 from anchorformer.tasks.classification import load_pretrained
@@ -140,18 +142,54 @@ def test_layer_decay_scales_lr_by_depth():
     assert scale["patch_embed.proj.weight"] == pytest.approx(0.0625)
 
 
-def test_skipped_step_changes_neither_weights_nor_optimizer_state():
-    model = nn.Linear(4, 2)
-    optimizer = build_optimizer(model, _cfg().optim)
-    assert isinstance(optimizer, AdamW)
-    model(torch.randn(3, 4)).sum().backward()
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_a_step_skipped_on_the_device_changes_nothing_and_later_steps_match_an_unskipped_run(name):
+    """skip_step_where drops the update in the fused kernel (the host never reads the flag), also
+    as the very first step (SGD's momentum buffers), and leaves no trace in the steps after it."""
+    optim = _cfg(optim={"name": name, "weight_decay": 0.05}).optim
+    model, reference = nn.Linear(4, 2), nn.Linear(4, 2)
+    reference.load_state_dict(model.state_dict())
+    optimizer, plain = build_optimizer(model, optim), build_optimizer(reference, optim)
+    assert isinstance(optimizer, AdamW if name == "adamw" else SGD) and optimizer.defaults["fused"]
     before = [p.detach().clone() for p in model.parameters()]
-    optimizer.skip_step = True
-    optimizer.step()
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and not optimizer.state
-    optimizer.skip_step = False
-    optimizer.step()
-    assert not torch.equal(before[0], model.weight) and optimizer.state
+    for step in range(4):
+        for net in (model, reference):
+            net.zero_grad()
+            net(torch.arange(12.0).view(3, 4) / (step + 1)).square().sum().backward()
+        skip_step_where(optimizer, torch.tensor(1.0 if step == 0 else 0.0), torch.device("cpu"))
+        optimizer.step()
+        if step == 0:
+            assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        else:
+            plain.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+    assert not torch.equal(before[0], model.weight)
+
+
+def test_step_guard_judges_spikes_against_the_median_of_applied_steps_and_keeps_its_window():
+    train = _cfg(train={"spike_threshold": 3.0, "spike_window": 3, "spike_patience": 2}).train
+    guard = StepGuard(train, torch.device("cpu"))
+
+    def decide(judge: StepGuard, loss: float, nonfinite: float = 0.0) -> float:
+        skip, values = judge.decide(torch.tensor([nonfinite, 2 * loss, 0.0]), micro_batches=2)
+        assert values[0].item() == loss and values[1].item() == (nonfinite > 0)
+        return skip.item()
+
+    assert [decide(guard, loss) for loss in (2.0, 40.0, 3.0)] == [0.0, 0.0, 0.0]  # filling: not judged
+    assert decide(guard, 1.0, nonfinite=1.0) == 1.0  # skipped, and not in the window
+    assert decide(guard, 9.5) == 1.0 and decide(guard, 8.5) == 0.0  # 3 x median(2, 40, 3) = 9
+    clone = StepGuard(train, torch.device("cpu"))
+    clone.load_state_dict(guard.state_dict())  # window (8.5, 40, 3): 3 x median = 25.5
+    assert [decide(judge, loss) for judge in (clone, guard) for loss in (26.0, 25.0)] == [1.0, 0.0, 1.0, 0.0]
+    for step, spike in ((7, True), (8, True)):
+        outcome = StepOutcome(step, 0.1, float("nan"), nonfinite=False, spike=spike, stop=False)
+        if step == 8:
+            with pytest.raises(TrainingDiverged, match="for 2 steps in a row .steps 7-8.") as diverged:
+                guard.account(outcome)
+            assert (diverged.value.first_step, diverged.value.last_step, guard.spike_steps) == (7, 8, 2)
+        else:
+            guard.account(outcome)
+            assert guard.in_streak and guard.streak_start == 7
 
 
 # ---------------------------------------------------------------- DeepSpeed config
@@ -317,6 +355,78 @@ def test_init_and_shutdown_leave_the_environment_as_they_found_it(monkeypatch):
     finally:
         dist.shutdown()
     assert "RANK" not in os.environ and dist.detect(cuda_available=False).launcher == "single"
+
+
+def _fit_synthetic(cfg, task_class) -> tuple[Trainer, object, list[StepInfo], list[int]]:
+    """Fit ``cfg`` in this process: the (closed) trainer, its result, every step's StepInfo and the
+    trainer's step count when the host took it in."""
+    env = dist.detect(environ={}, argv=[], cuda_available=False)
+    dist.init(env)
+    try:
+        trainer = Trainer(cfg, env, task=task_class(cfg, cpu_runtime(env)))
+        infos: list[StepInfo] = []
+        taken_at: list[int] = []
+        trainer.add_step_callback(lambda caller, info: (infos.append(info), taken_at.append(caller.step)))
+        try:
+            return trainer, trainer.fit(), infos, taken_at
+        finally:
+            trainer.close()
+    finally:
+        dist.shutdown()
+
+
+@pytest.mark.parametrize("guard", [False, True])
+def test_a_loss_spike_is_skipped_and_counted_with_the_guard_on_and_a_short_run_logs_at_its_end(tmp_path, guard):
+    """A loss 50x the others at step 5: the guard (threshold 3, median of 2) skips its update and
+    counts it; off, it is an ordinary step. The 6-step run logs once, at its end (logging.every_steps=100),
+    and its steps' outcomes reach the host one step late (no log or checkpoint step to wait at)."""
+    task_class = synthetic_task_class()
+    loss_of = task_class.training_loss
+    calls = {"n": 0}
+
+    def spiking_loss(self, model, batch):
+        loss, logs = loss_of(self, model, batch)
+        calls["n"] += 1
+        return (loss * 50 if calls["n"] in (9, 10) else loss), logs  # both micro-batches of step 5
+
+    task_class.training_loss = spiking_loss
+    cfg = synthetic_config(tmp_path, "spike", stage=0, micro=4, max_steps=6,
+                           spike_threshold=3.0 if guard else 0.0, spike_window=2)
+    cfg = config.from_dict({**config.to_dict(cfg), "logging": {**config.to_dict(cfg)["logging"], "every_steps": 100}})
+    _, result, infos, taken_at = _fit_synthetic(cfg, task_class)
+    assert result.status == "completed" and [info.step for info in infos] == list(range(1, 7))
+    assert taken_at == [2, 3, 4, 5, 6, 6]  # each outcome read after the next step was queued; all at the end
+    losses = [info.loss for info in infos]
+    assert all(math.isfinite(x) for i, x in enumerate(losses) if i != 4)
+    logged = logged_scalars(tmp_path / "spike", "train/loss")
+    if guard:
+        assert math.isnan(losses[4]) and result.metrics["run/spike_steps"] == 1
+        assert logged_scalars(tmp_path / "spike", "train/spike_steps") == [1.0]
+        assert logged == pytest.approx([sum(losses[:4] + losses[5:]) / 5])
+    else:
+        assert losses[4] > 10 * max(losses[:4]) and "run/spike_steps" not in result.metrics
+        assert logged == pytest.approx([sum(losses) / 6])
+
+
+def test_compile_modes_that_capture_cuda_graphs_are_refused_on_the_cpu():
+    for mode in ("reduce-overhead", "max-autotune"):
+        with pytest.raises(config.ConfigError, match=f"'train.compile': {mode} captures CUDA graphs"):
+            _cfg(train={"device": "cpu", "compile": mode})
+    assert _cfg(train={"device": "cpu", "compile": "default"}).train.compile == "default"
+
+
+@pytest.mark.slow
+def test_the_compile_modes_that_run_on_the_cpu_train_through_deepspeeds_engine_compile(tmp_path):
+    """train.compile=default and max-autotune-no-cudagraphs: torch.compile (the inductor's CPU
+    backend) through DeepSpeed's engine.compile(); the compiled model's losses follow eager training's."""
+    runs = {}
+    for mode in ("off", "default", "max-autotune-no-cudagraphs"):
+        cfg = synthetic_config(tmp_path, mode, stage=0, micro=8, max_steps=2, compile=mode)
+        trainer, result, infos, _ = _fit_synthetic(cfg, synthetic_task_class())
+        assert result.status == "completed" and trainer.engine.is_compiled is (mode != "off")
+        runs[mode] = [info.loss for info in infos]
+    for mode in ("default", "max-autotune-no-cudagraphs"):
+        assert runs[mode] == pytest.approx(runs["off"], rel=1e-4), mode
 
 
 def test_step_callbacks_get_every_optimizer_step_of_a_fit(tmp_path):

@@ -52,8 +52,8 @@ def _ema_matches_gathered_weights(out: Path, env) -> dict[str, bool]:
         reference = {n: p.detach().float().clone() for n, p in params.items()}
     update = trainer.ema.update
 
-    def update_and_track() -> None:
-        update()
+    def update_and_track(keep: torch.Tensor) -> None:
+        update(keep=keep)  # 1.0 here: no step of this run is skipped
         with deepspeed.zero.GatheredParameters(list(params.values())):
             for n, p in params.items():
                 reference[n].lerp_(p.detach().float(), 1.0 - 0.7)

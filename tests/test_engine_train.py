@@ -7,6 +7,7 @@ import json
 import math
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -151,18 +152,53 @@ def test_nonfinite_loss_step_is_skipped_and_counted(tmp_path, embedded_cache_dir
     assert _events(tmp_path / "nan").Scalars("train/nonfinite_steps")[-1].value == 1
 
 
-def test_persistent_nonfinite_loss_stops_with_last_good_checkpoint(tmp_path, embedded_cache_dir, monkeypatch):
+def _max_weight(tag_dir: Path) -> float:
+    """Largest |weight| of a ZeRO-0 checkpoint."""
+    module = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return max(tensor.abs().max().item() for tensor in module.values())
+
+
+def test_persistent_nonfinite_loss_stops_with_the_checkpoint_from_before_the_streak(
+        tmp_path, embedded_cache_dir, monkeypatch):
     _hook_loss(monkeypatch, lambda index, loss: loss * float("inf") if index >= 3 else loss)
-    cfg = _cfg(tmp_path, embedded_cache_dir, "diverged",
-               train={"nonfinite_patience": 2}, checkpoint={"every_steps": 2})
+    cfg = _cfg(tmp_path, embedded_cache_dir, "diverged", train={"nonfinite_patience": 2},
+               checkpoint={"every_steps": 2})
     with pytest.raises(TrainingDiverged, match="2 steps in a row"):
         run_training(cfg)
     checkpoints = tmp_path / "diverged" / "checkpoints"
-    # step 4 (the first skipped one) left the weights untouched; step 5 raised before any save
-    assert (checkpoints / "latest").read_text() == "step_4"
+    # steps 4 and 5 were skipped: the checkpoint due at step 4 was not written
+    assert (checkpoints / "latest").read_text() == "step_2"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step_2"]
+    summary = json.loads((tmp_path / "diverged" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["step"] == 5
+    assert summary["diverged"]["first_step"] == 4 and summary["diverged"]["last_step"] == 5
+    assert summary["latest_checkpoint"] == str(checkpoints / "step_2")
+    assert summary["metrics"]["run/nonfinite_steps"] == 2
     monkeypatch.undo()
     resumed = run_training(_cfg(tmp_path, embedded_cache_dir, "diverged", train={"max_steps": 6}))
-    assert resumed.step == 6 and resumed.metrics["run/nonfinite_steps"] == 1
+    assert resumed.step == 6 and resumed.metrics["run/nonfinite_steps"] == 0
+
+
+def test_a_run_diverging_at_lr_1e6_keeps_latest_on_sane_weights_that_resume_at_a_sane_lr(
+        tmp_path, embedded_cache_dir):
+    """optim.lr=1e6 blows the weights up in one update; the spike guard skips the steps whose loss
+    then explodes, no checkpoint is written during them, and `latest` keeps the weights of before."""
+    guard = {"spike_threshold": 3.0, "spike_window": 2, "spike_patience": 3, "ema": {"enabled": False}}
+    run = _cfg(tmp_path, embedded_cache_dir, "lr1e6", train={**guard, "max_steps": 4}, checkpoint={"every_steps": 2})
+    assert run_training(run).status == "completed"  # a sane start: step_2, step_4
+    checkpoints = tmp_path / "lr1e6" / "checkpoints"
+    sane = _max_weight(checkpoints / "step_4")
+    blown = _cfg(tmp_path, embedded_cache_dir, "lr1e6", optim={"lr": 1e6}, train=guard, checkpoint={"every_steps": 2})
+    with pytest.raises(TrainingDiverged, match="spiked above 3 x its running median for 3 steps in a row"):
+        run_training(blown)
+    assert (checkpoints / "latest").read_text() == "step_4" and _max_weight(checkpoints / "step_4") == sane < 100
+    summary = json.loads((tmp_path / "lr1e6" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["metrics"]["run/spike_steps"] == 3
+    started = time.time()
+    resumed = run_training(_cfg(tmp_path, embedded_cache_dir, "lr1e6", train={**guard, "max_steps": 8}))
+    losses = [e.value for e in _events(tmp_path / "lr1e6").Scalars("train/loss") if e.wall_time > started]
+    assert resumed.status == "completed" and resumed.metrics["run/spike_steps"] == 0
+    assert len(losses) == 4 and all(math.isfinite(x) and x < 5 for x in losses), losses  # steps 5-8
 
 
 @pytest.mark.parametrize("change, message", [

@@ -25,6 +25,10 @@ _AUTO_AUGMENT_PREFIXES = ("rand", "augmix", "original", "originalr", "v0", "v0r"
 """How timm's auto-augment policy strings begin (rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, v0, ...)."""
 
 
+_CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+"""train.compile modes in which torch.compile captures CUDA graphs (refused on the CPU)."""
+
+
 class ConfigError(ValueError):
     """A configuration value that cannot be used; ``key`` is its dotted path (``optim.lr``)."""
 
@@ -332,6 +336,21 @@ class TrainConfig:
     nonfinite_patience: int = 10
     """Stop the run after this many consecutive optimizer steps with a NaN/inf loss (each such
     step is skipped and counted)."""
+    spike_threshold: float = 0.0
+    """Loss-spike guard: skip (and count, train/spike_steps) a step whose loss exceeds this multiple
+    of the median loss of the last spike_window applied steps (3 matches Lightning's SpikeDetection
+    rtol=2); 0 disables, else > 1."""
+    spike_window: int = 10
+    """Applied steps whose median loss the spike guard compares with; it judges once it has seen that many."""
+    spike_patience: int = 10
+    """Stop the run after this many consecutive loss-spike steps (each such step is skipped and counted)."""
+    tf32: bool = True
+    """On CUDA, let fp32 matmuls and convolutions run on TF32 tensor cores (10-bit mantissa inputs,
+    fp32 accumulation); no effect on the CPU or on bf16 work."""
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "off"
+    """torch.compile of the model through DeepSpeed's engine.compile() (inductor): default,
+    reduce-overhead (CUDA graphs), max-autotune (autotuned kernels + CUDA graphs) or
+    max-autotune-no-cudagraphs; the first steps pay the compilation (docs/training.md)."""
     resume: str = "auto"
     """'auto' resumes from the run folder's latest checkpoint if there is one, 'none' starts
     fresh, anything else is a checkpoint folder (or one tag inside it) to resume from."""
@@ -354,6 +373,10 @@ class TrainConfig:
                  f"must be >= 1, got {self.eval_every_epochs}")
         _require(self.nonfinite_patience >= 1, "nonfinite_patience",
                  f"must be >= 1, got {self.nonfinite_patience}")
+        _require(self.spike_threshold == 0.0 or self.spike_threshold > 1.0, "spike_threshold",
+                 f"must be 0 (off) or > 1 (a multiple of the median loss), got {self.spike_threshold}")
+        _require(self.spike_window >= 1, "spike_window", f"must be >= 1, got {self.spike_window}")
+        _require(self.spike_patience >= 1, "spike_patience", f"must be >= 1, got {self.spike_patience}")
         _require(bool(self.resume), "resume", "must be 'auto', 'none' or a checkpoint path")
 
 
@@ -619,3 +642,16 @@ class RootConfig:
         if self.train.precision == "fp16" and self.deepspeed.communication_data_type == "bf16":
             raise ConfigError("deepspeed.communication_data_type",
                               "bf16 communication needs train.precision=bf16, bf16-mixed or fp32")
+        if self.train.device == "cpu":
+            self.check_compile_device("cpu")
+
+    def check_compile_device(self, device_type: str) -> None:
+        """Refuse a ``train.compile`` mode that captures CUDA graphs on a device without them (the
+        trainer checks the device ``train.device=auto`` resolved to).
+
+        Raises:
+            ConfigError: naming train.compile.
+        """
+        if device_type != "cuda" and self.train.compile in _CUDA_GRAPH_COMPILE_MODES:
+            raise ConfigError("train.compile", f"{self.train.compile} captures CUDA graphs, which a {device_type} "
+                                               f"run has none of; use default or max-autotune-no-cudagraphs, or off")

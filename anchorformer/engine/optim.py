@@ -12,31 +12,56 @@ from torch import nn
 
 from anchorformer.config import OptimConfig, RootConfig, ScheduleConfig
 
-__all__ = ["SkippableStep", "AdamW", "SGD", "param_groups", "build_optimizer", "peak_lr",
-           "LrSchedule", "set_lr"]
+__all__ = ["AdamW", "SGD", "skip_step_where", "param_groups", "build_optimizer", "peak_lr", "LrSchedule",
+           "set_lr"]
 
 logger = logging.getLogger(__name__)
 
 
-class SkippableStep:
-    """Optimizer mixin: while ``skip_step`` is true, ``step()`` changes nothing (no update, no
-    moment update). Every ZeRO stage ends in the basic optimizer's ``step()``, so this is where a
-    step with a non-finite loss is dropped uniformly."""
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW, always with its fused kernel (one launch per step on GPUs, vectorised on the
+    CPU), the implementation that honours :func:`skip_step_where`."""
 
-    skip_step: bool = False
+    def __init__(self, params: Any, **kwargs: Any):
+        super().__init__(params, fused=True, **kwargs)
+
+
+class SGD(torch.optim.SGD):
+    """torch's SGD (Nesterov off) with its fused kernel, whose momentum buffers start at zero:
+    torch's fused kernel allocates them uninitialised at the first step and, when
+    :func:`skip_step_where` skips that step, would keep the garbage. ``0 * momentum + grad`` is
+    exactly the first step's ``buffer = grad``, so nothing else changes."""
+
+    def __init__(self, params: Any, **kwargs: Any):
+        super().__init__(params, fused=True, **kwargs)
+        self._buffers_ready = False
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        if self.skip_step:
-            return None
-        return super().step(closure)  # type: ignore[misc]
+        if not self._buffers_ready:  # once: ZeRO hands the optimizer its partitions before the first step
+            for group in self.param_groups:
+                if group["momentum"]:
+                    for param in group["params"]:
+                        self.state[param].setdefault("momentum_buffer", torch.zeros_like(param))
+            self._buffers_ready = True
+        return super().step(closure)
 
 
-class AdamW(SkippableStep, torch.optim.AdamW):
-    """torch AdamW whose step can be skipped."""
+def skip_step_where(optimizer: torch.optim.Optimizer, skip: torch.Tensor, device: torch.device) -> None:
+    """Make the optimizer's next ``step()`` change nothing (weights, moments, step counts) where
+    ``skip`` is 1, decided on the device: the host never reads the flag.
 
+    torch's fused AdamW / SGD kernels read ``optimizer.found_inf`` as ``GradScaler`` sets it. Every
+    ZeRO stage ends in this basic optimizer's ``step()`` (DeepSpeed's wrappers call it on their fp32
+    partitions, ZeRO-3 once per sub-group), so this drops a step uniformly.
 
-class SGD(SkippableStep, torch.optim.SGD):
-    """torch SGD (Nesterov off) whose step can be skipped."""
+    Args:
+        optimizer: the optimizer of :func:`build_optimizer`.
+        skip: 0-dim float tensor, 1.0 to skip and 0.0 to apply the step.
+        device: where the optimizer's state lives: the training device, or the CPU under
+            ``deepspeed.offload_optimizer=cpu`` (the flag is then copied there, waiting for the
+            device: the offloaded update waits for it anyway).
+    """
+    optimizer.found_inf = skip if skip.device == device else skip.to(device)
 
 
 def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
@@ -63,15 +88,13 @@ def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
     return groups
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
-    """The torch optimizer handed to ``deepspeed.initialize`` (which wraps it per ZeRO stage);
-    ``fused`` selects torch's single-kernel implementation (GPUs)."""
+def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    """The torch optimizer handed to ``deepspeed.initialize`` (which wraps it per ZeRO stage):
+    fused AdamW or SGD, whose step :func:`skip_step_where` can drop on the device."""
     groups = param_groups(model, optim)
     if optim.name == "adamw":
-        return AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps,
-                     weight_decay=optim.weight_decay, fused=fused or None)
-    return SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
-               fused=fused or None)
+        return AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
+    return SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
 
 
 def peak_lr(cfg: RootConfig) -> float:

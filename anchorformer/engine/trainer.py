@@ -1,15 +1,19 @@
 """The DeepSpeed training loop: build -> (resume) -> train epoch by epoch -> evaluate -> checkpoint.
 
 One optimizer step reads: set lr, then per micro-batch forward / backward / engine.step; at the
-accumulation boundary all ranks agree in one all-reduce on (non-finite loss?, loss sum, stop
-requested?) before the update, so a NaN step is skipped everywhere and a stop request ends every
-rank at the same step.
+accumulation boundary all ranks sum (non-finite losses, loss sum, stop requested) in one
+all-reduce and the device decides from it whether the update is applied (engine/step_guard.py):
+a NaN or spiking step is skipped on every rank without the host waiting for the device. The host
+takes in each step's outcome one step later, or at once on log and checkpoint steps, where it
+waits anyway; a stop request ends every rank after the same step. No checkpoint is written while
+skipped steps run in a row.
 """
 from __future__ import annotations
 
 import json
 import logging
 import time
+from collections import deque
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,8 +32,9 @@ from anchorformer.engine.ema import ShardedEma
 from anchorformer.engine.metrics import (
     TensorBoardLogger, Throughput, measure_forward_flops, peak_memory_gb,
 )
-from anchorformer.engine.optim import LrSchedule, build_optimizer, peak_lr, set_lr
+from anchorformer.engine.optim import LrSchedule, build_optimizer, peak_lr, set_lr, skip_step_where
 from anchorformer.engine.reshard import optimizer_param_names
+from anchorformer.engine.step_guard import PendingOutcome, StepGuard, TrainingDiverged
 from anchorformer.tasks import Runtime, Task, build_task
 
 __all__ = ["FitResult", "StepInfo", "TrainingDiverged", "Trainer"]
@@ -43,8 +48,9 @@ _WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-mixed": t
 class FitResult:
     """How :meth:`Trainer.fit` ended."""
 
-    status: Literal["completed", "stopped"]
-    """'completed' (all epochs or train.max_steps) or 'stopped' (request_stop, checkpoint written)."""
+    status: Literal["completed", "stopped", "diverged"]
+    """'completed' (all epochs or train.max_steps), 'stopped' (request_stop, checkpoint written) or
+    'diverged' (in summary.json only: fit() raised TrainingDiverged)."""
     epoch: int
     """Epochs fully done."""
     step: int
@@ -55,7 +61,9 @@ class FitResult:
 
 @dataclass(frozen=True)
 class StepInfo:
-    """One finished optimizer step, as :meth:`Trainer.add_step_callback` callbacks get it."""
+    """One optimizer step, as :meth:`Trainer.add_step_callback` callbacks get it once the host has
+    its outcome: right after it on log and checkpoint steps and at the end, otherwise after the
+    next step."""
 
     step: int
     """Optimizer steps done, this one included (1 after the first step of a fresh run)."""
@@ -67,10 +75,6 @@ class StepInfo:
 
 
 StepCallback = Callable[["Trainer", StepInfo], None]
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss was NaN/inf for ``train.nonfinite_patience`` optimizer steps in a row."""
 
 
 class Trainer:
@@ -88,6 +92,10 @@ class Trainer:
         self.accumulation = check_world_size(cfg, env.world_size)
         self.device = dist.resolve_device(cfg.train.device, env)
         self.dtype = _WEIGHT_DTYPES[cfg.train.precision]
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+        else:
+            cfg.check_compile_device(self.device.type)  # train.device=auto on a machine without CUDA
         self.run_dir = run_directory(cfg)
         self._stop_requested = False
         self._stopped = False  # all ranks agreed on a stop at a step boundary
@@ -112,13 +120,15 @@ class Trainer:
 
         import deepspeed  # after dist.init chose DeepSpeed's accelerator
 
-        # the basic optimizer, wrapped per ZeRO stage; one fused kernel per step on GPUs
-        self.optimizer = build_optimizer(model, cfg.optim, fused=self.device.type == "cuda"
-                                         and cfg.deepspeed.offload_optimizer == "none")
+        # the basic optimizer, wrapped per ZeRO stage: fused, so the device can skip its step
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self._optimizer_device = torch.device("cpu") if cfg.deepspeed.offload_optimizer == "cpu" else self.device
         optimizer_params = optimizer_param_names(model, self.optimizer)  # before ZeRO regroups them
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=self.optimizer, dist_init_required=False,
             config=deepspeed_config.build(cfg, env.world_size))
+        if cfg.train.compile != "off":  # torch.compile of engine.module in place, under DeepSpeed's hooks
+            self.engine.compile(compile_kwargs={} if cfg.train.compile == "default" else {"mode": cfg.train.compile})
         self.ema = ShardedEma.for_engine(self.engine, cfg.train.ema.decay) if cfg.train.ema.enabled else None
         if env.world_size == 1 and cfg.deepspeed.zero_stage in (1, 2) and cfg.deepspeed.offload_optimizer == "none":
             logger.info("ZeRO stage %d on one process partitions nothing but still copies and norms every "
@@ -139,14 +149,16 @@ class Trainer:
 
         self.epoch, self.step = 0, 0
         self.best_metric: Optional[float] = None
-        self.nonfinite_steps = 0
-        self._nonfinite_in_a_row = 0
-        self._grad_norm: Optional[float] = None
+        self.guard = StepGuard(cfg.train, self.device)
+        self._pending: deque[PendingOutcome] = deque()  # steps whose outcome the host has not read yet
+        self._unlogged_losses: list[float] = []  # settled steps since the last train log
+        self._last_loss = float("nan")  # of the newest settled applied step (progress bar)
+        self._grad_norm: Optional[torch.Tensor] = None
         self._step_callbacks: list[StepCallback] = []
         # everything that survives a stop; a checkpoint of another layout resumes resharded
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint, env.is_main)
         self.checkpointer.register_engine(self.engine, self.optimizer, optimizer_params)
-        self.checkpointer.register(shared={"trainer": self},
+        self.checkpointer.register(shared={"trainer": self, "guard": self.guard},
                                    per_rank={"data": self.train_stream, "rng": RngState(), "ema": self.ema})
         self.resumed = self.checkpointer.load(cfg.train.resume, self._meta())
         self.resumed_from = self.resumed.tag_dir if self.resumed else None
@@ -180,12 +192,21 @@ class Trainer:
             How it ended, with the last evaluation.
 
         Raises:
-            TrainingDiverged: after ``train.nonfinite_patience`` non-finite steps in a row (the last
-                good checkpoint is left as it is).
+            TrainingDiverged: after ``train.nonfinite_patience`` non-finite (or
+                ``train.spike_patience`` spike) steps in a row; no checkpoint was written during
+                them, so ``latest`` names the newest one from before; summary.json says
+                ``diverged``.
         """
         bar = self.env.is_main and self.cfg.logging.progress_bar
         with logging_redirect_tqdm() if bar else nullcontext():
-            status, metrics = self._train()
+            try:
+                status, metrics = self._train()
+            except TrainingDiverged as diverged:
+                self._log_train()  # the streak's skipped steps, logged on every rank alike
+                logger.error("%s; stopping at step %d. latest checkpoint: %s (written before the streak began at "
+                             "step %d)", diverged, self.step, self._latest_checkpoint() or "none", diverged.first_step)
+                self._write_summary(FitResult("diverged", self.epoch, self.step, self._totals()), diverged)
+                raise
         result = FitResult(status, self.epoch, self.step, {**metrics, **self._totals()})
         self._write_summary(result)
         return result
@@ -228,16 +249,18 @@ class Trainer:
             if self.epoch % self.cfg.train.eval_every_epochs == 0 or self.epoch == epochs:
                 metrics = self.evaluate()
             if self.cfg.checkpoint.at_epoch_end:
-                self._save()
+                self._save_unless_in_streak()
+        if self._unlogged_losses:
+            self._log_train()  # the run (or its last stretch) was shorter than logging.every_steps
         if self._stopped:  # not the local flag: a signal after the last step changes nothing
-            self._save()
+            self._save_unless_in_streak()
             logger.info("stopped at step %d on request; checkpoint in %s", self.step,
                         self.checkpointer.directory)
             return "stopped", metrics
         if not metrics or self.step % self.steps_per_epoch:
             metrics = self.evaluate()  # ended mid-epoch by train.max_steps, or resumed at the end
         if not (self.cfg.checkpoint.at_epoch_end and self.step % self.steps_per_epoch == 0):
-            self._save()
+            self._save_unless_in_streak()
         return "completed", metrics
 
     def _train_epoch(self) -> bool:
@@ -249,27 +272,28 @@ class Trainer:
         bar = tqdm(total=self.steps_per_epoch, initial=done, desc=f"epoch {self.epoch}",
                    disable=not (self.env.is_main and self.cfg.logging.progress_bar),
                    dynamic_ncols=True, leave=False)
-        losses: list[float] = []
         try:
-            for _ in range(remaining):
-                loss, stop = self._train_step(batches)
-                losses.append(loss)
+            for left in reversed(range(remaining)):
+                self._train_step(batches)
+                log, save = self.step % self.cfg.logging.every_steps == 0, self.checkpointer.due(self.step)
+                # the host waits for the device only where it needs this step's outcome
+                self._settle(everything=log or save or left == 0)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.3g}")
-                if self.step % self.cfg.logging.every_steps == 0:
-                    self._log_train(losses)
-                    losses = []
-                if stop:
-                    self._stopped = True
+                bar.set_postfix(loss=f"{self._last_loss:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.3g}")
+                if log:
+                    self._log_train()
+                if self._stopped:
                     return False
-                if self.checkpointer.due(self.step):
-                    self._save()
+                if save:
+                    self._save_unless_in_streak()
         finally:
             bar.close()
         return self.step - self.epoch * self.steps_per_epoch == self.steps_per_epoch
 
-    def _train_step(self, batches: Iterator[Any]) -> tuple[float, bool]:
-        """One optimizer step over ``accumulation`` micro-batches; returns (mean loss, stop?)."""
+    def _train_step(self, batches: Iterator[Any]) -> None:
+        """One optimizer step over ``accumulation`` micro-batches, queued without waiting for the
+        device: the device decides whether the update is applied (:class:`StepGuard`), and the
+        step's outcome waits in ``self._pending`` for :meth:`_settle`."""
         started = time.perf_counter()
         set_lr(self.optimizer, self.schedule(self.step))
         self.engine.train()
@@ -288,29 +312,54 @@ class Trainer:
             loss_sum += torch.where(finite, loss.detach().float(), torch.zeros_like(loss_sum))
             self.engine.backward(loss)
             if micro == self.accumulation - 1:
-                # One all-reduce: did any rank see a non-finite loss, the loss sum, a stop request.
-                stop = torch.tensor(float(self._stop_requested), device=self.device)
-                agreed = dist.sum_across_ranks(torch.stack([nonfinite, loss_sum, stop])).tolist()
-                self.optimizer.skip_step = agreed[0] > 0
+                # One all-reduce: non-finite losses on any rank, the loss sum, stop requests. torch.full,
+                # not torch.tensor: copying a Python number to the device would wait for the device.
+                stop = torch.full((), float(self._stop_requested), device=self.device)
+                agreed = dist.sum_across_ranks(torch.stack([nonfinite, loss_sum, stop]))
+                skip, outcome = self.guard.decide(agreed, self.accumulation * self.env.world_size)
+                skip_step_where(self.optimizer, skip, self._optimizer_device)
                 self._grad_norm = self._unclipped_grad_norm()
             self.engine.step()
-        skipped = self.optimizer.skip_step
-        self.optimizer.skip_step = False
         self.step += 1
+        if self.ema is not None and self.step % self.cfg.train.ema.every_steps == 0:
+            self.ema.update(keep=1.0 - skip)  # a skipped step leaves the average as it is
         self.throughput.add_step(data_wait)
-        if skipped:
-            self._count_nonfinite()
-        else:
-            self._nonfinite_in_a_row = 0
-            if self.ema is not None and self.step % self.cfg.train.ema.every_steps == 0:
-                self.ema.update()
-        mean_loss = float("nan") if skipped else agreed[1] / (self.accumulation * self.env.world_size)
-        info = StepInfo(self.step, time.perf_counter() - started, mean_loss)
-        for callback in self._step_callbacks:
-            callback(self, info)
-        return mean_loss, agreed[2] > 0
+        self._pending.append(PendingOutcome(self.step, time.perf_counter() - started, outcome))
 
-    def _unclipped_grad_norm(self) -> Optional[float]:
+    def _settle(self, everything: bool) -> None:
+        """Take in the outcomes of the steps done: all of them (the host waits for the device), or
+        all but the newest, whose values are still on their way (no wait). Counts skipped steps,
+        notes an agreed stop, calls the step callbacks.
+
+        Raises:
+            TrainingDiverged: when skipped steps in a row reach their patience.
+        """
+        while len(self._pending) > (0 if everything else 1):
+            outcome = self._pending.popleft().read()
+            self._stopped = self._stopped or outcome.stop
+            self._unlogged_losses.append(outcome.loss)
+            if not outcome.skipped:
+                self._last_loss = outcome.loss
+            for callback in self._step_callbacks:
+                callback(self, StepInfo(outcome.step, outcome.wall_s, outcome.loss))
+            self.guard.account(outcome)
+
+    def _save_unless_in_streak(self) -> None:
+        """Checkpoint now, unless the newest steps were skipped (non-finite or spike): then
+        ``latest`` keeps naming the checkpoint from before the streak, which a run that diverges
+        leaves for its resume."""
+        self._settle(everything=True)
+        if self.guard.in_streak:
+            logger.warning("step %d: no checkpoint while skipped steps run in a row (since step %d); latest "
+                           "stays %s", self.step, self.guard.streak_start, self._latest_checkpoint() or "none")
+            return
+        self._save()
+
+    def _latest_checkpoint(self) -> Optional[Path]:
+        """The checkpoint this run's ``latest`` names, if any."""
+        return self.checkpointer.find("auto")
+
+    def _unclipped_grad_norm(self) -> Optional[torch.Tensor]:
         """Gradient norm where DeepSpeed keeps none (ZeRO-0 in fp32 without clipping): the
         module's gradients are whole and already averaged over ranks at the boundary. Only
         computed on log steps."""
@@ -318,7 +367,7 @@ class Trainer:
                 or self.dtype != torch.float32 or (self.step + 1) % self.cfg.logging.every_steps):
             return None
         grads = [p.grad.detach().float() for p in self.engine.module.parameters() if p.grad is not None]
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
     def _summed_over_ranks(self, counts: dict[str, int]) -> dict[str, float]:
         """Per-rank counters summed over all ranks (a collective: every rank calls it)."""
@@ -328,27 +377,21 @@ class Trainer:
         totals = dist.sum_across_ranks(torch.tensor([float(counts[k]) for k in keys], device=self.device))
         return dict(zip(keys, totals.tolist()))
 
-    def _count_nonfinite(self) -> None:
-        self.nonfinite_steps += 1
-        self._nonfinite_in_a_row += 1
-        logger.warning("step %d: non-finite loss on some rank; update skipped (%d in a row, %d total)",
-                       self.step, self._nonfinite_in_a_row, self.nonfinite_steps)
-        if self._nonfinite_in_a_row >= self.cfg.train.nonfinite_patience:
-            raise TrainingDiverged(
-                f"the loss was NaN/inf for {self._nonfinite_in_a_row} steps in a row (up to step "
-                f"{self.step}); stopping with the last good checkpoint in {self.checkpointer.directory} "
-                f"untouched. Lower optim.lr, set train.grad_clip, or raise train.nonfinite_patience")
-
-    def _log_train(self, losses: list[float]) -> None:
-        finite = [x for x in losses if x == x]
+    def _log_train(self) -> None:
+        """TensorBoard scalars and a log line for the settled steps since the last log (a
+        collective: every rank calls it at the same step)."""
+        finite = [x for x in self._unlogged_losses if x == x]
+        self._unlogged_losses = []
         values = {
             "train/loss": sum(finite) / len(finite) if finite else float("nan"),
             "train/lr": self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_scale", 1.0),
             "train/epoch": self.epoch + (self.step - self.epoch * self.steps_per_epoch) / self.steps_per_epoch,
-            "train/nonfinite_steps": float(self.nonfinite_steps),
+            "train/nonfinite_steps": float(self.guard.nonfinite_steps),
             "memory/peak_gb": peak_memory_gb(self.device),
             **self.throughput.summary(),
         }
+        if self.cfg.train.spike_threshold > 0:
+            values["train/spike_steps"] = float(self.guard.spike_steps)
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = self._grad_norm if grad_norm is None else grad_norm
         if grad_norm is not None:
@@ -371,31 +414,36 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """The trainer's own counters, for the checkpoint (shared by all ranks)."""
-        return {"epoch": self.epoch, "step": self.step, "best_metric": self.best_metric,
-                "nonfinite_steps": self.nonfinite_steps}
+        return {"epoch": self.epoch, "step": self.step, "best_metric": self.best_metric}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the counters of a checkpoint."""
         self.epoch, self.step, self.best_metric = int(state["epoch"]), int(state["step"]), state["best_metric"]
-        self.nonfinite_steps = int(state["nonfinite_steps"])
 
     # ------------------------------------------------------------------ summary
     def _totals(self) -> dict[str, float]:
-        totals = {"run/nonfinite_steps": float(self.nonfinite_steps),
+        totals = {"run/nonfinite_steps": float(self.guard.nonfinite_steps),
                   "run/elapsed_s": time.perf_counter() - self._start_time,
                   "run/flops_per_sample": self.flops_per_sample}
+        if self.cfg.train.spike_threshold > 0:
+            totals["run/spike_steps"] = float(self.guard.spike_steps)
         if self.best_metric is not None:
             totals[f"run/best_{self.task.main_metric}"] = self.best_metric
         skips = self._summed_over_ranks(self.train_stream.skip_counts())
         totals.update({f"data/skipped_{k}": v for k, v in skips.items()})
         return totals
 
-    def _write_summary(self, result: FitResult) -> None:
+    def _write_summary(self, result: FitResult, diverged: Optional[TrainingDiverged] = None) -> None:
         if not self.env.is_main:
             return
+        latest = self._latest_checkpoint()
         summary = {**asdict(result), "run_dir": str(self.run_dir),
                    "tensorboard": str(self.run_dir / "tensorboard"),
                    "checkpoints": str(self.checkpointer.directory),
+                   "latest_checkpoint": str(latest) if latest else None,
                    "resumed_from": str(self.resumed_from) if self.resumed_from else None}
+        if diverged is not None:
+            summary["diverged"] = {"first_step": diverged.first_step, "last_step": diverged.last_step,
+                                   "reason": str(diverged)}
         atomic_write_bytes(self.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
 
