@@ -79,7 +79,6 @@ class ModelConfig:
                      f"model.kwargs and set model.{name}")
 
 
-
 @dataclass(frozen=True)
 class AugmentConfig:
     scale: tuple[float, float] = (0.08, 1.0)
@@ -130,7 +129,6 @@ class AugmentConfig:
         _require(not (self.three_augment and self.auto_augment), "three_augment",
                  f"three-augment replaces auto_augment={self.auto_augment!r}; set "
                  f"data.augment.auto_augment=null to use it")
-
 
 
 @dataclass(frozen=True)
