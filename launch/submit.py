@@ -33,7 +33,7 @@ from submitit.slurm.slurm import SlurmExecutor
 
 from anchorformer.atomic import atomic_write_bytes
 from anchorformer.config import (
-    ConfigError, RootConfig, check_world_size, from_dict, load, run_directory, to_dict, to_yaml,
+    ConfigError, RootConfig, from_dict, load, run_directory, to_dict, to_yaml,
 )
 from anchorformer.engine import run_lock
 from anchorformer.engine.preflight import check_run
@@ -184,7 +184,8 @@ def profile_overrides(path: Path) -> list[str]:
 
 
 def _check_launch(cfg: RootConfig, local: bool) -> None:
-    """Checks that need the whole launch: signal timing, local node count, batch split."""
+    """Checks of the launch itself: signal timing, local node count (the batch split over the job's
+    ranks is :func:`check_run`'s)."""
     slurm = cfg.slurm
     if slurm.signal_delay_s >= slurm.time_min * 60:
         raise ConfigError("slurm.signal_delay_s",
@@ -193,7 +194,6 @@ def _check_launch(cfg: RootConfig, local: bool) -> None:
     if local and slurm.nodes != 1:
         raise ConfigError("slurm.nodes",
                           f"--local runs on this machine: it needs 1 node, got {slurm.nodes}")
-    check_world_size(cfg, slurm.nodes * slurm.gpus_per_node)
 
 
 @dataclass(frozen=True)
