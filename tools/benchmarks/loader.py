@@ -324,8 +324,9 @@ def _section(args: argparse.Namespace, device: torch.device, rows: list, costs: 
     gpu_rates = _gpu_rates(args)
     if gpu_rates:
         need_rows = []
+        shown = {path: max(1, round(rate)) for path, rate in rates.items()}  # whole img/s, as the tables show them
         for model, rate in gpu_rates.items():
-            needed = {path: math.ceil(rate / rates[path]) for path in (*PATHS, "folder")}
+            needed = {path: math.ceil(round(rate) / shown[path]) for path in (*PATHS, "folder")}
             for path, count in needed.items():
                 record(model, f"{path} workers per GPU", count)
             met = record(model, "gpu-path workers per GPU", needed["gpu"], TARGET_GPU_PATH_WORKERS, "at_most") \
@@ -333,7 +334,7 @@ def _section(args: argparse.Namespace, device: torch.device, rows: list, costs: 
             target = f"<= {TARGET_GPU_PATH_WORKERS} ({'met' if met else 'missed'})" if met is not None else "-"
             need_rows.append((model, f"{rate:.0f}", *(needed[path] for path in (*PATHS, "folder")), target))
         lines += ["", f"Workers needed per GPU = bare-step images/s (the `model` benchmark on an H200, "
-                      f"model-224-cuda, unless given as options) / the {fewest}-worker rates above (this host's CPU):",
+                      f"model-224-cuda, unless given as options) / the {fewest}-worker rates above (this host's CPU), rounded up, both rates as shown:",
                   "", markdown_table(["model", "GPU img/s", "pil workers", "fast workers", "gpu-path workers",
                                       "ImageFolder workers", "target gpu-path workers"], need_rows)]
     if args.note:
