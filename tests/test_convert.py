@@ -93,7 +93,7 @@ def test_checkpoint_of_another_variant_fails_with_the_key_list(trained_pt, tmp_p
     with pytest.raises(ValueError, match="shape mismatches"):
         export_classification(load_source(path), tmp_path / "x.safetensors", NAME, dict(TINY, embed_dim=128,
                                                                                         img_size=64))
-    assert not (tmp_path / "x.safetensors").exists()
+    assert "in no known layout" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
 
 
 def test_corrupt_and_missing_inputs_name_the_problem(trained_pt, tmp_path, capsys):
@@ -155,7 +155,7 @@ _ENGINE_RUN = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_zero3_two_process_run_converts_with_the_engines_logits(tmp_path):
+def test_zero3_two_process_run_converts_with_the_engines_logits(tmp_path, capsys):
     script = tmp_path / "run.py"
     script.write_text(_ENGINE_RUN)
     # every weight partitioned (threshold 0), so the EMA is re-assembled from both ranks' slices
@@ -190,6 +190,29 @@ def test_zero3_two_process_run_converts_with_the_engines_logits(tmp_path):
         with torch.no_grad():
             difference = (converted(fixed_input(32)) - expected).abs().max().item()
         assert difference < 1e-5, (weights, difference)
+
+    # the EMA as checkpoints before the resharding layout saved it: whole weights on rank 0 only,
+    # ZeRO-3 partitions on every rank
+    tag_dir = run_dir / "checkpoints" / "step_3"
+    rank_files = [tag_dir / f"trainer_rank{rank}.pt" for rank in (0, 1)]
+    states = [torch.load(path, weights_only=False) for path in rank_files]
+    whole = sorted(engine["ema"])[::2]
+    for rank, (path, state) in enumerate(zip(rank_files, states)):
+        chunks = state["ema"].pop("chunks")
+        state["ema"]["shadow"] = {key: engine["ema"][key].clone() if key in whole else chunk
+                                  for key, chunk in chunks.items() if rank == 0 or key not in whole}
+        torch.save(state, path)
+    older = tmp_path / "older-ema.safetensors"
+    assert convert_checkpoint.main([str(run_dir), "--weights", "ema", "--output", str(older)]) == 0
+    with torch.no_grad():
+        assert (create_model_from_export(older)(fixed_input(32)) - ema_logits).abs().max().item() < 1e-5
+    for state in states:
+        state["ema"]["shadow"].clear()
+        state["ema"]["unknown"] = state["ema"].pop("shadow")
+    for path, state in zip(rank_files, states):
+        torch.save(state, path)
+    assert convert_checkpoint.main([str(run_dir), "--weights", "ema", "--output", str(tmp_path / "x.safetensors")]) == 2
+    assert "in no known layout" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
 
     backbone = tmp_path / "backbone.safetensors"
     assert convert_checkpoint.main([str(run_dir), "--format", "backbone", "--image-size", "64",

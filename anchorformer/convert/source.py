@@ -152,17 +152,30 @@ def _assemble_ema(tag_dir: Path, model_state: Dict[str, torch.Tensor]) -> Dict[s
         raise ValueError(f"{tag_dir} holds no EMA (the run had train.ema.enabled=false); convert with "
                          "--weights model")
     out = dict(model_state)
-    for key in saved[0]["chunks"]:
+    for key, flat in _flat_averages(tag_dir, saved).items():
         if key not in out:
             raise ValueError(f"the EMA of {tag_dir} has weight {key!r}, which the model does not; the checkpoint "
                              "is inconsistent")
-        # each rank holds its chunk of the flattened average (equal padded slices): rank order restores it
-        flat = torch.cat([state["chunks"][key].reshape(-1).float() for state in saved])
         if flat.numel() < out[key].numel():
             raise ValueError(f"the EMA chunks of {key!r} in {tag_dir} hold {flat.numel()} values, the weight has "
                              f"{out[key].numel()}; is every rank's file there?")
         out[key] = flat[: out[key].numel()].view(out[key].shape).clone()
     return out
+
+
+def _flat_averages(tag_dir: Path, saved: list[dict]) -> Dict[str, torch.Tensor]:
+    """Every average flattened (possibly zero-padded at the end), from the ranks' saved EMA states.
+
+    Our trainer saves each rank's equal slice of every average (``chunks``); checkpoints written
+    before the resharding layout saved ``shadow``: whole weights on rank 0 only, ZeRO-3 partitions
+    on every rank. Either way the ranks holding a weight, in rank order, make it whole.
+    """
+    for layout in ("chunks", "shadow"):
+        if all(layout in state for state in saved):
+            return {key: torch.cat([state[layout][key].reshape(-1).float() for state in saved if key in state[layout]])
+                    for key in saved[0][layout]}
+    raise ValueError(f"the EMA in {tag_dir}'s trainer_rank*.pt files is in no known layout (neither 'chunks' nor "
+                     "'shadow' on every rank); convert with --weights model")
 
 
 def _load_safetensors(path: Path, weights: Weights) -> SourceCheckpoint:
