@@ -179,6 +179,32 @@ def test_persistent_nonfinite_loss_stops_with_the_checkpoint_from_before_the_str
     assert resumed.step == 6 and resumed.metrics["run/nonfinite_steps"] == 0
 
 
+class _NonFiniteGradient(torch.autograd.Function):
+    """The identity forward; a NaN gradient backward: a finite loss that spoils the weights."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("nan")
+
+
+def test_a_finite_loss_with_a_nan_gradient_writes_no_checkpoint_of_the_spoiled_weights(
+        tmp_path, embedded_cache_dir, monkeypatch):
+    _hook_loss(monkeypatch, lambda index, loss: _NonFiniteGradient.apply(loss) if index == 3 else loss)
+    cfg = _cfg(tmp_path, embedded_cache_dir, "nan_grad", checkpoint={"every_steps": 2})
+    with pytest.raises(TrainingDiverged, match="step 4: .* weight values are NaN/inf although the loss was finite"):
+        run_training(cfg)
+    checkpoints = tmp_path / "nan_grad" / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_2" and not (checkpoints / "step_4").exists()
+    assert math.isfinite(_max_weight(checkpoints / "step_2"))
+    summary = json.loads((tmp_path / "nan_grad" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["step"] == 4
+    assert all(math.isfinite(x) for x in _losses(tmp_path / "nan_grad"))  # the loss never told
+
+
 def test_a_run_diverging_at_lr_1e6_keeps_latest_on_sane_weights_that_resume_at_a_sane_lr(
         tmp_path, embedded_cache_dir):
     """optim.lr=1e6 blows the weights up in one update; the spike guard skips the steps whose loss

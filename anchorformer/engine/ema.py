@@ -17,7 +17,7 @@ from torch import nn
 
 from anchorformer import dist
 
-__all__ = ["ShardedEma"]
+__all__ = ["ShardedEma", "local_values"]
 
 
 def _is_partitioned(param: nn.Parameter) -> bool:
@@ -34,8 +34,9 @@ def _release_gathered(params: list[nn.Parameter]) -> None:
         gathered[0].partition(param_list=gathered)
 
 
-def _storage(param: nn.Parameter) -> torch.Tensor:
-    """The tensor holding this rank's authoritative values of ``param``."""
+def local_values(param: nn.Parameter) -> torch.Tensor:
+    """The tensor holding this rank's authoritative values of ``param``: its ZeRO-3 partition, or
+    the whole weight under stages 0-2."""
     return param.ds_tensor.data if _is_partitioned(param) else param.data
 
 
@@ -53,7 +54,7 @@ class ShardedEma:
         self._coordinator = fetch_coordinator
         self.updates = 0
         self._params = {n: p for n, p in module.named_parameters() if p.requires_grad}
-        self.shadow = {n: _storage(p).detach().float().clone() for n, p in self._params.items()}
+        self.shadow = {n: local_values(p).detach().float().clone() for n, p in self._params.items()}
 
     @classmethod
     def for_engine(cls, engine: Any, decay: float) -> "ShardedEma":
@@ -73,7 +74,7 @@ class ShardedEma:
         """
         weight = 1.0 - self.decay if keep is None else keep * (1.0 - self.decay)
         for name, param in self._params.items():
-            self.shadow[name].lerp_(_storage(param).float(), weight)
+            self.shadow[name].lerp_(local_values(param).float(), weight)
         self.updates += 1
 
     @contextmanager
@@ -83,7 +84,7 @@ class ShardedEma:
         self._release_gathered()
         with torch.no_grad():
             for name, param in self._params.items():
-                storage = _storage(param)
+                storage = local_values(param)
                 backup[name] = storage.clone()
                 storage.copy_(self.shadow[name])
         try:
@@ -92,7 +93,7 @@ class ShardedEma:
             self._release_gathered()
             with torch.no_grad():
                 for name, param in self._params.items():
-                    _storage(param).copy_(backup[name])
+                    local_values(param).copy_(backup[name])
 
     def _release_gathered(self) -> None:
         _release_gathered(list(self._params.values()))

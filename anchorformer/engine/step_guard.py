@@ -18,12 +18,22 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+from torch import nn
 
 from anchorformer.config import TrainConfig
+from anchorformer.engine.ema import local_values
 
-__all__ = ["TrainingDiverged", "StepOutcome", "PendingOutcome", "StepGuard"]
+__all__ = ["TrainingDiverged", "StepOutcome", "PendingOutcome", "StepGuard", "nonfinite_weights"]
 
 logger = logging.getLogger(__name__)
+
+
+def nonfinite_weights(module: nn.Module) -> torch.Tensor:
+    """How many of this rank's weight values are NaN/inf (a 0-dim float on the weights' device).
+
+    A finite loss whose gradient is not finite passes the step's guard and spoils the weights; the
+    trainer checks them with this before it writes a checkpoint."""
+    return torch.stack([(~torch.isfinite(local_values(p))).sum() for p in module.parameters()]).sum().float()
 
 
 class TrainingDiverged(RuntimeError):

@@ -34,7 +34,7 @@ from anchorformer.engine.metrics import (
 )
 from anchorformer.engine.optim import LrSchedule, build_optimizer, peak_lr, set_lr, skip_step_where
 from anchorformer.engine.reshard import optimizer_param_names
-from anchorformer.engine.step_guard import PendingOutcome, StepGuard, TrainingDiverged
+from anchorformer.engine.step_guard import PendingOutcome, StepGuard, TrainingDiverged, nonfinite_weights
 from anchorformer.tasks import Runtime, Task, build_task
 
 __all__ = ["FitResult", "StepInfo", "TrainingDiverged", "Trainer"]
@@ -193,16 +193,17 @@ class Trainer:
 
         Raises:
             TrainingDiverged: after ``train.nonfinite_patience`` non-finite (or
-                ``train.spike_patience`` spike) steps in a row; no checkpoint was written during
-                them, so ``latest`` names the newest one from before; summary.json says
-                ``diverged``.
+                ``train.spike_patience`` spike) steps in a row, or when a checkpoint is due and
+                the weights are NaN/inf; no checkpoint was written during them, so ``latest``
+                names the newest one from before; summary.json says ``diverged``.
         """
         bar = self.env.is_main and self.cfg.logging.progress_bar
         with logging_redirect_tqdm() if bar else nullcontext():
             try:
                 status, metrics = self._train()
             except TrainingDiverged as diverged:
-                self._log_train()  # the streak's skipped steps, logged on every rank alike
+                if self._unlogged_losses:
+                    self._log_train()  # the streak's skipped steps, logged on every rank alike
                 logger.error("%s; stopping at step %d. latest checkpoint: %s (written before the streak began at "
                              "step %d)", diverged, self.step, self._latest_checkpoint() or "none", diverged.first_step)
                 self._write_summary(FitResult("diverged", self.epoch, self.step, self._totals()), diverged)
@@ -347,12 +348,23 @@ class Trainer:
     def _save_unless_in_streak(self) -> None:
         """Checkpoint now, unless the newest steps were skipped (non-finite or spike): then
         ``latest`` keeps naming the checkpoint from before the streak, which a run that diverges
-        leaves for its resume."""
+        leaves for its resume.
+
+        Raises:
+            TrainingDiverged: when the weights are no longer finite although the loss was (a
+                non-finite gradient): no training can follow, and no checkpoint is written.
+        """
         self._settle(everything=True)
         if self.guard.in_streak:
             logger.warning("step %d: no checkpoint while skipped steps run in a row (since step %d); latest "
                            "stays %s", self.step, self.guard.streak_start, self._latest_checkpoint() or "none")
             return
+        spoiled = int(dist.sum_across_ranks(nonfinite_weights(self.engine.module)).item())
+        if spoiled:
+            raise TrainingDiverged(
+                f"step {self.step}: {spoiled} weight values are NaN/inf although the loss was finite (a non-finite "
+                "gradient); no checkpoint written. Lower optim.lr, or find the operation with "
+                "torch.autograd.set_detect_anomaly(True)", self.step, self.step)
         self._save()
 
     def _latest_checkpoint(self) -> Optional[Path]:
