@@ -12,7 +12,7 @@ from typing import Dict, Optional
 
 import torch
 
-from benchmarks.report import machine_description, markdown_table, peak_memory_bytes, time_call
+from benchmarks.report import SIZES, machine_description, markdown_table, peak_memory_bytes, time_call
 from benchmarks.results import record
 from anchorformer.models.backbone import AnchorFormerBackbone
 
@@ -20,7 +20,6 @@ __all__ = ["add_arguments", "run"]
 
 logger = logging.getLogger(__name__)
 
-SIZES = ("tiny", "small", "base")
 FAMILIES = ("anchorformer", "deit")
 
 

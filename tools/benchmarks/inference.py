@@ -22,14 +22,16 @@ import torch
 
 import anchorformer.models  # noqa: F401  (registers the anchorformer_* models with timm)
 from anchorformer.kernels import backend_calls
-from benchmarks.report import comma_separated, machine_description, markdown_table
+from benchmarks.report import (
+    SIZES, add_resolution_arguments, backbone_sizes, check_resolutions, comma_separated, machine_description,
+    markdown_table, tokens_per_image,
+)
 from benchmarks.results import record, verdict
 
 __all__ = ["add_arguments", "run", "Case", "measure"]
 
 logger = logging.getLogger(__name__)
 
-SIZES = ("tiny", "small", "base")
 PRECISIONS = ("fp32", "bf16")
 MODES = ("eager", "compiled")
 Kind = Literal["latency", "throughput", "backbone"]
@@ -51,7 +53,7 @@ class Case:
 
     @property
     def tokens(self) -> int:
-        return self.batch * ((self.resolution // 16) ** 2 + 1)
+        return self.batch * tokens_per_image(self.resolution)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,12 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sizes timed at batch 1 (default: tiny,small,base on CUDA, tiny on CPU)")
     parser.add_argument("--throughput-sizes", type=comma_separated(str, SIZES), default=["base"],
                         help="sizes timed at a full batch (\"\" for none)")
-    parser.add_argument("--resolutions", type=comma_separated(int), default=[224, 384],
-                        help="classification image sizes, comma-separated")
-    parser.add_argument("--backbone-resolution", type=int, default=1024,
-                        help="image size of the backbone rows (forward_features; 0 disables them)")
-    parser.add_argument("--backbone-sizes", type=comma_separated(str, SIZES), default=None,
-                        help="sizes of the backbone rows (default: base on CUDA, tiny on CPU)")
+    add_resolution_arguments(parser)
     parser.add_argument("--tokens-per-batch", type=int, default=None,
                         help="throughput batch = this // tokens per image, at least 1 (default: 256 images at "
                              "224 px on CUDA, 2 on CPU)")
@@ -93,23 +90,19 @@ def _cases(args: argparse.Namespace, on_gpu: bool) -> list[Case]:
     compiled_precisions = args.compile_precisions or (PRECISIONS if on_gpu else ["fp32"])
     shapes: list[tuple[Kind, str, int, int]] = []
     for resolution in args.resolutions:
-        tokens = (resolution // 16) ** 2 + 1
         shapes += [("latency", size, resolution, 1) for size in args.latency_sizes or (SIZES if on_gpu else ["tiny"])]
-        shapes += [("throughput", size, resolution, max(1, tokens_per_batch // tokens))
+        shapes += [("throughput", size, resolution, max(1, tokens_per_batch // tokens_per_image(resolution)))
                    for size in args.throughput_sizes]
     if args.backbone_resolution:
-        tokens = (args.backbone_resolution // 16) ** 2 + 1
-        shapes += [("backbone", size, args.backbone_resolution, max(1, tokens_per_batch // tokens))
-                   for size in args.backbone_sizes or (["base"] if on_gpu else ["tiny"])]
+        batch = max(1, tokens_per_batch // tokens_per_image(args.backbone_resolution))
+        shapes += [("backbone", size, args.backbone_resolution, batch) for size in backbone_sizes(args, on_gpu)]
     cases = [Case(*shape, precision, mode) for shape in shapes for mode in args.modes for precision in args.precisions]
     return [case for case in cases if case.mode == "eager"
             or ((not compile_max or case.tokens <= compile_max) and case.precision in compiled_precisions)]
 
 
 def _check(args: argparse.Namespace) -> None:
-    if any(res % 16 or res < 16 for res in args.resolutions) or args.backbone_resolution % 16:
-        raise ValueError(f"resolutions must be multiples of the patch size 16, got {args.resolutions} and "
-                         f"--backbone-resolution {args.backbone_resolution}")
+    check_resolutions(args)
     if (args.repeats is not None and args.repeats < 1) or (args.tokens_per_batch is not None
                                                            and args.tokens_per_batch < 1):
         raise ValueError("--repeats and --tokens-per-batch must be >= 1")

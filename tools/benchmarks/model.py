@@ -18,7 +18,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import anchorformer.models  # noqa: F401  (registers the anchorformer_* models with timm)
-from benchmarks.report import comma_separated, machine_description, markdown_table, time_call
+from benchmarks.report import (
+    SIZES, add_resolution_arguments, backbone_sizes, check_resolutions, comma_separated, machine_description,
+    markdown_table, time_call, tokens_per_image,
+)
 from benchmarks.results import record, verdict
 from anchorformer.kernels import BACKENDS, backend_calls, set_backend
 
@@ -26,7 +29,6 @@ __all__ = ["add_arguments", "run", "measure_training_step", "peak_flops", "targe
 
 logger = logging.getLogger(__name__)
 
-SIZES = ("tiny", "small", "base")
 # Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment, most specific first.
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 # Targets for AnchorFormer / DeiT training img/s of the bare step, by (size, resolution); 1024 px
@@ -48,12 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="device to train on (default: cuda when available)")
     parser.add_argument("--sizes", type=comma_separated(str, SIZES), default=None,
                         help="model sizes, comma-separated (default: tiny,small,base on CUDA, tiny on CPU)")
-    parser.add_argument("--resolutions", type=comma_separated(int), default=[224, 384],
-                        help="classification image sizes, comma-separated (\"\" for none)")
-    parser.add_argument("--backbone-resolution", type=int, default=1024,
-                        help="image size of the backbone-only rows (0 disables them)")
-    parser.add_argument("--backbone-sizes", type=comma_separated(str, SIZES), default=None,
-                        help="sizes of the backbone rows (default: base on CUDA, tiny on CPU)")
+    add_resolution_arguments(parser)
     parser.add_argument("--tokens-per-step", type=int, default=None,
                         help="batch = this // tokens per image, at least 1; both models get the same "
                              "batch (default: 128 images at 224 on CUDA, 2 on CPU)")
@@ -165,23 +162,20 @@ def run(args: argparse.Namespace) -> str:
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     sizes = args.sizes or (list(SIZES) if on_gpu else ["tiny"])
-    backbone_sizes = args.backbone_sizes or (["base"] if on_gpu else ["tiny"])
     tokens_per_step = args.tokens_per_step if args.tokens_per_step is not None else (128 if on_gpu else 2) * 197
     repeats = args.repeats if args.repeats is not None else (10 if on_gpu else 3)
-    if tokens_per_step < 1 or repeats < 1 or args.backbone_resolution < 0:
-        raise ValueError("--tokens-per-step and --repeats must be >= 1, --backbone-resolution >= 0")
-    if any(res % 16 for res in args.resolutions + [args.backbone_resolution]):
-        raise ValueError(f"resolutions must be multiples of the patch size 16, got {args.resolutions} "
-                         f"and --backbone-resolution {args.backbone_resolution}")
+    if tokens_per_step < 1 or repeats < 1:
+        raise ValueError("--tokens-per-step and --repeats must be >= 1")
+    check_resolutions(args)
     peak = peak_flops(device, args.peak_tflops)
     cases = [(size, res, False) for res in args.resolutions for size in sizes]
     if args.backbone_resolution:
-        cases += [(size, args.backbone_resolution, True) for size in backbone_sizes]
+        cases += [(size, args.backbone_resolution, True) for size in backbone_sizes(args, on_gpu)]
     if not cases:
         raise ValueError("nothing to measure: give --resolutions or a --backbone-resolution > 0")
     rows = []
     for size, resolution, backbone in cases:
-        batch = max(1, tokens_per_step // ((resolution // 16) ** 2 + 1))
+        batch = max(1, tokens_per_step // tokens_per_image(resolution))
         logger.info("model benchmark: %s at %d px, batch %d%s", size, resolution, batch, " (backbone)" if backbone else "")
         deit, anchor = (measure_training_step(family, size, resolution, batch, backbone, args.backend, repeats, device,
                                               compile=args.compile) for family in ("deit", "anchorformer"))

@@ -19,8 +19,8 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.model import SIZES, measure_training_step
-from benchmarks.report import machine_description, markdown_table
+from benchmarks.model import measure_training_step
+from benchmarks.report import SIZES, machine_description, markdown_table
 from benchmarks.results import record
 from anchorformer.kernels import BACKENDS
 

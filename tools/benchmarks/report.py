@@ -1,6 +1,6 @@
 """Shared pieces of the benchmarks: timing, peak memory, the machine's name, real photo crops as
-test images, and writing one named section of docs/benchmarks.md atomically (other sections are
-kept as they are)."""
+test images, the image sizes of the DeiT-vs-AnchorFormer comparisons, and writing one named section
+of docs/benchmarks.md atomically (other sections are kept as they are)."""
 import argparse
 import platform
 import re
@@ -15,7 +15,14 @@ from PIL import Image
 
 from anchorformer.atomic import atomic_write_bytes
 
-__all__ = ["comma_separated", "machine_description", "time_call", "peak_memory_bytes", "photo_crops", "markdown_table", "write_section"]
+__all__ = ["comma_separated", "machine_description", "time_call", "peak_memory_bytes", "photo_crops", "markdown_table",
+           "write_section", "SIZES", "PATCH", "tokens_per_image", "add_resolution_arguments", "check_resolutions",
+           "backbone_sizes"]
+
+SIZES = ("tiny", "small", "base")
+"""The sizes the model and inference benchmarks compare (DeiT and AnchorFormer, patch 16)."""
+PATCH = 16
+"""Their patch size."""
 
 
 def comma_separated(kind: Callable[[str], object], choices: Optional[Sequence[object]] = None) -> Callable[[str], list]:
@@ -106,6 +113,40 @@ def photo_crops(count: int, seed: int = 0) -> Iterator[Image.Image]:
         width = int(min(photo.width, round(height * rng.uniform(1.0, 1.5))))
         left, top = int(rng.integers(0, photo.width - width + 1)), int(rng.integers(0, photo.height - height + 1))
         yield photo.crop((left, top, left + width, top + height))
+
+
+def tokens_per_image(resolution: int) -> int:
+    """Tokens of a patch-16 ViT at ``resolution`` px: the patches and the class token."""
+    return (resolution // PATCH) ** 2 + 1
+
+
+def add_resolution_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--resolutions``, ``--backbone-resolution`` and ``--backbone-sizes``, as the model and
+    inference benchmarks take them."""
+    parser.add_argument("--resolutions", type=comma_separated(int), default=[224, 384],
+                        help="classification image sizes, comma-separated (\"\" for none)")
+    parser.add_argument("--backbone-resolution", type=int, default=1024,
+                        help="image size of the backbone rows (forward_features, no head; 0 disables them)")
+    parser.add_argument("--backbone-sizes", type=comma_separated(str, SIZES), default=None,
+                        help="sizes of the backbone rows (default: base on CUDA, tiny on CPU)")
+
+
+def check_resolutions(args: argparse.Namespace) -> None:
+    """Refuse image sizes that are not positive multiples of the patch size.
+
+    Raises:
+        ValueError: naming the sizes given.
+    """
+    if (any(res < PATCH or res % PATCH for res in args.resolutions) or args.backbone_resolution < 0
+            or args.backbone_resolution % PATCH):
+        raise ValueError(f"resolutions must be multiples of the patch size {PATCH} (--backbone-resolution 0 "
+                         f"disables the backbone rows), got {args.resolutions} and --backbone-resolution "
+                         f"{args.backbone_resolution}")
+
+
+def backbone_sizes(args: argparse.Namespace, on_gpu: bool) -> list[str]:
+    """The sizes of the backbone rows: ``--backbone-sizes``, or base on a GPU and tiny on a CPU."""
+    return args.backbone_sizes or (["base"] if on_gpu else ["tiny"])
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -23,8 +23,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from anchorformer import config
-from benchmarks.model import SIZES, measure_training_step, peak_flops
-from benchmarks.report import comma_separated, machine_description, markdown_table, photo_crops
+from benchmarks.model import measure_training_step, peak_flops
+from benchmarks.report import SIZES, comma_separated, machine_description, markdown_table, photo_crops
 from benchmarks.results import record, verdict
 from anchorformer.data.index import index_path
 from anchorformer.data.sources import SourceListing, SourceSample
