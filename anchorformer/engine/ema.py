@@ -16,28 +16,9 @@ import torch
 from torch import nn
 
 from anchorformer import dist
+from anchorformer.dist.zero import is_partitioned, local_values, release_gathered
 
-__all__ = ["ShardedEma", "local_values"]
-
-
-def _is_partitioned(param: nn.Parameter) -> bool:
-    """Whether ZeRO-3 manages ``param`` (this rank owns one partition of it)."""
-    return hasattr(param, "ds_tensor")
-
-
-def _release_gathered(params: list[nn.Parameter]) -> None:
-    """Free the whole copies of ZeRO-3 weights that are gathered right now (persistent ones, and
-    any kept after an evaluation forward); the next forward gathers them anew from the
-    partitions."""
-    gathered = [p for p in params if _is_partitioned(p) and p.ds_status.name == "AVAILABLE"]
-    if gathered:
-        gathered[0].partition(param_list=gathered)
-
-
-def local_values(param: nn.Parameter) -> torch.Tensor:
-    """The tensor holding this rank's authoritative values of ``param``: its ZeRO-3 partition, or
-    the whole weight under stages 0-2."""
-    return param.ds_tensor.data if _is_partitioned(param) else param.data
+__all__ = ["ShardedEma"]
 
 
 class ShardedEma:
@@ -96,7 +77,7 @@ class ShardedEma:
                     local_values(param).copy_(backup[name])
 
     def _release_gathered(self) -> None:
-        _release_gathered(list(self._params.values()))
+        release_gathered(self._params.values())
         # DeepSpeed prefetches by the fetch order it recorded with these weights gathered; a
         # forward with them released no longer follows it (resumed runs trip over it): record anew
         if self._coordinator is not None and not self._coordinator.is_invalid_trace():
@@ -107,7 +88,7 @@ class ShardedEma:
         full = {}
         for name, param in self._params.items():
             shadow = self.shadow[name]
-            if _is_partitioned(param):
+            if is_partitioned(param):
                 flat = torch.cat(dist.all_gather_tensor(shadow.reshape(-1)))
                 full[name] = flat[: param.ds_numel].view(param.ds_shape)
             else:
@@ -130,7 +111,7 @@ class ShardedEma:
         """
         for name, param in self._params.items():
             chunk = self._saved_chunk(state, name).to(self.shadow[name].device)
-            if _is_partitioned(param):
+            if is_partitioned(param):
                 if chunk.numel() != self.shadow[name].numel():
                     raise ValueError(f"the saved EMA chunk of {name!r} holds {chunk.numel()} values, this rank's "
                                      f"partition {self.shadow[name].numel()}: the checkpoint was written by another model")
@@ -148,7 +129,7 @@ class ShardedEma:
 
     def _chunk(self, name: str) -> torch.Tensor:
         shadow = self.shadow[name]
-        if _is_partitioned(self._params[name]):
+        if is_partitioned(self._params[name]):
             return shadow.reshape(-1).clone()
         return _slice(shadow.reshape(-1), dist.rank(), dist.world_size())
 
@@ -163,11 +144,11 @@ class ShardedEma:
     def _set_from_whole(self, name: str, flat: torch.Tensor) -> None:
         """Set this rank's storage of ``name``'s average from the flat whole (padding after its end)."""
         param, shadow = self._params[name], self.shadow[name]
-        numel = param.ds_numel if _is_partitioned(param) else shadow.numel()
+        numel = param.ds_numel if is_partitioned(param) else shadow.numel()
         if flat.numel() < numel:
             raise ValueError(f"the saved EMA of {name!r} holds {flat.numel()} values, the weight has {numel}: the "
                              f"checkpoint was written by another model")
-        mine = _slice(flat[:numel], dist.rank(), dist.world_size()) if _is_partitioned(param) else flat[:numel]
+        mine = _slice(flat[:numel], dist.rank(), dist.world_size()) if is_partitioned(param) else flat[:numel]
         shadow.copy_(mine.to(shadow.device).view_as(shadow))
 
 

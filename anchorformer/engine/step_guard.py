@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from anchorformer.config import TrainConfig
-from anchorformer.engine.ema import local_values
+from anchorformer.dist.zero import local_values
 
 __all__ = ["TrainingDiverged", "StepOutcome", "PendingOutcome", "StepGuard", "nonfinite_weights"]
 

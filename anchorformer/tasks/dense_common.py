@@ -1,34 +1,13 @@
-"""What the dense tasks (detection, segmentation) share on the task side: their config section,
-the encoder's ``timm.create_model`` overrides, and whole weights for inference under ZeRO-3.
-The network itself (backbone, feature pyramid, weight loading) is model code:
-``anchorformer.models.backbone``.
+"""What the dense tasks (detection, segmentation) share on the task side: their config section and
+the encoder's ``timm.create_model`` overrides. The networks (backbone, feature pyramid, weight
+loading, heads) are model code: ``anchorformer.models``; whole weights for inference under ZeRO-3
+come from ``anchorformer.dist.zero``.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Dict, Iterator
+from typing import Any, Dict
 
-from torch import nn
-
-__all__ = ["full_parameters", "encoder_kwargs", "task_options"]
-
-
-@contextlib.contextmanager
-def full_parameters(model: nn.Module) -> Iterator[None]:
-    """Hold every weight of ``model`` whole on this rank for the duration (inference).
-
-    Under ZeRO-3 each forward otherwise gathers weights collectively, so all ranks would have to
-    run the same number of forwards; evaluation runs a data-dependent number (uneven splits,
-    sliding windows). Outside ZeRO-3 this does nothing.
-    """
-    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
-    if not partitioned:
-        yield
-        return
-    import deepspeed  # only reached under ZeRO-3, where DeepSpeed is loaded already
-
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
-        yield
+__all__ = ["encoder_kwargs", "task_options"]
 
 
 def encoder_kwargs(model_cfg: Any) -> Dict[str, Any]:

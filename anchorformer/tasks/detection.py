@@ -28,9 +28,10 @@ from anchorformer.config import RootConfig
 from anchorformer.data.coco import CocoInstances, DetectionBatch, collate_detection
 from anchorformer.data.dense import MapTrainStream, eval_loader
 from anchorformer.dist import collectives
+from anchorformer.dist.zero import whole_parameters
 from anchorformer.models.backbone import AnchorFormerBackbone, DenseModelMixin
 from anchorformer.tasks.base import Runtime
-from anchorformer.tasks.dense_common import encoder_kwargs, full_parameters, task_options
+from anchorformer.tasks.dense_common import encoder_kwargs, task_options
 
 __all__ = ["DetectionTask", "AnchorFormerMaskRCNN", "build_detector", "detection_loss", "move_batch",
            "predict_coco_results", "coco_metrics", "evaluate_detection"]
@@ -138,7 +139,7 @@ def predict_coco_results(model: nn.Module, batches: Iterable[DetectionBatch], da
     model.eval()
     results: List[Dict[str, Any]] = []
     skipped = 0
-    with full_parameters(model):
+    with whole_parameters(model):
         for batch in batches:
             skipped += sum(batch.skips.values())
             images, targets = move_batch(batch, device, dtype)

@@ -20,9 +20,10 @@ from anchorformer.config import RootConfig
 from anchorformer.data.ade20k import IGNORE_INDEX, ADE20KSegmentation, SegmentationBatch, collate_segmentation
 from anchorformer.data.dense import MapTrainStream, eval_loader
 from anchorformer.dist import collectives
+from anchorformer.dist.zero import whole_parameters
 from anchorformer.models.backbone import AnchorFormerBackbone, DenseModelMixin
 from anchorformer.tasks.base import Runtime
-from anchorformer.tasks.dense_common import encoder_kwargs, full_parameters, task_options
+from anchorformer.tasks.dense_common import encoder_kwargs, task_options
 
 __all__ = ["SegmentationTask", "ConvNormAct", "UperNetHead", "UperNetSegmentor", "segmentation_loss", "predict_logits",
            "SegmentationMetrics", "evaluate_segmentation"]
@@ -275,7 +276,7 @@ def evaluate_segmentation(model: nn.Module, batches: Iterable[SegmentationBatch]
     model.eval()
     metrics = SegmentationMetrics(num_classes)
     skipped = 0
-    with full_parameters(model):
+    with whole_parameters(model):
         for batch in batches:
             skipped += sum(batch.skips.values())
             for image, label in zip(batch.images, batch.labels):
