@@ -177,13 +177,12 @@ def _slurm_job_state(job_env: submitit.JobEnvironment) -> Optional[str]:
     when squeue does not answer (then the job tries to requeue itself)."""
     if job_env.cluster != "slurm":
         return None
+    from anchorformer.dist.slurm import SlurmUnanswered, job_state  # the dist package imports torch: in the job only
+
     try:
-        done = subprocess.run(["squeue", "-h", "-j", str(job_env.job_id), "-o", "%T"], capture_output=True,
-                              text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
+        return job_state(job_env.job_id, timeout_s=60)
+    except SlurmUnanswered:
         return None
-    states = done.stdout.split() if done.returncode == 0 else []
-    return states[0] if states else None
 
 
 def _setup_process(dist_env: DistEnv) -> None:

@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import socket
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Optional
 
 from anchorformer.atomic import atomic_write_bytes
 from anchorformer.config import ConfigError
+from anchorformer.dist import slurm
 
 __all__ = ["LOCK_FILE", "LockHolder", "RunFolderInUse", "check_free", "acquire", "release", "claim_for_job"]
 
@@ -191,14 +191,10 @@ def _slurm_state(job_id: str) -> Optional[str]:
     """The job's state while it may still write (pending, running, completing, ...); None once
     SLURM lists it as finished or no longer knows it."""
     try:
-        done = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], capture_output=True,
-                              text=True, timeout=30)
-    except subprocess.TimeoutExpired:
-        return "unknown (squeue timed out)"
-    if done.returncode != 0:
-        return None if "Invalid job id" in done.stderr else f"unknown ({done.stderr.strip()})"
-    states = done.stdout.split()
-    return states[0] if states and states[0] in _ACTIVE_SLURM_STATES else None
+        state = slurm.job_state(job_id, timeout_s=30, finished_too=True)
+    except slurm.SlurmUnanswered as error:
+        return f"unknown ({error})"
+    return state if state in _ACTIVE_SLURM_STATES else None
 
 
 def _process_start(pid: int) -> Optional[int]:
