@@ -19,8 +19,8 @@ from anchorformer.convert import (
     fixed_input, load_source, read_metadata,
 )
 from anchorformer.models.backbone import AnchorFormerBackbone
-from anchorformer.tasks.detection import build_detector
-from anchorformer.tasks.segmentation import UperNetSegmentor
+from anchorformer.models.mask_rcnn import build_detector
+from anchorformer.models.upernet import UperNetSegmentor
 
 NAME = "anchorformer_tiny_patch16_224"
 TINY = dict(embed_dim=64, depth=2, num_heads=2, num_anchors=8)

@@ -19,7 +19,8 @@ from anchorformer.data.coco import CocoInstances, collate_detection
 from anchorformer.data.dense import MapTrainStream, eval_loader
 from anchorformer.data.stages import SKIP_REASONS
 from anchorformer.models.backbone import AnchorFormerBackbone
-from anchorformer.tasks.detection import build_detector, coco_metrics, detection_loss, evaluate_detection
+from anchorformer.models.mask_rcnn import build_detector
+from anchorformer.tasks.detection import coco_metrics, detection_loss, evaluate_detection
 
 TINY = dict(embed_dim=64, depth=2, num_heads=2, num_anchors=8)
 IMAGE = 96

@@ -14,8 +14,9 @@ from dense_fixtures import train_recipe, train_steps
 
 from anchorformer.convert import export_backbone, load_source
 from anchorformer.data.ade20k import IGNORE_INDEX, ADE20KSegmentation, collate_segmentation
+from anchorformer.models.upernet import UperNetSegmentor
 from anchorformer.tasks.segmentation import (
-    SegmentationMetrics, UperNetSegmentor, evaluate_segmentation, predict_logits, segmentation_loss,
+    SegmentationMetrics, evaluate_segmentation, predict_logits, segmentation_loss,
 )
 
 TINY = dict(embed_dim=64, depth=2, num_heads=2, num_anchors=8)

@@ -1,16 +1,11 @@
-"""Segmentation stage: AnchorFormer backbone -> simple feature pyramid -> UperNet head (+ an
-auxiliary FCN head on the stride-16 level), cross-entropy with ignore index 255, mIoU and pixel
-accuracy, whole-image and sliding-window inference.
-
-UperNet: "Unified Perceptual Parsing for Scene Understanding", arXiv 1807.10221 (pyramid pooling
-on the coarsest level, a top-down FPN, all levels fused at stride 4). Written here compactly:
-mmsegmentation's implementation needs mmcv/mmengine, which this project does not depend on.
+"""Segmentation stage: the UperNet network (``anchorformer.models.upernet``) trained with
+cross-entropy (ignore index 255), evaluated by mIoU and pixel accuracy with whole-image or
+sliding-window inference.
 """
 from __future__ import annotations
 
 import logging
-import math
-from typing import Any, Dict, Iterable, List, Literal, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Literal, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -21,114 +16,15 @@ from anchorformer.data.ade20k import IGNORE_INDEX, ADE20KSegmentation, Segmentat
 from anchorformer.data.dense import MapTrainStream, eval_loader
 from anchorformer.dist import collectives
 from anchorformer.dist.zero import whole_parameters
-from anchorformer.models.backbone import AnchorFormerBackbone, DenseModelMixin
+from anchorformer.models.upernet import UperNetSegmentor, resize_bilinear
 from anchorformer.tasks.base import Runtime
 from anchorformer.tasks.dense_common import encoder_kwargs, task_options
 
-__all__ = ["SegmentationTask", "ConvNormAct", "UperNetHead", "UperNetSegmentor", "segmentation_loss", "predict_logits",
-           "SegmentationMetrics", "evaluate_segmentation"]
+__all__ = ["SegmentationTask", "segmentation_loss", "predict_logits", "SegmentationMetrics", "evaluate_segmentation"]
 
 logger = logging.getLogger(__name__)
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 _SIZE_DIVISOR = 32  # the coarsest pyramid level is stride 32
-
-
-class ConvNormAct(nn.Sequential):
-    """Convolution (no bias) -> GroupNorm (up to 32 groups of >= 2 channels, so a 1x1 pooled map works) -> ReLU.
-
-    GroupNorm instead of mmsegmentation's SyncBatchNorm: it does not depend on the per-rank batch
-    (2 crops per GPU in the recipes), needs no cross-rank statistics, and has no running-statistics
-    buffers that DeepSpeed's bf16/fp16 casting would leave in fp32."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1) -> None:
-        super().__init__(nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
-                         nn.GroupNorm(math.gcd(32, max(out_channels // 2, 1)), out_channels), nn.ReLU(inplace=True))
-
-
-def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-
-
-class UperNetHead(nn.Module):
-    """Pyramid pooling on the coarsest level, top-down FPN, fusion of all levels at the finest
-    level's resolution, then a 1x1 classifier.
-
-    Args:
-        in_channels: channels of each input level, finest first.
-        channels: width of the head.
-        num_classes: output classes.
-        pool_scales: output sizes of the pyramid pooling module.
-        dropout: dropout before the classifier.
-    """
-
-    def __init__(self, in_channels: Sequence[int], channels: int, num_classes: int,
-                 pool_scales: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1) -> None:
-        super().__init__()
-        *fine, coarsest = in_channels
-        self.pools = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(scale), ConvNormAct(coarsest, channels))
-                                   for scale in pool_scales)
-        self.pool_bottleneck = ConvNormAct(coarsest + len(pool_scales) * channels, channels, 3)
-        self.laterals = nn.ModuleList(ConvNormAct(c, channels) for c in fine)
-        self.fpn_convs = nn.ModuleList(ConvNormAct(channels, channels, 3) for _ in fine)
-        self.fuse = ConvNormAct(len(in_channels) * channels, channels, 3)
-        self.classifier = nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(channels, num_classes, 1))
-
-    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        *fine, coarsest = features
-        pooled = [_resize(pool(coarsest), coarsest.shape[-2:]) for pool in self.pools]
-        levels = [lateral(x) for lateral, x in zip(self.laterals, fine)]
-        levels.append(self.pool_bottleneck(torch.cat([coarsest, *pooled], dim=1)))
-        for i in range(len(levels) - 1, 0, -1):  # top-down: coarse context into finer levels
-            levels[i - 1] = levels[i - 1] + _resize(levels[i], levels[i - 1].shape[-2:])
-        outputs = [conv(x) for conv, x in zip(self.fpn_convs, levels[:-1])] + [levels[-1]]
-        size = outputs[0].shape[-2:]
-        fused = self.fuse(torch.cat([outputs[0]] + [_resize(x, size) for x in outputs[1:]], dim=1))
-        return self.classifier(fused)
-
-
-class UperNetSegmentor(DenseModelMixin, nn.Module):
-    """AnchorFormer backbone + UperNet (+ auxiliary FCN head during training).
-
-    Takes images in [0, 1] (normalised inside) whose sides are multiples of 32 and returns logits
-    at stride 4 (and the auxiliary logits at stride 16 in training mode).
-
-    Args:
-        model_name: timm name of the backbone.
-        num_classes: output classes.
-        image_size: the crop size the backbone's pos_embed is built for, in pixels.
-        weights: backbone export from ``tools/convert_checkpoint.py`` (None: random init).
-        model_kwargs: architecture overrides for ``timm.create_model``.
-        pyramid_channels: channels of each simple-feature-pyramid level.
-        head_channels: width of the UperNet head (512 in mmsegmentation's recipes).
-        aux_channels: width of the auxiliary head; 0 disables it.
-        mean: per-channel mean of the backbone's pre-training (RGB, [0, 1] units).
-        std: per-channel std of the backbone's pre-training.
-    """
-
-    def __init__(self, model_name: str, num_classes: int, image_size: int, weights: Optional[str] = None,
-                 model_kwargs: Optional[dict] = None, pyramid_channels: int = 256, head_channels: int = 512,
-                 aux_channels: int = 256, mean: Sequence[float] = _IMAGENET_MEAN,
-                 std: Sequence[float] = _IMAGENET_STD) -> None:
-        super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        self.backbone = AnchorFormerBackbone(model_name, img_size=image_size, out_channels=pyramid_channels,
-                                             weights=weights, model_kwargs=model_kwargs)
-        self.decode_head = UperNetHead([pyramid_channels] * 4, head_channels, num_classes)
-        self.aux_head = nn.Sequential(ConvNormAct(pyramid_channels, aux_channels, 3), nn.Dropout2d(0.1),
-                                      nn.Conv2d(aux_channels, num_classes, 1)) if aux_channels else None
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-        self.num_classes = num_classes
-
-    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        # the fp32 statistics must not promote bf16/fp16 images (DeepSpeed casts weights, not buffers)
-        features = list(self.backbone(((images - self.mean) / self.std).to(images.dtype)).values())
-        logits = self.decode_head(features)
-        aux = self.aux_head(features[2]) if self.training and self.aux_head is not None else None
-        return logits, aux
 
 
 def segmentation_loss(model: nn.Module, batch: SegmentationBatch, device: torch.device, aux_weight: float = 0.4,
@@ -150,9 +46,9 @@ def segmentation_loss(model: nn.Module, batch: SegmentationBatch, device: torch.
     labels = batch.labels.to(device, non_blocking=True)
     logits, aux = model(images)
     logits, aux = logits.float(), None if aux is None else aux.float()
-    terms = {"loss_seg": F.cross_entropy(_resize(logits, labels.shape[-2:]), labels, ignore_index=IGNORE_INDEX)}
+    terms = {"loss_seg": F.cross_entropy(resize_bilinear(logits, labels.shape[-2:]), labels, ignore_index=IGNORE_INDEX)}
     if aux is not None:
-        terms["loss_aux"] = aux_weight * F.cross_entropy(_resize(aux, labels.shape[-2:]), labels,
+        terms["loss_aux"] = aux_weight * F.cross_entropy(resize_bilinear(aux, labels.shape[-2:]), labels,
                                                          ignore_index=IGNORE_INDEX)
     total = sum(terms.values())
     return total, {name: float(value.detach()) for name, value in terms.items()}
@@ -212,7 +108,7 @@ def _padded_logits(model: nn.Module, images: torch.Tensor, height: int, width: i
     """Logits at the padded size (height, width) of images padded bottom/right with zeros."""
     padded = F.pad(images, (0, width - images.shape[-1], 0, height - images.shape[-2]))
     logits, _ = model(padded)
-    return _resize(logits.float(), (height, width))
+    return resize_bilinear(logits.float(), (height, width))
 
 
 class SegmentationMetrics:
@@ -281,7 +177,7 @@ def evaluate_segmentation(model: nn.Module, batches: Iterable[SegmentationBatch]
             skipped += sum(batch.skips.values())
             for image, label in zip(batch.images, batch.labels):
                 logits = predict_logits(model, image.to(device, dtype=dtype), mode, crop_size, stride)
-                metrics.update(_resize(logits[None], label.shape[-2:])[0].argmax(0), label.to(device))
+                metrics.update(resize_bilinear(logits[None], label.shape[-2:])[0].argmax(0), label.to(device))
     if skipped:
         logger.warning("%d unreadable evaluation image(s) skipped on this rank; the metrics leave them out", skipped)
     collectives.sum_across_ranks(metrics.areas)
