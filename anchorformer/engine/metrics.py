@@ -1,5 +1,6 @@
-"""Observability: TensorBoard scalars and text on rank 0, throughput / TFLOP/s / MFU from the
-model's measured FLOPs, device memory."""
+"""Observability: TensorBoard on rank 0 (scalars, histograms, images, text, and the run's
+custom-scalars layout: the charts a user checks first), throughput / TFLOP/s / MFU from the model's
+measured FLOPs, data-wait share, device memory."""
 from __future__ import annotations
 
 import resource
@@ -7,13 +8,18 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping, Union
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["measure_forward_flops", "peak_memory_gb", "Throughput", "TensorBoardLogger"]
+if TYPE_CHECKING:
+    from anchorformer.models.anchor_diagnostics import AnchorDiagnostics
+
+__all__ = ["measure_forward_flops", "peak_memory_gb", "Throughput", "TensorBoardLogger", "run_layout",
+           "skip_scalars"]
 
 
 @torch.no_grad()
@@ -75,33 +81,106 @@ class Throughput:
         samples_per_s = self._steps * self.samples_per_step / elapsed
         tflops = 3.0 * self.flops_per_sample * samples_per_s / self.world_size / 1e12
         result = {"perf/samples_per_s": samples_per_s, "perf/step_time_s": elapsed / steps,
-                  "perf/data_wait_s": self._data_wait / steps, "perf/tflops_per_device": tflops}
+                  "perf/data_wait_s": self._data_wait / steps, "perf/data_wait_share": self._data_wait / elapsed,
+                  "perf/tflops_per_device": tflops}
         if self.peak_tflops > 0:
             result["perf/mfu"] = tflops / self.peak_tflops
         self._steps, self._data_wait, self._start = 0, 0.0, time.perf_counter()
         return result
 
 
+def skip_scalars(split: str, counts: Mapping[str, float]) -> dict[str, float]:
+    """The data streams' skip counters as tags ``skipped/<split>/<reason>`` (split ``train`` or
+    ``val``): one custom-scalars chart per split, one line per reason."""
+    return {f"skipped/{split}/{reason}": float(n) for reason, n in counts.items()}
+
+
+def run_layout(main_metric: str = "top1") -> dict[str, dict[str, list]]:
+    """TensorBoard's custom-scalars layout of a run (``add_custom_scalars``): categories in order,
+    charts of tag regexes (``re.match``) in order. "At a glance" holds what a user checks first.
+
+    Args:
+        main_metric: the task's main evaluation metric (``top1``, ``bbox_AP``, ``mIoU``).
+    """
+    def chart(*patterns: str) -> list:
+        return ["Multiline", list(patterns)]
+
+    main = main_metric.replace(".", r"\.")
+    return {
+        "At a glance": {
+            "loss (train, eval, eval EMA)": chart(r"^train/loss$", r"^eval(_ema)?/loss$"),
+            f"{main_metric} (eval, eval EMA, best)": chart(rf"^eval(_ema)?/(best_)?{main}$"),
+            "learning rate": chart(r"^train/lr$"),
+            "images/s (all ranks)": chart(r"^perf/samples_per_s$"),
+            "MFU": chart(r"^perf/mfu$"),
+            "data-wait share of wall time": chart(r"^perf/data_wait_share$"),
+            "peak memory (GB)": chart(r"^memory/"),
+            "step time (s): mean, per-rank median and max": chart(r"^perf/step_time(_median|_max)?_s$"),
+        },
+        "Training": {
+            "gradient norm": chart(r"^train/grad_norm$"),
+            "skipped steps (non-finite, loss spikes)": chart(r"^train/(nonfinite|spike)_steps$"),
+            "TFLOP/s per device": chart(r"^perf/tflops_per_device$"),
+            "data wait per step (s)": chart(r"^perf/data_wait_s$"),
+            "epoch": chart(r"^train/epoch$"),
+            "other evaluation metrics": chart(rf"^eval(_ema)?/(?!loss$|samples$|(best_)?{main}$)"),
+        },
+        "Data: skipped samples": {
+            "train (one line per reason)": chart(r"^skipped/train/"),
+            "validation (one line per reason)": chart(r"^skipped/val/"),
+        },
+        "Anchors": {
+            "dead anchors per layer": chart(r"^anchors/dead/"),
+            "dead anchors, all layers": chart(r"^anchors/dead_total$"),
+            "smallest relative degree per layer (1 = fair share)": chart(r"^anchors/degree_min/"),
+            "assignment entropy / log m per layer": chart(r"^anchors/entropy/"),
+            "max anchor cosine similarity per layer": chart(r"^anchors/cosine_max/"),
+            "mean anchor cosine similarity per layer": chart(r"^anchors/cosine_mean/"),
+            "mean anchor norm per layer": chart(r"^anchors/norm_mean/"),
+        },
+    }
+
+
 class TensorBoardLogger:
-    """TensorBoard event writer of the main rank; a no-op elsewhere or when disabled.
+    """TensorBoard event writer of the main rank; a no-op elsewhere or when disabled. Writes the
+    run's custom-scalars layout (:func:`run_layout`) when it opens.
 
     Args:
         log_dir: folder for the event files.
         enabled: write (true on rank 0 with logging.tensorboard).
+        main_metric: the task's main evaluation metric, charted "at a glance".
     """
 
-    def __init__(self, log_dir: Path, enabled: bool):
+    def __init__(self, log_dir: Path, enabled: bool, main_metric: str = "top1"):
         self._writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only on rank 0
 
             self._writer = SummaryWriter(log_dir=str(log_dir))
+            self._writer.add_custom_scalars(run_layout(main_metric))
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         """Write each ``tag: value`` at ``step``."""
         if self._writer is not None:
             for tag, value in values.items():
                 self._writer.add_scalar(tag, value, step)
+
+    def histograms(self, values: Mapping[str, Union[torch.Tensor, np.ndarray]], step: int) -> None:
+        """Write each ``tag: values`` as a histogram at ``step``."""
+        if self._writer is not None:
+            for tag, value in values.items():
+                self._writer.add_histogram(tag, value, step)
+
+    def images(self, values: Mapping[str, np.ndarray], step: int) -> None:
+        """Write each ``tag: picture`` ((H, W, 3) uint8, e.g. from ``models.anchor_pictures``) at ``step``."""
+        if self._writer is not None:
+            for tag, picture in values.items():
+                self._writer.add_image(tag, picture, step, dataformats="HWC")
+
+    def anchor_diagnostics(self, result: AnchorDiagnostics, step: int) -> None:
+        """The scalars and histograms of ``models.anchor_diagnostics`` at ``step``."""
+        self.scalars(result.scalars(), step)
+        self.histograms(result.histograms(), step)
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
         """Write a markdown text entry (e.g. the resolved config)."""
