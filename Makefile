@@ -30,12 +30,16 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python tools/benchmark.py --write-docs all
 
+# The local SLURM cluster: NODES=1 (default) is this host alone; NODES=3 gives 3 nodes, each a
+# network namespace (tests/slurm_cluster.py).
+NODES ?= 1
+
 slurm-up: $(STAMP)
-	$(BIN)/python tests/slurm_cluster.py start
+	$(BIN)/python tests/slurm_cluster.py start --nodes $(NODES)
 
 # Stops the local cluster only if `make slurm-up` of this checkout started it.
 slurm-down: $(STAMP)
-	$(BIN)/python tests/slurm_cluster.py stop
+	$(BIN)/python tests/slurm_cluster.py stop --nodes $(NODES)
 
 clean:
 	rm -rf $(VENV) runs .cache

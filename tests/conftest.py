@@ -1,6 +1,7 @@
 """Shared fixtures (kept minimal and generic)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from slurm_cluster import DEFAULT_NODES_STATE_DIR, ClusterPaths, NamespaceCluster
 
 # DeepSpeed's JIT-built ops (the CPU shared-memory all-reduce) are cached per checkout, for this
 # process and every subprocess and SLURM job of the tests: another checkout's build lock never stalls us.
@@ -21,14 +23,42 @@ def embedded_cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("embedded_cache")
 
 
+@contextlib.contextmanager
+def _running_cluster(*options: str) -> Iterator[None]:
+    """The tests/slurm_cluster.py cluster that ``options`` select, started (a no-op if it runs
+    already) and stopped at the end if this session started it."""
+    script = [sys.executable, str(Path(__file__).with_name("slurm_cluster.py"))]
+    was_running = subprocess.run([*script, "status", *options], capture_output=True, timeout=60).returncode == 0
+    started = subprocess.run([*script, "start", *options], capture_output=True, text=True, timeout=1800)
+    assert started.returncode == 0, f"cannot start SLURM:\n{started.stdout[-2000:]}{started.stderr[-3000:]}"
+    yield
+    if not was_running:
+        subprocess.run([*script, "stop", *options], capture_output=True, text=True, timeout=300)
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[None]:
     """A real single-node SLURM with accounting (tests/slurm_cluster.py; starting one that already
     runs is a no-op), stopped at the end of the session if the session started it."""
-    script = [sys.executable, str(Path(__file__).with_name("slurm_cluster.py"))]
-    was_running = subprocess.run([*script, "status"], capture_output=True, timeout=60).returncode == 0
-    started = subprocess.run([*script, "start"], capture_output=True, text=True, timeout=1800)
-    assert started.returncode == 0, f"cannot start SLURM:\n{started.stdout[-2000:]}{started.stderr[-3000:]}"
-    yield
-    if not was_running:
-        subprocess.run([*script, "stop"], capture_output=True, text=True, timeout=300)
+    with _running_cluster():
+        yield
+
+
+@pytest.fixture(scope="session")
+def multinode_cluster() -> Iterator[NamespaceCluster]:
+    """A real SLURM of 3 nodes with accounting, each node a network namespace with its own host
+    name, address, slurmd and sshd (``tests/slurm_cluster.py start --nodes 3``); run its commands
+    with ``cluster.run`` / ``cluster.command`` (the login node) or ``cluster.node_command``."""
+    with _running_cluster("--nodes", "3"):
+        yield NamespaceCluster(ClusterPaths(DEFAULT_NODES_STATE_DIR), 3)
+
+
+@pytest.fixture(scope="session")
+def deepspeed_ops_built() -> None:
+    """DeepSpeed's CPU communication op, JIT-built into this checkout's TORCH_EXTENSIONS_DIR once
+    (about 70 s the first time), so that no test's ranks or nodes wait for the build."""
+    build = "from deepspeed.accelerator import get_accelerator; " \
+            "get_accelerator().create_op_builder('ShareMemCommBuilder').load()"
+    done = subprocess.run([sys.executable, "-c", build], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert done.returncode == 0, f"cannot build DeepSpeed's CPU op:\n{done.stderr[-3000:]}"
