@@ -39,6 +39,7 @@ from anchorformer.convert import InferenceModel, load_for_inference  # noqa: E40
 from anchorformer.data.image_files import ImageFileBatches  # noqa: E402
 from anchorformer.data.sources import list_image_folder  # noqa: E402
 from anchorformer.data.transforms import build_eval_transform  # noqa: E402
+from anchorformer.run_folder import RunFolder  # noqa: E402
 from anchorformer.tasks import Runtime  # noqa: E402
 from anchorformer.tasks.classification import ClassificationTask  # noqa: E402
 
@@ -96,7 +97,7 @@ def _evaluation_config(loaded: InferenceModel, args: argparse.Namespace) -> Root
     return dataclasses.replace(
         base, data=data,
         model=dataclasses.replace(base.model, name=loaded.name, num_classes=loaded.num_classes,
-                                  img_size=loaded.preprocessing.image_size),
+                                  img_size=loaded.image_size),
         train=dataclasses.replace(base.train, micro_batch_size=batch, global_batch_size=batch),
         loss=dataclasses.replace(base.loss, distillation="none"))  # a teacher is for training only
 
@@ -116,8 +117,9 @@ def _image_folder(root: str, loaded: InferenceModel, cfg: RootConfig, env: dist.
         raise ValueError(f"{root} has {len(listing.classes)} class folders but the model {loaded.num_classes} "
                          "classes")
     samples = [(sample.path, labels[listing.classes[sample.label]]) for sample in listing.samples]
-    return ImageFileBatches(samples, build_eval_transform(loaded.preprocessing), cfg.train.micro_batch_size,
-                            cfg.data.num_workers, env.rank, env.world_size)
+    transform = build_eval_transform(loaded.preprocessing, loaded.image_size)
+    return ImageFileBatches(samples, transform, cfg.train.micro_batch_size, cfg.data.num_workers, env.rank,
+                            env.world_size)
 
 
 def _with_progress(batches: Iterable[Any], total: int, enabled: bool) -> Iterator[Any]:
@@ -128,13 +130,13 @@ def _with_progress(batches: Iterable[Any], total: int, enabled: bool) -> Iterato
 
 
 def _default_output(args: argparse.Namespace) -> Optional[Path]:
-    run = Path(args.model)
-    if args.output is not None or not (run / "config.yaml").is_file():
+    run = RunFolder(Path(args.model))
+    if args.output is not None or not run.is_run():
         return args.output
     name = Path(args.checkpoint).name if args.checkpoint else "latest"
     name += "-ema" if args.weights == "ema" else ""
     name += f"-{args.img_size}px" if args.img_size else ""
-    return run / "eval" / f"{name}.json"
+    return run.evaluations / f"{name}.json"
 
 
 def evaluate(args: argparse.Namespace, env: dist.DistEnv) -> dict[str, Any]:
@@ -149,7 +151,7 @@ def evaluate(args: argparse.Namespace, env: dist.DistEnv) -> dict[str, Any]:
     if args.data is not None and Path(args.data).is_dir():
         batches, data = _image_folder(args.data, loaded, cfg, env), args.data
     else:
-        batches = task.build_val_data(loaded.preprocessing)
+        batches = task.build_val_data(loaded.image_size, loaded.preprocessing)
         data = cfg.data.val_shards if cfg.data.source == "shards" else "embedded digits (validation split)"
     model = loaded.model.to(runtime.device)
     progress = _with_progress(batches, batches.num_samples, env.is_main and not args.no_progress)
@@ -157,7 +159,7 @@ def evaluate(args: argparse.Namespace, env: dist.DistEnv) -> dict[str, Any]:
     metrics = task.evaluate(model, progress)
     seconds = time.perf_counter() - start
     return {**metrics, "images_per_s": metrics["samples"] / seconds, "seconds": seconds, **loaded.origin,
-            "data": str(data), "image_size": loaded.preprocessing.image_size,
+            "data": str(data), "image_size": loaded.image_size,
             "crop_pct": loaded.preprocessing.crop_pct, "world_size": env.world_size, "device": str(runtime.device)}
 
 

@@ -33,17 +33,16 @@ from submitit.slurm.slurm import SlurmExecutor
 
 from anchorformer.atomic import atomic_write_bytes
 from anchorformer.config import (
-    ConfigError, RootConfig, from_dict, load, run_directory, to_dict, to_yaml,
+    ConfigError, RootConfig, from_dict, load, to_dict, to_yaml,
 )
 from anchorformer.engine import run_lock
 from anchorformer.engine.preflight import check_run
+from anchorformer.run_folder import RunFolder
 from anchorformer.slurm_job import PREEMPT_SIGNAL, TrainingJob
 
 SUBMITIT_SIGNAL_VARIABLE = "SUBMITIT_PREEMPT_SIGNAL"
 """Environment variable naming the signal submitit's job-side handler listens for."""
 
-JOB_ID_FILE = "slurm_job_id.txt"
-"""File in the run folder holding the id of the last job submitted for it."""
 
 # Command-line option -> the slurm config field it overrides.
 OPTION_FIELDS = {
@@ -271,14 +270,9 @@ def check_request(cfg: RootConfig, nodes: Sequence[NodeOffer]) -> None:
                                          "start; ask for fewer")
 
 
-def run_folder(cfg: RootConfig) -> Path:
-    """The run folder the trainer writes to, absolute (the job may run from elsewhere)."""
-    return run_directory(cfg).absolute()
-
-
 def submitit_folder(cfg: RootConfig) -> Path:
     """Where submitit keeps the job's pickles and logs (``slurm.folder`` or ``{run}/slurm``)."""
-    return Path(cfg.slurm.folder).absolute() if cfg.slurm.folder else run_folder(cfg) / "slurm"
+    return Path(cfg.slurm.folder).absolute() if cfg.slurm.folder else RunFolder.of(cfg).absolute().slurm
 
 
 def uses_gpus(cfg: RootConfig) -> bool:
@@ -354,10 +348,10 @@ def make_executor(cfg: RootConfig, local: bool) -> submitit.AutoExecutor:
     return executor
 
 
-def _write_job_id(run_dir: Path, job_id: str) -> None:
+def _write_job_id(folder: RunFolder, job_id: str) -> None:
     """Record the job id in the run folder (atomically)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(run_dir / JOB_ID_FILE, (job_id + "\n").encode())
+    folder.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(folder.slurm_job_id, (job_id + "\n").encode())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -376,7 +370,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.dry_run:
         print(f"# sbatch script submitit would write to {submitit_folder(cfg)} ({layout}):")
         print(render_sbatch_script(cfg))
-        print(f"# resolved config (run folder {run_folder(cfg)}):")
+        print(f"# resolved config (run folder {RunFolder.of(cfg).absolute().root}):")
         print(to_yaml(cfg), end="")
         return 0
     try:
@@ -384,7 +378,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         offers = None if args.local else partition_nodes()
         if offers:
             check_request(cfg, offers)
-        run_lock.check_free(run_folder(cfg), me=None)  # a live run in the folder: refused
+        run_lock.check_free(RunFolder.of(cfg).absolute(), me=None)  # a live run in the folder: refused
     except ConfigError as error:
         print(f"error: {_named_by_option(error, args)}\nnothing was submitted", file=sys.stderr)
         return 2
@@ -392,13 +386,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {error}\nnothing was submitted", file=sys.stderr)
         return 2
     job = executor.submit(TrainingJob.from_config(cfg))
-    _write_job_id(run_folder(cfg), job.job_id)
+    _write_job_id(RunFolder.of(cfg).absolute(), job.job_id)
     if not args.local:  # locked for the job from now on: a second submission is refused while it waits
-        run_lock.claim_for_job(run_folder(cfg), job.job_id)
+        run_lock.claim_for_job(RunFolder.of(cfg).absolute(), job.job_id)
     print(f"submitted job {job.job_id} ({'local' if args.local else 'SLURM'}, {layout})")
     print(f"logs: {job.paths.stdout} (rank 0 output), {job.paths.stderr} (rank 0 errors)")
-    print(f"run folder: {run_folder(cfg)}")
-    print(f"follow it: tensorboard --logdir {run_folder(cfg)}")
+    print(f"run folder: {RunFolder.of(cfg).absolute().root}")
+    print(f"follow it: tensorboard --logdir {RunFolder.of(cfg).absolute().tensorboard}")
     if args.local:
         summary = job.results()[0]
         evaluation = ", ".join(f"{k} {v:.4g}" for k, v in summary.metrics.items()

@@ -44,6 +44,7 @@ from anchorformer.dist.stop_signals import STOP_SIGNALS, StopRequest  # noqa: E4
 from anchorformer.engine import run_training  # noqa: E402
 from anchorformer.engine.preflight import check_run  # noqa: E402
 from anchorformer.engine.run_lock import RunFolderInUse  # noqa: E402
+from anchorformer.run_folder import RunFolder  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.load(args.config, args.overrides)
         env = detect(cuda_available=uses_cuda(cfg.train.device))
-        check_run(cfg, env.world_size)  # before any work: no process group, run folder or model yet
+        plan = check_run(cfg, env.world_size)  # before any work: no process group, run folder or model yet
     except ValueError as err:  # ConfigError included: a bad recipe, override, input or launcher variable
         if env is None or env.local_rank == 0:  # one line per node, not one per rank
             print("error: " + " ".join(str(err).split()), file=sys.stderr)
@@ -74,13 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {env.rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        result = run_training(cfg, env=env, stop=stop)
+        result = run_training(cfg, env=env, stop=stop, plan=plan)
     except RunFolderInUse as err:  # another live run holds the run folder: refused before any work
         if env.local_rank == 0:
             print(f"error: {err}", file=sys.stderr)
         return 2
     if env.rank == 0:
-        run_dir = config.run_directory(cfg)
+        folder = RunFolder.of(cfg)
         metrics = result.metrics
         if "eval/top1" in metrics:
             evaluation = f", validation top-1 {metrics['eval/top1']:.2f}%" + (
@@ -88,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             evaluation = "".join(f", {k} {v:.4g}" for k, v in metrics.items() if k.startswith("eval/"))
         print(f"\n{result.status}: epoch {result.epoch}, step {result.step}{evaluation}")
-        print(f"run folder:  {run_dir}  (config.yaml, summary.json, checkpoints/)")
-        print(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
+        print(f"run folder:  {folder.root}  (config.yaml, summary.json, checkpoints/)")
+        print(f"TensorBoard: tensorboard --logdir {folder.tensorboard}")
     return 0
 
 

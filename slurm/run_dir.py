@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="slurm/run_dir.py", description=__doc__.split("\n\n")[0],
                                      epilog="Prints one absolute path; exit status 2 for a bad recipe or override.")
@@ -20,14 +19,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from anchorformer.config import ConfigError, load, run_directory  # imports torch: after --help
+    from anchorformer.config import ConfigError, load
+    from anchorformer.run_folder import RunFolder
 
     try:
         cfg = load(args.recipe, args.overrides)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(run_directory(cfg).absolute())
+    print(RunFolder.of(cfg).absolute().root)
     return 0
 
 

@@ -19,13 +19,14 @@ import anchorformer.models  # noqa: F401  (registers the models)
 from anchorformer import config, dist
 from anchorformer.config import LossConfig
 from anchorformer.engine import deepspeed_config
-from anchorformer.engine.checkpoint import CheckpointError, Checkpointer, model_signature
+from anchorformer.engine.checkpoint import CheckpointError, find_resume_point, model_signature
 from anchorformer.engine.ema import ShardedEma
 from anchorformer.engine.metrics import measure_forward_flops
 from anchorformer.engine.optim import (SGD, AdamW, LrSchedule, build_optimizer, param_groups, peak_lr,
                                        skip_step_where)
 from anchorformer.engine.step_guard import StepGuard, StepOutcome, TrainingDiverged
 from anchorformer.engine.trainer import StepInfo, Trainer
+from anchorformer.run_folder import CheckpointFolder, CheckpointMeta
 from anchorformer.tasks import task_class
 from anchorformer.tasks.classification import load_pretrained
 from anchorformer.tasks.losses import ClassificationLoss, load_teacher, soft_target_cross_entropy
@@ -314,35 +315,42 @@ def test_unknown_task_lists_the_registered_ones():
 
 # ---------------------------------------------------------------- checkpoint lookup
 def test_checkpoint_lookup_and_compatibility_messages(tmp_path):
-    checkpoints = Checkpointer(tmp_path / "ckpt", config.CheckpointConfig(), is_main=True)
-    assert checkpoints.find("auto") is None and checkpoints.find("none") is None
+    folder = CheckpointFolder(tmp_path / "ckpt")
+    signature = model_signature(_tiny(), "anchorformer_tiny_patch16_224")
+    layout = {"zero_stage": 2, "world_size": 8, "precision": "bf16", "global_batch_size": 64, "optimizer": "adamw"}
+
+    def expect(**changes) -> CheckpointMeta:
+        return CheckpointMeta(**{**signature, **layout, **changes})
+
+    def find(resume: str, **changes):
+        return find_resume_point(resume, folder, expect(**changes))
+
+    assert find("auto") is None and find("none") is None
     with pytest.raises(CheckpointError, match="neither a checkpoints folder"):
-        checkpoints.find(str(tmp_path / "elsewhere"))
+        find(str(tmp_path / "elsewhere"))
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "latest").write_text("step_7")
     with pytest.raises(CheckpointError, match="names 'step_7'.*not a complete checkpoint"):
-        checkpoints.find("auto")
+        find("auto")
 
-    signature = model_signature(_tiny(), "anchorformer_tiny_patch16_224")
     tag = tmp_path / "ckpt" / "step_7"
     tag.mkdir()
-    layout = {"zero_stage": 2, "world_size": 8, "precision": "bf16", "global_batch_size": 64, "optimizer": "adamw"}
     (tag / "meta.json").write_text(json.dumps({**signature, **layout}))
-    assert checkpoints.find("auto") == tag == checkpoints.find(str(tag))
-    assert Checkpointer.check(tag, {**signature, **layout})["world_size"] == 8
-    Checkpointer.check(tag, {**signature, **layout, "zero_stage": 3, "world_size": 4})  # another layout: resharded
+    assert find("auto").tag.path == tag == find(str(tag)).tag.path
+    assert find("auto").meta.world_size == 8
+    find("auto", zero_stage=3, world_size=4)  # another layout: resharded
     with pytest.raises(CheckpointError, match="another model"):
-        Checkpointer.check(tag, {**model_signature(_tiny(depth=4), "x"), **layout})
+        find_resume_point("auto", folder, CheckpointMeta(**{**model_signature(_tiny(depth=4), "x"), **layout}))
     with pytest.raises(CheckpointError, match="train.precision=bf16; this run uses bf16-mixed"):
-        Checkpointer.check(tag, {**signature, **layout, "precision": "bf16-mixed"})
+        find("auto", precision="bf16-mixed")
     with pytest.raises(CheckpointError, match="train.global_batch_size=64; this run uses 32"):
-        Checkpointer.check(tag, {**signature, **layout, "global_batch_size": 32})
+        find("auto", global_batch_size=32)
     (tag / "meta.json").write_text(json.dumps({**signature, **layout, "optimizer": "sgd"}))
-    Checkpointer.check(tag, {**signature, **layout, "optimizer": "sgd"})
+    find("auto", optimizer="sgd")
     with pytest.raises(CheckpointError, match="optim.name=sgd on 8 ranks at ZeRO stage 2; only AdamW"):
-        Checkpointer.check(tag, {**signature, **layout, "optimizer": "sgd", "world_size": 4})
+        find("auto", optimizer="sgd", world_size=4)
     (tag / "meta.json").write_text(json.dumps({**signature, "zero_stage": 2, "world_size": 8}))  # older meta
-    Checkpointer.check(tag, {**signature, **layout, "precision": "bf16-mixed", "global_batch_size": 32})
+    find("auto", precision="bf16-mixed", global_batch_size=32)
 
 
 def test_init_and_shutdown_leave_the_environment_as_they_found_it(monkeypatch):

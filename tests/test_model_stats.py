@@ -4,7 +4,7 @@ import importlib.util
 import pytest
 from helpers import REPO
 
-import anchorformer  # noqa: F401
+import anchorformer.models  # noqa: F401  (registers the models)
 from anchorformer.models.complexity import forward_macs, measure, param_count
 
 

@@ -4,7 +4,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-import anchorformer  # noqa: F401  (registers the models)
+import anchorformer.models  # noqa: F401  (registers the models)
 from anchorformer.models import AnchorAttention, AnchorFormer, AnchorFormerDistilled, default_weights_file
 from anchorformer.models.complexity import param_count, shape_of
 

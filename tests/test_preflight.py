@@ -30,10 +30,10 @@ SHARDS = ["data.source=shards", "data.train_shards={train}", "data.val_shards={v
 # (id, overrides, launcher environment, key named, fragment of the message)
 BAD_INPUTS = [
     ("kwargs-typo", ["model.kwargs.num_anchor=16"], {}, "model.kwargs.num_anchor",
-     "did you mean 'model.kwargs.num_anchors'?"),
-    ("no-anchors", ["model.kwargs.num_anchors=0"], {}, "model.kwargs.num_anchors", "must be an integer >= 1"),
-    ("width-vs-heads", ["model.kwargs.embed_dim=100"], {}, "model.kwargs.embed_dim", "divisible by num_heads=3"),
-    ("no-blocks", ["model.kwargs.depth=0"], {}, "model.kwargs.depth", "got depth=0"),
+     "did you mean 'model.num_anchors'?"),
+    ("no-anchors", ["model.num_anchors=0"], {}, "model.num_anchors", "must be an integer >= 1"),
+    ("width-vs-heads", ["model.embed_dim=100"], {}, "model.embed_dim", "divisible by num_heads=3"),
+    ("no-blocks", ["model.depth=0"], {}, "model.depth", "got depth=0"),
     ("patch-vs-image", ["model.img_size=15", "data.image_size=15"], {}, "model.img_size",
      "not divisible by patch_size=(4, 4)"),
     ("img-vs-image-size", ["data.image_size=15"], {}, "model.img_size", "differs from data.image_size=15"),
@@ -54,7 +54,7 @@ BAD_INPUTS = [
      "data.augment.three_augment", "set data.augment.auto_augment=null"),
     ("dense-task-on-patch-4", ["task=detection", "data.mixup.prob=0", "detection.train_annotations=/no/train.json",
                                "detection.train_images=/no", "detection.val_annotations=/no/val.json",
-                               "detection.val_images=/no"], {}, "model.kwargs.patch_size",
+                               "detection.val_images=/no"], {}, "model.patch_size",
      "the simple feature pyramid assumes patch size 16"),
 ]
 
@@ -97,7 +97,7 @@ def test_bad_input_exits_2_with_one_line_before_any_work(overrides, environment,
 
 
 def test_only_local_rank_0_prints_the_refusal(tmp_path):
-    proc = _train([f"logging.output_dir={tmp_path}", "model.kwargs.depth=0"],
+    proc = _train([f"logging.output_dir={tmp_path}", "model.depth=0"],
                   {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
     assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", "")
     assert not any(tmp_path.iterdir())
@@ -168,8 +168,8 @@ def _shards_config(inputs: dict[str, str], *overrides: str) -> config.RootConfig
      "loss.distillation", "needs a model with a distillation token"),
     (["train.resume={root}/other_model"], "train.resume", "holds another model"),
     (["logging.output_dir={train_index}"], "logging.output_dir", "is a file"),
-    (["model.kwargs={{patch_size: 4, depth: 4, embed_dim: 192, num_heads: 3, num_anchor: 16}}"],
-     "model.kwargs.num_anchor", "did you mean 'model.kwargs.num_anchors'"),
+    (["model.kwargs={{num_anchor: 16}}"], "model.kwargs.num_anchor", "did you mean 'model.num_anchors'"),
+    (["model.name=deit_tiny_patch16_224"], "model.num_anchors", "has no argument 'num_anchors'"),
 ])
 def test_check_run_names_the_key(overrides, key, fragment, inputs):
     other = Path(inputs["root"]) / "other_model"

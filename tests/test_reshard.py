@@ -27,11 +27,12 @@ import torch
 from data_fixtures import write_jpeg_shards
 from helpers import REPO, cpu_env
 
-from anchorformer.data import TrainTransformConfig, build_train_stream
+from anchorformer.config import AugmentConfig
+from anchorformer.data import build_train_stream
 
 NUM_CLASSES = 10
 GLOBAL_BATCH = 8
-TRANSFORM = TrainTransformConfig(image_size=16, scale=(0.5, 1.0))
+AUGMENT = AugmentConfig(scale=(0.5, 1.0))
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +44,9 @@ def shards(tmp_path_factory):
 def _streams(shards, world_size: int, micro: int, num_workers: int):
     pattern, index = shards
     return [build_train_stream(pattern, index=index, num_classes=NUM_CLASSES, rank=rank, world_size=world_size,
-                               micro_batch_size=micro, num_workers=num_workers, seed=5, transform=TRANSFORM,
-                               mixup=None, shuffle_buffer=6, return_keys=True, global_batch_size=GLOBAL_BATCH)
+                               micro_batch_size=micro, num_workers=num_workers, seed=5, image_size=16,
+                               augment=AUGMENT, mixup=None, shuffle_buffer=6, return_keys=True,
+                               global_batch_size=GLOBAL_BATCH)
             for rank in range(world_size)]
 
 
@@ -217,8 +219,8 @@ def _run(out: Path, cache: str, name: str) -> None:
     trainer = Trainer(cfg, dist.detect())
     record: dict[str, Any] = {}
     if name in RESUMES:
-        record.update(moments=_moments(trainer), conversion_s=trainer.resumed.conversion_s,
-                      resharded=trainer.resumed.resharded)
+        resumed = trainer.resume()
+        record.update(moments=_moments(trainer), conversion_s=resumed.conversion_s, resharded=resumed.resharded)
     else:
         def at_stop(trainer, info) -> None:
             if info.step == STOP_STEP:

@@ -12,7 +12,8 @@ import pytest
 from helpers import REPO, cpu_env
 
 from anchorformer.engine import run_lock
-from anchorformer.engine.run_lock import LOCK_FILE, LockHolder, RunFolderInUse
+from anchorformer.engine.run_lock import LockHolder, RunFolderInUse
+from anchorformer.run_folder import RunFolder
 
 
 def _holder_of(process: subprocess.Popen) -> LockHolder:
@@ -24,7 +25,7 @@ def _holder_of(process: subprocess.Popen) -> LockHolder:
 
 def _write_lock(run_dir: Path, holder: LockHolder) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / LOCK_FILE).write_text(json.dumps(dataclasses.asdict(holder)))
+    RunFolder(run_dir).lock.write_text(json.dumps(dataclasses.asdict(holder)))
 
 
 def test_a_live_run_keeps_the_folder_and_its_end_frees_it(tmp_path: Path):
@@ -33,16 +34,16 @@ def test_a_live_run_keeps_the_folder_and_its_end_frees_it(tmp_path: Path):
     try:
         _write_lock(run_dir, _holder_of(other))
         with pytest.raises(RunFolderInUse, match=rf"logging.run_name.*in use by pid {other.pid} .*alive"):
-            run_lock.check_free(run_dir, LockHolder.this_process())
+            run_lock.check_free(RunFolder(run_dir), LockHolder.this_process())
         with pytest.raises(RunFolderInUse, match="pick another logging.run_name"):
-            run_lock.acquire(run_dir)
+            run_lock.acquire(RunFolder(run_dir))
     finally:
         other.kill()
         other.wait()
-    mine = run_lock.acquire(run_dir)  # its holder is gone now: a stale lock
-    assert json.loads((run_dir / LOCK_FILE).read_text())["pid"] == mine.pid
-    run_lock.release(run_dir, mine)
-    assert not (run_dir / LOCK_FILE).exists() and sorted(p.name for p in run_dir.iterdir()) == []
+    mine = run_lock.acquire(RunFolder(run_dir))  # its holder is gone now: a stale lock
+    assert json.loads(RunFolder(run_dir).lock.read_text())["pid"] == mine.pid
+    run_lock.release(RunFolder(run_dir), mine)
+    assert not RunFolder(run_dir).lock.exists() and sorted(p.name for p in run_dir.iterdir()) == []
 
 
 def test_the_stale_lock_of_a_dead_process_is_taken_over_with_a_log_line(tmp_path: Path, caplog):
@@ -51,21 +52,21 @@ def test_the_stale_lock_of_a_dead_process_is_taken_over_with_a_log_line(tmp_path
     holder = _holder_of(gone)
     gone.wait()
     _write_lock(run_dir, holder)
-    run_lock.check_free(run_dir, None)  # a dead holder is no obstacle, not even to a submission
+    run_lock.check_free(RunFolder(run_dir), None)  # a dead holder is no obstacle, not even to a submission
     with caplog.at_level("WARNING", logger="anchorformer.engine.run_lock"):
-        run_lock.acquire(run_dir)
+        run_lock.acquire(RunFolder(run_dir))
     assert f"taking over the stale lock of pid {gone.pid}" in caplog.text
 
 
 def test_the_same_slurm_job_requeued_takes_its_own_lock_back(tmp_path: Path):
     run_dir = tmp_path / "run"
-    run_lock.claim_for_job(run_dir, "4242")  # what launch/submit.py writes after sbatch
+    run_lock.claim_for_job(RunFolder(run_dir), "4242")  # what launch/submit.py writes after sbatch
     job_before = dataclasses.replace(LockHolder.this_process(), slurm_job_id="4242")
-    run_lock.check_free(run_dir, job_before)
-    taken = run_lock.acquire(run_dir, job_before)
-    assert json.loads((run_dir / LOCK_FILE).read_text())["pid"] == taken.pid
+    run_lock.check_free(RunFolder(run_dir), job_before)
+    taken = run_lock.acquire(RunFolder(run_dir), job_before)
+    assert json.loads(RunFolder(run_dir).lock.read_text())["pid"] == taken.pid
     requeued = dataclasses.replace(job_before, pid=taken.pid + 1, since="later")
-    assert run_lock.acquire(run_dir, requeued) == requeued
+    assert run_lock.acquire(RunFolder(run_dir), requeued) == requeued
 
 
 def test_launch_train_refuses_a_folder_a_live_run_holds_with_one_line(tmp_path: Path):
@@ -84,4 +85,4 @@ def test_launch_train_refuses_a_folder_a_live_run_holds_with_one_line(tmp_path: 
     assert done.returncode == 2, done.stderr[-3000:]
     assert len(errors) == 1 and "Traceback" not in done.stderr
     assert f"config key 'logging.run_name': run folder {run_dir} is in use by pid {other.pid}" in errors[0]
-    assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE]  # nothing else was written
+    assert sorted(p.name for p in run_dir.iterdir()) == [RunFolder(run_dir).lock.name]  # nothing else was written

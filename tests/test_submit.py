@@ -22,6 +22,7 @@ from helpers import BIN, REPO, train_losses
 from omegaconf import OmegaConf
 
 from anchorformer.config import SlurmConfig, from_dict, load
+from anchorformer.run_folder import RunFolder
 from anchorformer.slurm_job import TrainingJob
 
 
@@ -322,7 +323,7 @@ def test_submitted_demo_job_finishes_with_metrics_and_checkpoint_in_the_run_fold
     assert reference_run["state"] == "COMPLETED", _sacct_states(job_id)
     # What submit printed, and the job id kept in the run folder.
     assert f"tensorboard --logdir {run_dir}" in out and "2 tasks on CPU" in out
-    assert (run_dir / submit.JOB_ID_FILE).read_text().strip() == job_id
+    assert RunFolder(run_dir).slurm_job_id.read_text().strip() == job_id
     # submitit's logs, one pair per task, and the tasks' results, under {run}/slurm.
     slurm_dir = run_dir / "slurm"
     assert str(slurm_dir / f"{job_id}_0_log.out") in out

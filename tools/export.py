@@ -28,6 +28,7 @@ from anchorformer.convert import FORMATS, export_graph, is_timm_folder, load_for
 from anchorformer.convert.graph_export import MIN_OPSET  # noqa: E402
 from anchorformer.data.image_files import expand_image_paths  # noqa: E402
 from anchorformer.data.transforms import build_eval_transform  # noqa: E402
+from anchorformer.run_folder import RunFolder  # noqa: E402
 from benchmarks.report import photo_crops  # noqa: E402
 
 
@@ -35,8 +36,8 @@ def _default_output(model: str, kind: str) -> Path:
     folder = Path(model)
     if is_timm_folder(folder):
         return folder / f"model.{kind}"
-    if (folder / "config.yaml").is_file():
-        return folder / "export" / f"model.{kind}"
+    if RunFolder(folder).is_run():
+        return RunFolder(folder).exports / f"model.{kind}"
     raise ValueError(f"pass --output FILE.{kind}: {model} is neither an export folder nor a run folder")
 
 
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--parity-images must be >= 2, got {args.parity_images}")
         output = args.output or _default_output(args.model, args.format)
         loaded = load_for_inference(args.model, args.checkpoint, args.weights, args.img_size)
-        transform = build_eval_transform(loaded.preprocessing)
+        transform = build_eval_transform(loaded.preprocessing, loaded.image_size)
         images = torch.stack([transform(image) for image in _parity_images(args.images, args.parity_images)])
         exported = export_graph(loaded.model, args.format, output, images, opset=args.opset,
                                 tolerance=args.tolerance)
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     detail = f"opset {args.opset}, " if args.format == "onnx" else ""
-    print(f"wrote {exported.path} ({args.format}, {detail}dynamic batch, {loaded.preprocessing.image_size} px)")
+    print(f"wrote {exported.path} ({args.format}, {detail}dynamic batch, {loaded.image_size} px)")
     print(f"parity: max |logit difference| vs eager PyTorch = {exported.max_difference:.3g} on real images at "
           f"batch sizes {' and '.join(map(str, exported.batch_sizes))} (tolerance {args.tolerance:g})")
     return 0

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/: the benchmar
 
 import timm  # noqa: E402
 
-import anchorformer  # noqa: E402,F401  (registers the models)
+import anchorformer.models  # noqa: E402,F401  (registers the models)
 from anchorformer.atomic import atomic_write_bytes  # noqa: E402
 from anchorformer.models.complexity import forward_macs, measure, param_count  # noqa: E402
 from benchmarks.report import markdown_table  # noqa: E402

@@ -1,9 +1,8 @@
-"""Typed configuration: ``load(recipe, overrides)`` returns a validated, read-only RootConfig;
-``run_directory(cfg)`` is the folder the run writes to."""
+"""Typed configuration: ``load(recipe, overrides)`` returns a validated, read-only RootConfig.
+Importing it costs no torch (launchers and submit hosts read recipes with it)."""
 from anchorformer.config.load import (
     check_world_size, describe, field_help, from_dict, load, to_dict, to_yaml,
 )
-from anchorformer.config.paths import run_directory
 from anchorformer.config.schema import (
     AugmentConfig, CheckpointConfig, ConfigError, DataConfig, DeepSpeedConfig, DetectionConfig, EmaConfig,
     LoggingConfig, LossConfig, MixupSection, ModelConfig, OptimConfig, RootConfig, ScheduleConfig,
@@ -11,7 +10,7 @@ from anchorformer.config.schema import (
 )
 
 __all__ = [
-    "load", "from_dict", "to_dict", "to_yaml", "check_world_size", "describe", "field_help", "run_directory",
+    "load", "from_dict", "to_dict", "to_yaml", "check_world_size", "describe", "field_help",
     "ConfigError", "RootConfig", "ModelConfig", "DataConfig", "AugmentConfig", "MixupSection",
     "OptimConfig", "ScheduleConfig", "LossConfig", "TrainConfig", "EmaConfig", "DeepSpeedConfig",
     "CheckpointConfig", "LoggingConfig", "SlurmConfig", "DetectionConfig", "SegmentationConfig",

@@ -20,7 +20,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from anchorformer.config.schema import ConfigError, RootConfig
+from anchorformer.config.schema import ARCHITECTURE_ARGUMENTS, ConfigError, RootConfig
 
 __all__ = ["load", "from_dict", "to_yaml", "to_dict", "check_world_size", "field_help",
            "describe", "BASE_KEY"]
@@ -62,7 +62,7 @@ def from_dict(data: dict[str, Any]) -> RootConfig:
     """Validate a plain nested dict (missing keys take schema defaults) into a RootConfig."""
     if not isinstance(data, dict):
         raise ConfigError("<root>", f"a recipe must be a mapping of sections, got {type(data).__name__}")
-    cfg = _build(RootConfig, data, prefix="")
+    cfg = _build(RootConfig, _with_architecture_keys(data), prefix="")
     cfg.validate()
     return cfg
 
@@ -99,6 +99,21 @@ def check_world_size(cfg: RootConfig, world_size: int) -> int:
             f"{train.micro_batch_size} x {world_size} = {per_step}; change train.micro_batch_size "
             f"or the number of processes")
     return train.global_batch_size // per_step
+
+
+def _with_architecture_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """Recipes and recorded configs written before the architecture options had keys of their own
+    (``model.kwargs.num_anchors``, ``depth``, ...): each moves to its ``model.`` key, unless that is
+    set too (then the schema refuses the duplicate)."""
+    model = data.get("model")
+    kwargs = model.get("kwargs") if isinstance(model, dict) else None
+    if not isinstance(kwargs, dict):
+        return data
+    moved = {k: v for k, v in kwargs.items() if k in ARCHITECTURE_ARGUMENTS and model.get(k) is None}
+    if not moved:
+        return data
+    rest = {k: v for k, v in kwargs.items() if k not in moved}
+    return {**data, "model": {**model, **moved, "kwargs": rest}}
 
 
 def _read_recipe(path: Path, chain: tuple[Path, ...]) -> Any:

@@ -18,8 +18,10 @@ __all__ = [
 ]
 
 
-_MODEL_FIELDS_PASSED_TO_TIMM = ("num_classes", "img_size", "drop_rate", "drop_path_rate")
-"""ModelConfig fields given to timm.create_model by name (model.kwargs must not repeat them)."""
+ARCHITECTURE_ARGUMENTS = ("num_anchors", "depth", "embed_dim", "num_heads", "patch_size", "block_init")
+"""ModelConfig fields that override the variant's architecture (null keeps it), given to timm by name."""
+_CLASSIFIER_ARGUMENTS = ("num_classes", "img_size", "drop_rate")
+"""ModelConfig fields a classifier gets from timm.create_model (a dense backbone sets its own)."""
 
 _AUTO_AUGMENT_PREFIXES = ("rand", "augmix", "original", "originalr", "v0", "v0r", "3a")
 """How timm's auto-augment policy strings begin (rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, v0, ...)."""
@@ -59,12 +61,25 @@ class ModelConfig:
     """Stochastic depth rate of the last block (linearly increasing from 0), in [0, 1)."""
     drop_rate: float = 0.0
     """Dropout rate before the classifier, in [0, 1)."""
+    num_anchors: Optional[int] = None
+    """Anchors m per layer of an AnchorFormer (30 in the paper); null keeps the variant's."""
+    depth: Optional[int] = None
+    """Transformer blocks; null keeps the variant's (12 for tiny, small and base)."""
+    embed_dim: Optional[int] = None
+    """Token width D (a multiple of num_heads); null keeps the variant's (192 / 384 / 768)."""
+    num_heads: Optional[int] = None
+    """Attention heads; null keeps the variant's (3 / 6 / 12)."""
+    patch_size: Optional[int] = None
+    """Patch side in pixels (img_size must be a multiple); null keeps the variant's (16)."""
+    block_init: Optional[Literal["reference", "timm"]] = None
+    """AnchorFormer block initialisation: reference (PyTorch defaults, as the authors' code) or timm
+    (trunc-normal 0.02); null keeps the model's (reference)."""
     pretrained_checkpoint: Optional[str] = None
     """Initial weights (safetensors / .pt / .pth) loaded through the model's checkpoint_filter_fn
     (pos_embed resized, head dropped on class-count mismatch); null trains from scratch."""
     kwargs: dict[str, Any] = field(default_factory=dict)
-    """Extra keyword arguments for timm.create_model overriding the architecture
-    (e.g. {depth: 4, embed_dim: 192, patch_size: 4, num_anchors: 16})."""
+    """Further keyword arguments for timm.create_model, for options without a key of their own
+    (e.g. {in_chans: 1, global_pool: avg}); the model's constructor judges them."""
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "name", "must name a timm model, e.g. anchorformer_tiny_patch16_224")
@@ -73,10 +88,18 @@ class ModelConfig:
         _require(0.0 <= self.drop_path_rate < 1.0, "drop_path_rate",
                  f"must be in [0, 1), got {self.drop_path_rate}")
         _require(0.0 <= self.drop_rate < 1.0, "drop_rate", f"must be in [0, 1), got {self.drop_rate}")
-        for name in _MODEL_FIELDS_PASSED_TO_TIMM:
+        for name in (*_CLASSIFIER_ARGUMENTS, *ARCHITECTURE_ARGUMENTS, "drop_path_rate"):
             _require(name not in self.kwargs, f"kwargs.{name}",
                      f"duplicates model.{name}, which is passed to the model already; remove it from "
                      f"model.kwargs and set model.{name}")
+
+    def timm_kwargs(self, classifier: bool = True) -> dict[str, Any]:
+        """The keyword arguments ``timm.create_model(self.name, ...)`` gets: the architecture options
+        that are set, the stochastic depth rate and ``kwargs``; with ``classifier`` also the head's
+        class count, the input size and the head dropout (a dense backbone sets its own)."""
+        head = {name: getattr(self, name) for name in _CLASSIFIER_ARGUMENTS} if classifier else {}
+        architecture = {name: getattr(self, name) for name in ARCHITECTURE_ARGUMENTS if getattr(self, name) is not None}
+        return {**head, **architecture, "drop_path_rate": self.drop_path_rate, **self.kwargs}
 
 
 @dataclass(frozen=True)

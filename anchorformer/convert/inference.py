@@ -15,12 +15,13 @@ from timm.data import resolve_data_config
 from torch import nn
 
 import anchorformer.models  # noqa: F401  (registers the AnchorFormer models with timm)
-from anchorformer.config import RootConfig
+from anchorformer.config import AugmentConfig, RootConfig
 from anchorformer.convert.export import build_source_model
 from anchorformer.convert.recipe import recipe_label_names, recipe_of
 from anchorformer.convert.source import SourceCheckpoint, Weights, load_source
 from anchorformer.convert.timm_folder import is_timm_folder, load_timm_folder, read_provenance
-from anchorformer.data.transforms import EvalTransformConfig, eval_transform_config
+from anchorformer.data.transforms import eval_preprocessing
+from anchorformer.run_folder import RunFolder
 
 __all__ = ["InferenceModel", "load_for_inference"]
 
@@ -33,8 +34,11 @@ class InferenceModel:
     name: str
     """timm architecture name."""
     num_classes: int
-    preprocessing: EvalTransformConfig
-    """Resize + center crop + normalisation the model expects (at the requested test size)."""
+    image_size: int
+    """Side of the square center crop the model evaluates, pixels (the requested test size)."""
+    preprocessing: AugmentConfig
+    """Center-crop fraction, interpolation and normalisation the model expects (the evaluation
+    fields of ``data.augment``; ``data.transforms.build_eval_transform`` takes it with ``image_size``)."""
     label_names: Optional[list[str]]
     """Class names by label, when known."""
     recipe: Optional[RootConfig]
@@ -94,7 +98,7 @@ def _checkpoint_in(run: Path, checkpoint: Optional[str]) -> Path:
     """``checkpoint`` as a path: a tag of the run's checkpoints folder, or a path of its own."""
     if checkpoint is None:
         return run
-    tag = run / "checkpoints" / checkpoint
+    tag = RunFolder(run).checkpoints.path / checkpoint
     return tag if tag.is_dir() else Path(checkpoint)
 
 
@@ -121,13 +125,13 @@ def _described(model: nn.Module, label_names: Optional[list[str]], recipe: Optio
     """The model with its preprocessing: the recipe's, else its pretrained cfg's, at the model's
     input size unless ``image_size`` asks for another, with ``crop_pct`` when given."""
     if recipe is not None:
-        preprocessing = eval_transform_config(recipe.data)
+        preprocessing, cfg_size = recipe.data.augment, recipe.data.image_size
     else:
-        preprocessing = EvalTransformConfig.from_data_config(resolve_data_config(model=model))
+        preprocessing, cfg_size = eval_preprocessing(resolve_data_config(model=model))
     own_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    size = image_size or (int(own_size[0]) if own_size else preprocessing.image_size)
-    preprocessing = dataclasses.replace(preprocessing, image_size=size,
-                                        crop_pct=crop_pct if crop_pct is not None else preprocessing.crop_pct)
+    size = image_size or (int(own_size[0]) if own_size else cfg_size)
+    if crop_pct is not None:
+        preprocessing = dataclasses.replace(preprocessing, crop_pct=crop_pct)
     return InferenceModel(model=model, name=model.pretrained_cfg.get("architecture", type(model).__name__),
-                          num_classes=model.num_classes, preprocessing=preprocessing,
+                          num_classes=model.num_classes, image_size=size, preprocessing=preprocessing,
                           label_names=list(label_names) if label_names else None, recipe=recipe, origin=origin)

@@ -5,8 +5,8 @@ or a safetensors file, choosing the model's weights or their EMA.
 DeepSpeed stages 1-3 are consolidated with DeepSpeed's own ``zero_to_fp32``; stage 0 stores whole
 weights in ``mp_rank_00_model_states.pt["module"]`` (in the training precision: bf16 weights of a
 bf16 stage-0 run are converted from bf16). The EMA of our trainer is stored next to them
-(``trainer_rank{r}.pt`` holds rank r's chunk of every average, whatever the ZeRO stage), and is
-re-assembled here.
+(``anchorformer.run_folder.EmaLayout``: each rank's file holds its chunk of every average, whatever
+the ZeRO stage), and is re-assembled here.
 """
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any, Dict, Literal, Optional
 
 import torch
+
+from anchorformer.config.schema import ARCHITECTURE_ARGUMENTS
+from anchorformer.run_folder import CheckpointFolder, CheckpointMeta, CheckpointMetaError, CheckpointTag, EmaLayout, RunFolder
 
 __all__ = ["SourceCheckpoint", "load_source", "find_tag_dir"]
 
@@ -90,14 +93,13 @@ def find_tag_dir(path: Path) -> Path:
     Raises:
         ValueError: when ``path`` is none of these.
     """
-    for checkpoints in (path / "checkpoints", path):
-        latest = checkpoints / "latest"
-        if latest.is_file():
-            tag_dir = checkpoints / latest.read_text().strip()
-            if not tag_dir.is_dir():
-                raise ValueError(f"{latest} names {tag_dir.name!r}, which does not exist in {checkpoints}; "
-                                 "pass one of its tag folders instead")
-            return tag_dir
+    for checkpoints in (RunFolder(path).checkpoints, CheckpointFolder(path)):
+        if checkpoints.has_latest():
+            name = checkpoints.latest_pointer.read_text().strip()
+            if not (checkpoints.path / name).is_dir():
+                raise ValueError(f"{checkpoints.latest_pointer} names {name!r}, which does not exist in "
+                                 f"{checkpoints.path}; pass one of its tag folders instead")
+            return checkpoints.path / name
     if any(path.glob("*model_states.pt")):
         return path
     raise ValueError(f"{path} is not a DeepSpeed checkpoint: expected a run folder with checkpoints/latest, a "
@@ -111,7 +113,7 @@ def _load_deepspeed(tag_dir: Path, weights: Weights) -> SourceCheckpoint:
     # Rank 0's model states hold the client state (config, step) in every ZeRO stage.
     client = _torch_load(model_states[0])
     meta = _read_meta(tag_dir)
-    zero_stage = meta.get("zero_stage")
+    zero_stage = meta.zero_stage if meta is not None else None
     if zero_stage is None:  # a checkpoint not written by our trainer: the files tell
         zero_stage = 1 if any(_ZERO_FILE.fullmatch(p.name) for p in tag_dir.iterdir()) else 0
     if zero_stage > 0:
@@ -134,20 +136,20 @@ def _load_deepspeed(tag_dir: Path, weights: Weights) -> SourceCheckpoint:
     config = client.get("config") or {}
     model = config.get("model") or {}
     model_args = dict(model.get("kwargs") or {})
-    for key in ("num_classes", "img_size"):
-        if key in model:
+    for key in ("num_classes", "img_size", *ARCHITECTURE_ARGUMENTS):
+        if model.get(key) is not None:
             model_args[key] = model[key]
-    step = client.get("step", meta.get("step"))
+    recorded_step = meta.step if meta is not None and meta.step >= 0 else None
+    step = client.get("step", recorded_step)
     logger.info("read %s weights of %s (step %s, %d tensors)", weights, tag_dir, step, len(state_dict))
     return SourceCheckpoint(state_dict=state_dict, weights=weights, source=str(tag_dir),
-                            model_name=model.get("name") or meta.get("model"), model_args=model_args,
-                            step=None if step is None else int(step), recipe=dict(config))
+                            model_name=model.get("name") or (meta.model if meta is not None else None),
+                            model_args=model_args, step=None if step is None else int(step), recipe=dict(config))
 
 
 def _assemble_ema(tag_dir: Path, model_state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The model's state dict with the EMA's values for every averaged weight."""
-    rank_files = sorted(tag_dir.glob("trainer_rank*.pt"), key=lambda p: int(re.findall(r"\d+", p.name)[-1]))
-    saved = [_torch_load(p).get("ema") for p in rank_files]
+    saved = [_torch_load(p).get(EmaLayout.ENTRY) for p in CheckpointTag(tag_dir).rank_states()]
     if not saved or any(state is None for state in saved):
         raise ValueError(f"{tag_dir} holds no EMA (the run had train.ema.enabled=false); convert with "
                          "--weights model")
@@ -164,18 +166,11 @@ def _assemble_ema(tag_dir: Path, model_state: Dict[str, torch.Tensor]) -> Dict[s
 
 
 def _flat_averages(tag_dir: Path, saved: list[dict]) -> Dict[str, torch.Tensor]:
-    """Every average flattened (possibly zero-padded at the end), from the ranks' saved EMA states.
-
-    Our trainer saves each rank's equal slice of every average (``chunks``); checkpoints written
-    before the resharding layout saved ``shadow``: whole weights on rank 0 only, ZeRO-3 partitions
-    on every rank. Either way the ranks holding a weight, in rank order, make it whole.
-    """
-    for layout in ("chunks", "shadow"):
-        if all(layout in state for state in saved):
-            return {key: torch.cat([state[layout][key].reshape(-1).float() for state in saved if key in state[layout]])
-                    for key in saved[0][layout]}
-    raise ValueError(f"the EMA in {tag_dir}'s trainer_rank*.pt files is in no known layout (neither 'chunks' nor "
-                     "'shadow' on every rank); convert with --weights model")
+    """Every average flattened (possibly zero-padded at the end), from the ranks' saved EMA states."""
+    try:
+        return EmaLayout.whole(saved)
+    except ValueError as err:
+        raise ValueError(f"the EMA in {tag_dir}'s trainer rank files: {err}; convert with --weights model") from None
 
 
 def _load_safetensors(path: Path, weights: Weights) -> SourceCheckpoint:
@@ -235,11 +230,12 @@ def _strip_prefix(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     return state_dict
 
 
-def _read_meta(tag_dir: Path) -> Dict[str, Any]:
-    meta = tag_dir / "meta.json"
-    if not meta.is_file():
-        return {}
+def _read_meta(tag_dir: Path) -> Optional[CheckpointMeta]:
+    """The trainer's metadata of ``tag_dir``; None for a DeepSpeed checkpoint written without it."""
+    tag = CheckpointTag(tag_dir)
+    if not tag.is_complete():
+        return None
     try:
-        return json.loads(meta.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{meta} is not valid JSON ({err})") from err
+        return CheckpointMeta.read(tag)
+    except CheckpointMetaError as err:
+        raise ValueError(str(err)) from err

@@ -15,21 +15,14 @@ state when the number of ranks changed (the data stream finishes the epoch from 
 position, the EMA re-cuts its chunks). The same layout keeps the exact path: DeepSpeed's own load
 and each rank's own state.
 
-Layout of ``{run}/checkpoints``::
-
-    step_{N}/            DeepSpeed tag folder (model, optimizer partitions)
-      meta.json          model signature, precision, global batch, layout (checked before loading)
-      trainer_shared.pt  the shared components' states (written by the main rank): trainer counters
-      trainer_rank{r}.pt rank r's components: data-stream position, random generators, EMA chunk
-      universal/         the universal form, made by the first resume on another layout
-    latest               name of the newest complete tag, replaced only after all ranks wrote
+The file layout and the metadata are ``anchorformer.run_folder``'s (:class:`CheckpointFolder`,
+:class:`CheckpointMeta`).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import json
 import logging
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,18 +32,15 @@ import torch
 from torch import nn
 
 from anchorformer import dist
-from anchorformer.atomic import atomic_torch_save, atomic_write_bytes
+from anchorformer.atomic import atomic_torch_save
 from anchorformer.config import CheckpointConfig, RootConfig
 from anchorformer.engine import reshard
+from anchorformer.run_folder import CheckpointFolder, CheckpointMeta, CheckpointMetaError, CheckpointTag
 
-__all__ = ["CheckpointError", "Checkpointer", "Resumed", "RngState", "Stateful", "model_signature", "resume_meta"]
+__all__ = ["CheckpointError", "Checkpointer", "ResumePoint", "Resumed", "RngState", "Stateful", "find_resume_point",
+           "model_signature", "run_meta"]
 
 logger = logging.getLogger(__name__)
-
-_TAG = re.compile(r"step_(\d+)")
-LATEST = "latest"
-META = "meta.json"
-SHARED = "trainer_shared.pt"
 
 
 class CheckpointError(ValueError):
@@ -89,13 +79,103 @@ def model_signature(model: nn.Module, model_name: str) -> dict[str, Any]:
             "param_hash": digest}
 
 
-def resume_meta(signature: dict[str, Any], cfg: RootConfig, world_size: int) -> dict[str, Any]:
-    """What :meth:`Checkpointer.check` compares a checkpoint with: this run's model
-    (:func:`model_signature`), precision, global batch, optimizer and layout; the trainer writes it,
-    with the step, into every checkpoint."""
-    return {**signature, "precision": cfg.train.precision,
-            "global_batch_size": cfg.train.global_batch_size, "optimizer": cfg.optim.name,
-            "zero_stage": cfg.deepspeed.zero_stage, "world_size": world_size}
+def run_meta(signature: dict[str, Any], cfg: RootConfig, world_size: int) -> CheckpointMeta:
+    """This run as a checkpoint records it (step 0): its model (:func:`model_signature`), precision,
+    global batch, optimizer and layout. A resume compares a checkpoint with it; the trainer writes
+    it, with the step and epoch, into every checkpoint."""
+    return CheckpointMeta(**signature, step=0, epoch=0, precision=cfg.train.precision,
+                          global_batch_size=cfg.train.global_batch_size, optimizer=cfg.optim.name,
+                          zero_stage=cfg.deepspeed.zero_stage, world_size=world_size)
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """A checkpoint this run can continue (found and checked, not loaded)."""
+
+    tag: CheckpointTag
+    meta: CheckpointMeta
+    """What the checkpoint recorded."""
+
+
+def find_resume_point(resume: str, checkpoints: CheckpointFolder, expected: CheckpointMeta) -> Optional[ResumePoint]:
+    """The checkpoint ``train.resume`` names, checked against this run.
+
+    Args:
+        resume: 'auto' (this run's latest, if any), 'none', a checkpoints folder (its latest) or a
+            tag folder.
+        checkpoints: this run's checkpoints folder (for 'auto').
+        expected: :func:`run_meta` of this run.
+
+    Returns:
+        The checkpoint, or None to start fresh.
+
+    Raises:
+        CheckpointError: when an explicit path holds no usable checkpoint, or the checkpoint
+            cannot be continued by this run (:func:`check`).
+    """
+    try:
+        tag = _find(resume, checkpoints)
+        return None if tag is None else ResumePoint(tag, check(CheckpointMeta.read(tag), tag, expected))
+    except CheckpointMetaError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def _find(resume: str, checkpoints: CheckpointFolder) -> Optional[CheckpointTag]:
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return checkpoints.latest() if checkpoints.has_latest() else None
+    path = Path(resume)
+    if CheckpointFolder(path).has_latest():
+        return CheckpointFolder(path).latest()
+    if CheckpointTag(path).is_complete():
+        return CheckpointTag(path)
+    raise CheckpointError(
+        f"train.resume={resume!r} is neither a checkpoints folder with a 'latest' file nor a "
+        f"checkpoint tag folder with meta.json; use 'auto', 'none' or such a path")
+
+
+def check(saved: CheckpointMeta, tag: CheckpointTag, expected: CheckpointMeta) -> CheckpointMeta:
+    """Refuse a checkpoint this run cannot continue: another model, precision or global batch, or an
+    optimizer whose state cannot move to this run's layout. Another number of ranks or ZeRO stage
+    is accepted. Fields an old checkpoint did not record are taken as this run's.
+
+    Returns:
+        ``saved``, with the unrecorded fields filled in.
+
+    Raises:
+        CheckpointError: naming what differs and how to proceed.
+    """
+    if (saved.model, saved.num_params, saved.param_hash) != (expected.model, expected.num_params, expected.param_hash):
+        raise CheckpointError(
+            f"checkpoint {tag.path} holds another model ({saved.model}, {saved.num_params} parameters) than this "
+            f"run builds ({expected.model}, {expected.num_params} parameters); resume with the same model.* "
+            f"settings, or load its weights as model.pretrained_checkpoint after converting it")
+    unrecorded = {name: getattr(expected, name) for name in ("precision", "global_batch_size", "zero_stage", "world_size")
+                  if getattr(saved, name) is None}
+    if saved.optimizer is None:
+        unrecorded["optimizer"] = "adamw"  # the only optimizer before the meta recorded it
+    saved = dataclasses.replace(saved, **unrecorded)
+    if saved.precision != expected.precision:
+        raise CheckpointError(
+            f"checkpoint {tag.path} was written with train.precision={saved.precision}; this run uses "
+            f"{expected.precision}. DeepSpeed stores weights and optimizer state differently in each mode, so "
+            f"resuming needs the same precision: set train.precision={saved.precision}, or convert the checkpoint "
+            f"to fp32 weights and start from model.pretrained_checkpoint")
+    if saved.global_batch_size != expected.global_batch_size:
+        raise CheckpointError(
+            f"checkpoint {tag.path} was written with train.global_batch_size={saved.global_batch_size}; this run "
+            f"uses {expected.global_batch_size}. The learning-rate schedule and the data position count steps of "
+            f"that batch: set train.global_batch_size={saved.global_batch_size} (train.micro_batch_size and the "
+            f"number of processes may change; the accumulation adapts)")
+    same_layout = (saved.world_size, saved.zero_stage) == (expected.world_size, expected.zero_stage)
+    if not same_layout and saved.optimizer != "adamw":
+        raise CheckpointError(
+            f"checkpoint {tag.path} was written with optim.name={saved.optimizer} on {saved.world_size} ranks at "
+            f"ZeRO stage {saved.zero_stage}; only AdamW's state moves to another layout (this run: "
+            f"{expected.world_size} ranks, stage {expected.zero_stage}). Resume with "
+            f"deepspeed.zero_stage={saved.zero_stage} on {saved.world_size} processes")
+    return saved
 
 
 @dataclass(frozen=True)
@@ -115,16 +195,16 @@ class Resumed:
 
 
 class Checkpointer:
-    """Saves, finds and loads the checkpoints of one run.
+    """Saves and loads the checkpoints of one run.
 
     Args:
-        directory: the run's checkpoints folder.
+        folder: the run's checkpoints folder.
         cfg: interval and retention options.
         is_main: whether this rank writes the shared files (rank 0).
     """
 
-    def __init__(self, directory: Path, cfg: CheckpointConfig, is_main: bool):
-        self.directory = Path(directory)
+    def __init__(self, folder: CheckpointFolder, cfg: CheckpointConfig, is_main: bool):
+        self.folder = folder
         self.cfg = cfg
         self.is_main = is_main
         self._components: dict[str, tuple[Stateful, bool]] = {}
@@ -155,143 +235,64 @@ class Checkpointer:
         """Whether the step interval asks for a checkpoint after optimizer step ``step``."""
         return self.cfg.every_steps > 0 and step % self.cfg.every_steps == 0
 
-    def save(self, step: int, meta: dict[str, Any], client_state: dict[str, Any]) -> Path:
-        """Write checkpoint ``step_{step}`` on every rank (a collective), then move ``latest``.
+    def latest(self) -> Optional[CheckpointTag]:
+        """The checkpoint this run's ``latest`` names, if any."""
+        return self.folder.latest() if self.folder.has_latest() else None
+
+    def save(self, meta: CheckpointMeta, client_state: dict[str, Any]) -> CheckpointTag:
+        """Write checkpoint ``step_{meta.step}`` on every rank (a collective), then move ``latest``.
 
         Args:
-            step: optimizer steps done.
-            meta: what a resume checks (:func:`resume_meta` plus the step and epoch).
+            meta: this run at the step (:func:`run_meta` with the step and epoch).
             client_state: recorded in DeepSpeed's model-states file for conversion tools (the
                 config); not read back by a resume.
 
         Returns:
-            The tag folder.
+            The checkpoint.
         """
-        tag = f"step_{step}"
-        tag_dir = self.directory / tag
-        self._engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state, save_latest=False)
+        tag = self.folder.tag(meta.step)
+        self._engine.save_checkpoint(str(self.folder.path), tag=tag.name, client_state=client_state,
+                                     save_latest=False)
         own = {name: component.state_dict() for name, (component, per_rank) in self._components.items() if per_rank}
-        atomic_torch_save(own, tag_dir / f"trainer_rank{dist.rank()}.pt")
+        atomic_torch_save(own, tag.rank_state(dist.rank()))
         if self.is_main:
             shared = {name: component.state_dict()
                       for name, (component, per_rank) in self._components.items() if not per_rank}
-            atomic_torch_save(shared, tag_dir / SHARED)
-            meta = {**meta, "optimizer_params": self._optimizer_params}
-            atomic_write_bytes(tag_dir / META, json.dumps(meta, indent=2).encode())
+            atomic_torch_save(shared, tag.shared_state)
+            dataclasses.replace(meta, optimizer_params=tuple(self._optimizer_params)).write(tag)
         dist.barrier()  # every rank's files are complete before `latest` names this tag
         if self.is_main:
-            atomic_write_bytes(self.directory / LATEST, tag.encode())
+            self.folder.point_latest_at(tag)
             self._prune(keep=tag)
         dist.barrier()
-        logger.info("checkpoint %s written", tag_dir)
-        return tag_dir
+        logger.info("checkpoint %s written", tag.path)
+        return tag
 
-    def find(self, resume: str) -> Optional[Path]:
-        """The tag folder to resume from.
-
-        Args:
-            resume: 'auto' (this run's latest, if any), 'none', a checkpoints folder (its latest)
-                or a tag folder.
-
-        Returns:
-            The tag folder, or None to start fresh.
-
-        Raises:
-            CheckpointError: when an explicit path holds no usable checkpoint.
-        """
-        if resume == "none":
-            return None
-        if resume == "auto":
-            return self._latest(self.directory) if (self.directory / LATEST).is_file() else None
-        path = Path(resume)
-        if (path / LATEST).is_file():
-            return self._latest(path)
-        if (path / META).is_file():
-            return path
-        raise CheckpointError(
-            f"train.resume={resume!r} is neither a checkpoints folder with a '{LATEST}' file nor a "
-            f"checkpoint tag folder with {META}; use 'auto', 'none' or such a path")
-
-    @staticmethod
-    def check(tag_dir: Path, expected: dict[str, Any]) -> dict[str, Any]:
-        """Refuse a checkpoint this run cannot continue: another model, precision or global batch,
-        or an optimizer whose state cannot move to this run's layout. Another number of ranks or
-        ZeRO stage is accepted.
+    def load(self, point: ResumePoint, expected: CheckpointMeta) -> Resumed:
+        """Resume from ``point`` (checked by :func:`find_resume_point`): the engine's model and
+        optimizer, then every registered component (a collective).
 
         Args:
-            tag_dir: the checkpoint.
-            expected: :func:`resume_meta` of this run.
+            point: the checkpoint and what it recorded.
+            expected: :func:`run_meta` of this run.
 
         Returns:
-            The checkpoint's metadata.
+            Where and how it resumed.
 
         Raises:
-            CheckpointError: naming what differs and how to proceed.
+            CheckpointError: when the checkpoint is incomplete or a component cannot move to this layout.
         """
-        try:
-            saved = json.loads((tag_dir / META).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"checkpoint {tag_dir} has no readable {META}: {err}") from err
-        for key in ("model", "num_params", "param_hash"):
-            if saved.get(key) != expected[key]:
-                raise CheckpointError(
-                    f"checkpoint {tag_dir} holds another model ({saved.get('model')}, "
-                    f"{saved.get('num_params')} parameters) than this run builds "
-                    f"({expected['model']}, {expected['num_params']} parameters); resume with the "
-                    f"same model.* settings, or load its weights as model.pretrained_checkpoint "
-                    f"after converting it")
-        precision = saved.get("precision", expected["precision"])  # older checkpoints did not record it
-        if precision != expected["precision"]:
-            raise CheckpointError(
-                f"checkpoint {tag_dir} was written with train.precision={precision}; this run uses "
-                f"{expected['precision']}. DeepSpeed stores weights and optimizer state differently in "
-                f"each mode, so resuming needs the same precision: set train.precision={precision}, "
-                f"or convert the checkpoint to fp32 weights and start from model.pretrained_checkpoint")
-        batch = saved.get("global_batch_size", expected["global_batch_size"])
-        if batch != expected["global_batch_size"]:
-            raise CheckpointError(
-                f"checkpoint {tag_dir} was written with train.global_batch_size={batch}; this run uses "
-                f"{expected['global_batch_size']}. The learning-rate schedule and the data position count "
-                f"steps of that batch: set train.global_batch_size={batch} (train.micro_batch_size and the "
-                f"number of processes may change; the accumulation adapts)")
-        layout = (saved.get("world_size"), saved.get("zero_stage"))
-        optimizer = saved.get("optimizer", "adamw")
-        if layout != (expected["world_size"], expected["zero_stage"]) and optimizer != "adamw":
-            raise CheckpointError(
-                f"checkpoint {tag_dir} was written with optim.name={optimizer} on {layout[0]} ranks at ZeRO "
-                f"stage {layout[1]}; only AdamW's state moves to another layout (this run: "
-                f"{expected['world_size']} ranks, stage {expected['zero_stage']}). Resume with "
-                f"deepspeed.zero_stage={layout[1]} on {layout[0]} processes")
-        return saved
-
-    def load(self, resume: str, expected: dict[str, Any]) -> Optional[Resumed]:
-        """Resume from the checkpoint ``resume`` names (see :meth:`find`), if any: the engine's
-        model and optimizer, then every registered component (a collective).
-
-        Args:
-            resume: ``train.resume``.
-            expected: :func:`resume_meta` of this run.
-
-        Returns:
-            Where and how it resumed; None when there was nothing to resume from.
-
-        Raises:
-            CheckpointError: when the checkpoint cannot be resumed by this run or is incomplete.
-        """
-        tag_dir = self.find(resume)
-        if tag_dir is None:
-            return None
-        saved = self.check(tag_dir, expected)
-        same_ranks = saved["world_size"] == expected["world_size"]
-        resharded = not same_ranks or saved["zero_stage"] != expected["zero_stage"]
-        conversion_s = self._load_engine(tag_dir, saved) if resharded else self._load_engine_exactly(tag_dir)
-        shared = self._read(tag_dir / SHARED)
-        ranks = [dist.rank()] if same_ranks else list(range(saved["world_size"]))
-        per_rank = [self._read(tag_dir / f"trainer_rank{rank}.pt") for rank in ranks]
+        tag, saved = point.tag, point.meta
+        same_ranks = saved.world_size == expected.world_size
+        resharded = not same_ranks or saved.zero_stage != expected.zero_stage
+        conversion_s = self._load_engine(tag, saved) if resharded else self._load_engine_exactly(tag)
+        shared = self._read(tag.shared_state)
+        ranks = [dist.rank()] if same_ranks else list(range(saved.world_size))
+        per_rank = [self._read(tag.rank_state(rank)) for rank in ranks]
         for name, (component, is_per_rank) in self._components.items():
             states = per_rank if is_per_rank else [shared]
             if any(name not in state for state in states):
-                raise CheckpointError(f"checkpoint {tag_dir} holds no saved {name!r} state: it was written without "
+                raise CheckpointError(f"checkpoint {tag.path} holds no saved {name!r} state: it was written without "
                                       f"it (train.ema.enabled=false, for 'ema') or by an older version; resume "
                                       f"without it or start fresh (train.resume=none)")
             if not is_per_rank or same_ranks:
@@ -299,35 +300,34 @@ class Checkpointer:
             elif hasattr(component, "load_resharded"):
                 component.load_resharded([state[name] for state in states])
             else:
-                raise CheckpointError(f"the {name!r} state of checkpoint {tag_dir} cannot move from "
-                                      f"{saved['world_size']} to {expected['world_size']} ranks; resume on "
-                                      f"{saved['world_size']} processes")
-        step = int(saved.get("step", -1))
-        how = (f"written on {saved['world_size']} ranks at ZeRO stage {saved['zero_stage']}, resharded to "
-               f"{expected['world_size']} ranks at stage {expected['zero_stage']}") if resharded else "same layout"
-        logger.info("resumed from %s (step %d, %s)", tag_dir, step, how)
-        return Resumed(tag_dir, step, saved["world_size"], saved["zero_stage"], resharded, conversion_s)
+                raise CheckpointError(f"the {name!r} state of checkpoint {tag.path} cannot move from "
+                                      f"{saved.world_size} to {expected.world_size} ranks; resume on "
+                                      f"{saved.world_size} processes")
+        how = (f"written on {saved.world_size} ranks at ZeRO stage {saved.zero_stage}, resharded to "
+               f"{expected.world_size} ranks at stage {expected.zero_stage}") if resharded else "same layout"
+        logger.info("resumed from %s (step %d, %s)", tag.path, saved.step, how)
+        return Resumed(tag.path, saved.step, saved.world_size, saved.zero_stage, resharded, conversion_s)
 
-    def _load_engine_exactly(self, tag_dir: Path) -> None:
-        load_path, _ = self._engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
+    def _load_engine_exactly(self, tag: CheckpointTag) -> None:
+        load_path, _ = self._engine.load_checkpoint(str(tag.path.parent), tag=tag.name, load_optimizer_states=True,
                                                     load_lr_scheduler_states=False, load_module_strict=True)
         if load_path is None:
-            raise CheckpointError(f"DeepSpeed found no checkpoint files in {tag_dir}")
+            raise CheckpointError(f"DeepSpeed found no checkpoint files in {tag.path}")
 
-    def _load_engine(self, tag_dir: Path, saved: dict[str, Any]) -> Optional[float]:
-        """Load the model and optimizer from the universal form of ``tag_dir`` (made by the main
-        rank if it is not there yet); returns the seconds the conversion took."""
-        names = saved.get("optimizer_params") or self._optimizer_params  # older checkpoints did not record them
+    def _load_engine(self, tag: CheckpointTag, saved: CheckpointMeta) -> Optional[float]:
+        """Load the model and optimizer from the universal form of ``tag`` (made by the main rank if
+        it is not there yet); returns the seconds the conversion took."""
+        names = list(saved.optimizer_params) or self._optimizer_params  # older checkpoints did not record them
         outcome: Any = None
         if self.is_main:
             try:
-                outcome = reshard.universal_checkpoint(tag_dir, saved["zero_stage"], names)
+                outcome = reshard.universal_checkpoint(tag, saved.zero_stage, names)
             except (OSError, RuntimeError, KeyError, ValueError, AssertionError) as err:
-                outcome = f"cannot convert {tag_dir} to DeepSpeed's universal form ({type(err).__name__}: {err})"
+                outcome = f"cannot convert {tag.path} to DeepSpeed's universal form ({type(err).__name__}: {err})"
         outcome = dist.broadcast_object(outcome)
         if isinstance(outcome, str):
-            raise CheckpointError(outcome + f"; resume on {saved['world_size']} processes at deepspeed.zero_stage="
-                                            f"{saved['zero_stage']}")
+            raise CheckpointError(outcome + f"; resume on {saved.world_size} processes at deepspeed.zero_stage="
+                                            f"{saved.zero_stage}")
         folder, seconds = outcome
         reshard.load_universal(self._engine, self._optimizer, Path(folder), names)
         return seconds
@@ -338,21 +338,12 @@ class Checkpointer:
             raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
         return torch.load(path, map_location="cpu", weights_only=False)
 
-    def _latest(self, directory: Path) -> Path:
-        tag = (directory / LATEST).read_text().strip()
-        tag_dir = directory / tag
-        if not (tag_dir / META).is_file():
-            raise CheckpointError(f"{directory / LATEST} names {tag!r}, but {tag_dir} is not a "
-                                  f"complete checkpoint")
-        return tag_dir
-
-    def _prune(self, keep: str) -> None:
+    def _prune(self, keep: CheckpointTag) -> None:
         """Delete all but the newest ``keep_last`` tags (never the one just written)."""
         if self.cfg.keep_last == 0:
             return
-        tags = sorted((int(m.group(1)), p) for p in self.directory.iterdir()
-                      if p.is_dir() and (m := _TAG.fullmatch(p.name)))
-        for _, path in tags[: max(len(tags) - self.cfg.keep_last, 0)]:
-            if path.name != keep:
-                shutil.rmtree(path, ignore_errors=True)
-                logger.info("removed old checkpoint %s", path)
+        tags = self.folder.tags()
+        for tag in tags[: max(len(tags) - self.cfg.keep_last, 0)]:
+            if tag != keep:
+                shutil.rmtree(tag.path, ignore_errors=True)
+                logger.info("removed old checkpoint %s", tag.path)

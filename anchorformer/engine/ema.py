@@ -17,6 +17,7 @@ from torch import nn
 
 from anchorformer import dist
 from anchorformer.dist.zero import is_partitioned, local_values, release_gathered
+from anchorformer.run_folder import EmaLayout
 
 __all__ = ["ShardedEma"]
 
@@ -99,8 +100,7 @@ class ShardedEma:
         """What this rank persists, the same under every ZeRO stage: its chunk of every average,
         slice ``rank`` of ``world_size`` equal zero-padded slices of the flattened average (which
         is the average's ZeRO-3 partition), so that all ranks' chunks in rank order make it whole."""
-        chunks = {name: self._chunk(name) for name in self._params}
-        return {"decay": self.decay, "updates": self.updates, "chunks": chunks}
+        return EmaLayout.state(self.decay, self.updates, {name: self._chunk(name) for name in self._params})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from this rank's :meth:`state_dict` of a run on as many ranks (any ZeRO stage).
@@ -135,11 +135,11 @@ class ShardedEma:
 
     @staticmethod
     def _saved_chunk(state: dict[str, Any], name: str) -> torch.Tensor:
-        chunk = state.get("chunks", {}).get(name)
+        chunk = EmaLayout.chunk(state, name)
         if chunk is None:
             raise ValueError(f"the saved EMA has no values for {name!r}: the checkpoint was written by another "
                              f"model or an older version; resume with train.ema.enabled=false")
-        return chunk.reshape(-1).float()
+        return chunk
 
     def _set_from_whole(self, name: str, flat: torch.Tensor) -> None:
         """Set this rank's storage of ``name``'s average from the flat whole (padding after its end)."""

@@ -35,11 +35,12 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-__all__ = ["UNIVERSAL", "optimizer_param_names", "universal_checkpoint", "load_universal"]
+from anchorformer.run_folder import CheckpointTag
+
+__all__ = ["optimizer_param_names", "universal_checkpoint", "load_universal"]
 
 logger = logging.getLogger(__name__)
 
-UNIVERSAL = "universal"
 _MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -51,23 +52,24 @@ def optimizer_param_names(model: nn.Module, optimizer: torch.optim.Optimizer) ->
     return [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
 
 
-def universal_checkpoint(tag_dir: Path, zero_stage: int, optimizer_params: list[str]) -> tuple[Path, Optional[float]]:
-    """The universal form of checkpoint ``tag_dir``, made now unless an earlier resume made it.
+def universal_checkpoint(tag: CheckpointTag, zero_stage: int,
+                         optimizer_params: list[str]) -> tuple[Path, Optional[float]]:
+    """The universal form of checkpoint ``tag``, made now unless an earlier resume made it.
 
     Args:
-        tag_dir: a DeepSpeed tag folder written at ZeRO stage ``zero_stage``.
+        tag: a DeepSpeed tag folder written at ZeRO stage ``zero_stage``.
         zero_stage: the stage it was written at.
         optimizer_params: parameter names in the optimizer's order (for a stage-0 checkpoint).
 
     Returns:
         The folder, and the seconds the conversion took (None when it was there already).
     """
-    folder = tag_dir / UNIVERSAL
+    tag_dir, folder = tag.path, tag.universal
     if folder.is_dir():
         logger.info("universal checkpoint %s made before; reused", folder)
         return folder, None
     started = time.perf_counter()
-    partial = tag_dir / f".{UNIVERSAL}.partial"
+    partial = tag_dir / f".{folder.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     try:
         if zero_stage == 0:

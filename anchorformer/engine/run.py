@@ -3,23 +3,23 @@ start the process group, train, and always clean up."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Optional, Sequence
 
 from anchorformer import dist
-from anchorformer.config import RootConfig, run_directory
+from anchorformer.config import RootConfig
 from anchorformer.dist.stop_signals import STOP_SIGNALS, StopRequest
 from anchorformer.engine import run_lock
-from anchorformer.engine.preflight import check_run
+from anchorformer.engine.preflight import RunPlan, check_run
 from anchorformer.engine.trainer import FitResult, Trainer
+from anchorformer.run_folder import RunFolder
 
 __all__ = ["run_training"]
 
 logger = logging.getLogger(__name__)
 
 
-def run_training(cfg: RootConfig, stop_signals: Sequence[int] = STOP_SIGNALS,
-                 env: Optional[dist.DistEnv] = None, stop: Optional[StopRequest] = None) -> FitResult:
+def run_training(cfg: RootConfig, stop_signals: Sequence[int] = STOP_SIGNALS, env: Optional[dist.DistEnv] = None,
+                 stop: Optional[StopRequest] = None, plan: Optional[RunPlan] = None) -> FitResult:
     """Train ``cfg`` in this process (one rank of the job).
 
     A stop signal at any moment, from start-up to the last evaluation, makes every rank finish
@@ -34,6 +34,8 @@ def run_training(cfg: RootConfig, stop_signals: Sequence[int] = STOP_SIGNALS,
             trains on GPUs, gloo otherwise).
         stop: the caller's installed :class:`StopRequest` (launch/train.py installs one before its
             imports); default: one for ``stop_signals``, installed now and restored at the end.
+        plan: the pre-flight's result when the caller ran it (``check_run`` with this launch's
+            world size); default: the pre-flight runs here, before any work.
 
     Returns:
         How the run ended.
@@ -48,16 +50,17 @@ def run_training(cfg: RootConfig, stop_signals: Sequence[int] = STOP_SIGNALS,
     result: Optional[FitResult] = None
     try:
         env = env if env is not None else dist.detect(cuda_available=dist.uses_cuda(cfg.train.device))
-        check_run(cfg, env.world_size)  # before any work: a bad config, input or batch split fails here
-        run_dir = run_directory(cfg)
-        run_lock.check_free(run_dir, run_lock.LockHolder.this_process())  # at the door: no process group yet
+        if plan is None:
+            plan = check_run(cfg, env.world_size)  # before any work: a bad config, input or batch split fails here
+        folder = RunFolder.of(cfg)
+        run_lock.check_free(folder, run_lock.LockHolder.this_process())  # at the door: no process group yet
         dist.init(env)
-        lock = _lock_run_folder(run_dir, env)
-        trainer = Trainer(cfg, env)
+        lock = _lock_run_folder(folder, env)
+        trainer = Trainer(cfg, env, plan=plan)
         stop.forward_to(trainer.request_stop)
         result = trainer.fit()
         if env.is_main:
-            logger.info("run %s: %s at epoch %d step %d", trainer.run_dir, result.status,
+            logger.info("run %s: %s at epoch %d step %d", trainer.folder.root, result.status,
                         result.epoch, result.step)
         if result.status == "stopped":
             logger.warning("stopped at step %d on %s; the checkpoint is written", result.step,
@@ -70,16 +73,16 @@ def run_training(cfg: RootConfig, stop_signals: Sequence[int] = STOP_SIGNALS,
             trainer.close()
         # A SLURM job that stopped requeues itself and takes its lock back: keep it meanwhile.
         if lock is not None and not (result is not None and result.status == "stopped" and lock.slurm_job_id):
-            run_lock.release(run_directory(cfg), lock)
+            run_lock.release(RunFolder.of(cfg), lock)
         dist.shutdown()
 
 
-def _lock_run_folder(run_dir: Path, env: dist.DistEnv) -> Optional[run_lock.LockHolder]:
+def _lock_run_folder(folder: RunFolder, env: dist.DistEnv) -> Optional[run_lock.LockHolder]:
     """Rank 0 takes the run folder's lock; every rank raises the same refusal if it could not."""
     holder, refusal = None, None
     if env.is_main:
         try:
-            holder = run_lock.acquire(run_dir)
+            holder = run_lock.acquire(folder)
         except run_lock.RunFolderInUse as error:
             refusal = error.detail
     refusal = dist.broadcast_object(refusal)

@@ -23,13 +23,11 @@ from typing import Optional
 from anchorformer.atomic import atomic_write_bytes
 from anchorformer.config import ConfigError
 from anchorformer.dist import slurm
+from anchorformer.run_folder import RunFolder
 
-__all__ = ["LOCK_FILE", "LockHolder", "RunFolderInUse", "check_free", "acquire", "release", "claim_for_job"]
+__all__ = ["LockHolder", "RunFolderInUse", "check_free", "acquire", "release", "claim_for_job"]
 
 logger = logging.getLogger(__name__)
-
-LOCK_FILE = "run.lock"
-"""The lock's file name in the run folder."""
 
 _ACTIVE_SLURM_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED",
                         "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED"}
@@ -81,24 +79,24 @@ class LockHolder:
         return (self.host, self.pid, self.pid_started) == (other.host, other.pid, other.pid_started)
 
 
-def check_free(run_dir: Path, me: Optional[LockHolder]) -> None:
-    """Refuse when a live job other than ``me`` holds the lock of ``run_dir`` (reads only).
+def check_free(folder: RunFolder, me: Optional[LockHolder]) -> None:
+    """Refuse when a live job other than ``me`` holds the lock of ``folder`` (reads only).
 
     Args:
-        run_dir: the run folder.
+        folder: the run folder.
         me: the job asking (its own lock, e.g. a requeued job's, is no obstacle); None: any
             live holder refuses (a submission).
 
     Raises:
         RunFolderInUse: naming the holder and what to do.
     """
-    holder = _read(run_dir / LOCK_FILE)
+    holder = _read(folder.lock)
     if holder is not None and not (me is not None and holder.same_job(me)):
-        _refuse_if_alive(run_dir, holder)
+        _refuse_if_alive(folder, holder)
 
 
-def acquire(run_dir: Path, me: Optional[LockHolder] = None) -> LockHolder:
-    """Take the lock of ``run_dir`` (created if missing) for ``me``; rank 0 calls it.
+def acquire(folder: RunFolder, me: Optional[LockHolder] = None) -> LockHolder:
+    """Take the lock of ``folder`` (created if missing) for ``me``; rank 0 calls it.
 
     Returns:
         The holder written to the lock.
@@ -107,9 +105,9 @@ def acquire(run_dir: Path, me: Optional[LockHolder] = None) -> LockHolder:
         RunFolderInUse: another live job holds it.
     """
     me = me if me is not None else LockHolder.this_process()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK_FILE
-    candidate = run_dir / f".{LOCK_FILE}.{os.getpid()}.new"
+    folder.root.mkdir(parents=True, exist_ok=True)
+    path = folder.lock
+    candidate = path.with_name(f".{path.name}.{os.getpid()}.new")
     atomic_write_bytes(candidate, _encode(me))  # whole on disk before it can become the lock
     try:
         for _ in range(3):
@@ -122,26 +120,26 @@ def acquire(run_dir: Path, me: Optional[LockHolder] = None) -> LockHolder:
                 os.replace(candidate, path)  # a requeued job takes its own lock back (new host, pid)
                 return me
             if holder is not None:
-                _refuse_if_alive(run_dir, holder)
+                _refuse_if_alive(folder, holder)
             if _move_aside(path, holder):
-                logger.warning("run folder %s: taking over the stale lock of %s (%s)", run_dir,
+                logger.warning("run folder %s: taking over the stale lock of %s (%s)", folder.root,
                                holder.describe() if holder else "an unreadable holder",
                                "that job is gone" if holder else "its file could not be parsed")
     finally:
         candidate.unlink(missing_ok=True)
-    raise RunFolderInUse("logging.run_name", f"run folder {run_dir} is being locked by another run right "
+    raise RunFolderInUse("logging.run_name", f"run folder {folder.root} is being locked by another run right "
                          "now; retry, or pick another logging.run_name")
 
 
-def claim_for_job(run_dir: Path, job_id: str) -> None:
+def claim_for_job(folder: RunFolder, job_id: str) -> None:
     """Write the lock for a just-submitted SLURM job (``launch/submit.py``, after ``check_free``)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(run_dir / LOCK_FILE, _encode(LockHolder.submitted_job(job_id)))
+    folder.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(folder.lock, _encode(LockHolder.submitted_job(job_id)))
 
 
-def release(run_dir: Path, me: LockHolder) -> None:
-    """Remove the lock of ``run_dir`` if ``me`` still holds it."""
-    path = run_dir / LOCK_FILE
+def release(folder: RunFolder, me: LockHolder) -> None:
+    """Remove the lock of ``folder`` if ``me`` still holds it."""
+    path = folder.lock
     holder = _read(path)
     if holder is not None and holder.same_job(me):
         path.unlink(missing_ok=True)
@@ -162,7 +160,7 @@ def _read(path: Path) -> Optional[LockHolder]:
         return None
 
 
-def _refuse_if_alive(run_dir: Path, holder: LockHolder) -> None:
+def _refuse_if_alive(folder: RunFolder, holder: LockHolder) -> None:
     activity = _activity(holder)
     if activity is None:
         return
@@ -170,8 +168,8 @@ def _refuse_if_alive(run_dir: Path, holder: LockHolder) -> None:
            else "wait for it to end or stop it")
     raise RunFolderInUse(
         "logging.run_name",
-        f"run folder {run_dir} is in use by {holder.describe()}, {activity}; {how}, or pick another "
-        f"logging.run_name (delete {run_dir / LOCK_FILE} only if that run is gone)")
+        f"run folder {folder.root} is in use by {holder.describe()}, {activity}; {how}, or pick another "
+        f"logging.run_name (delete {folder.lock} only if that run is gone)")
 
 
 def _activity(holder: LockHolder) -> Optional[str]:
@@ -209,7 +207,7 @@ def _process_start(pid: int) -> Optional[int]:
 
 def _move_aside(path: Path, judged: Optional[LockHolder]) -> bool:
     """Rename the stale lock ``judged`` out of the way; False when another run changed it first."""
-    aside = path.with_name(f".{LOCK_FILE}.stale.{os.getpid()}")
+    aside = path.with_name(f".{path.name}.stale.{os.getpid()}")
     try:
         os.rename(path, aside)
     except FileNotFoundError:

@@ -10,13 +10,13 @@ skipped steps run in a row.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
 from collections import deque
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Optional
 
 import torch
@@ -25,16 +25,20 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from anchorformer import dist
 from anchorformer.atomic import atomic_write_bytes
-from anchorformer.config import RootConfig, check_world_size, run_directory, to_dict, to_yaml
+from anchorformer.config import RootConfig, check_world_size, to_dict, to_yaml
 from anchorformer.engine import deepspeed_config
-from anchorformer.engine.checkpoint import Checkpointer, RngState, model_signature, resume_meta
+from anchorformer.engine.checkpoint import (
+    Checkpointer, Resumed, RngState, find_resume_point, model_signature, run_meta,
+)
 from anchorformer.engine.ema import ShardedEma
 from anchorformer.engine.metrics import (
     TensorBoardLogger, Throughput, measure_forward_flops, peak_memory_gb,
 )
 from anchorformer.engine.optim import LrSchedule, build_optimizer, peak_lr, set_lr, skip_step_where
+from anchorformer.engine.preflight import RunPlan
 from anchorformer.engine.reshard import optimizer_param_names
 from anchorformer.engine.step_guard import PendingOutcome, StepGuard, TrainingDiverged, nonfinite_weights
+from anchorformer.run_folder import RunFolder
 from anchorformer.tasks import Runtime, Task, build_task
 
 __all__ = ["FitResult", "StepInfo", "TrainingDiverged", "Trainer"]
@@ -84,10 +88,14 @@ class Trainer:
         cfg: validated configuration.
         env: this process's place in the job (the process group must be up, see ``dist.init``).
         task: the task to train; default ``tasks.build_task(cfg, ...)``.
+        plan: the pre-flight's findings (``engine.preflight.check_run``), the checkpoint to resume
+            among them; default: :meth:`resume` looks for ``train.resume`` itself.
     """
 
-    def __init__(self, cfg: RootConfig, env: dist.DistEnv, task: Optional[Task] = None):
-        # Order: checks, device, run folder, seed, task + model, engine, EMA, data, resume, loggers.
+    def __init__(self, cfg: RootConfig, env: dist.DistEnv, task: Optional[Task] = None,
+                 plan: Optional[RunPlan] = None):
+        # Order: checks, device, run folder, seed, task + model, engine, EMA, data, checkpointer, loggers.
+        # Nothing is loaded here: fit() resumes first (resume()).
         self.cfg, self.env = cfg, env
         self.accumulation = check_world_size(cfg, env.world_size)
         self.device = dist.resolve_device(cfg.train.device, env)
@@ -96,13 +104,14 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.tf32
         else:
             cfg.check_compile_device(self.device.type)  # train.device=auto on a machine without CUDA
-        self.run_dir = run_directory(cfg)
+        self.folder = RunFolder.of(cfg)
+        self._plan = plan
         self._stop_requested = False
         self._stopped = False  # all ranks agreed on a stop at a step boundary
         self._start_time = time.perf_counter()
         if env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(self.run_dir / "config.yaml", to_yaml(cfg).encode())
+            self.folder.root.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.folder.config, to_yaml(cfg).encode())
         dist.barrier()
 
         dist.seed_everything(cfg.train.seed)  # identical initial weights on every rank
@@ -116,7 +125,7 @@ class Trainer:
             model.set_grad_checkpointing(True)
         model.to(self.device)  # fp32: DeepSpeed makes the bf16/fp16 copies from these masters
         self.flops_per_sample = measure_forward_flops(model, self.task.example_input().float())
-        self.signature = model_signature(model, cfg.model.name)
+        self.run_meta = run_meta(model_signature(model, cfg.model.name), cfg, env.world_size)
 
         import deepspeed  # after dist.init chose DeepSpeed's accelerator
 
@@ -156,21 +165,19 @@ class Trainer:
         self._grad_norm: Optional[torch.Tensor] = None
         self._step_callbacks: list[StepCallback] = []
         # everything that survives a stop; a checkpoint of another layout resumes resharded
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint, env.is_main)
+        self.checkpointer = Checkpointer(self.folder.checkpoints, cfg.checkpoint, env.is_main)
         self.checkpointer.register_engine(self.engine, self.optimizer, optimizer_params)
         self.checkpointer.register(shared={"trainer": self, "guard": self.guard},
                                    per_rank={"data": self.train_stream, "rng": RngState(), "ema": self.ema})
-        self.resumed = self.checkpointer.load(cfg.train.resume, self._meta())
-        self.resumed_from = self.resumed.tag_dir if self.resumed else None
+        self.resumed: Optional[Resumed] = None
+        self._resume_done = False
 
-        self.tensorboard = TensorBoardLogger(self.run_dir / "tensorboard",
-                                             env.is_main and cfg.logging.tensorboard)
-        self.tensorboard.text("config", "```yaml\n" + to_yaml(cfg) + "\n```", self.step)
+        self.tensorboard = TensorBoardLogger(self.folder.tensorboard, env.is_main and cfg.logging.tensorboard)
         self.throughput = Throughput(cfg.train.global_batch_size, self.flops_per_sample,
                                      env.world_size, cfg.logging.peak_tflops)
         logger.info("%s: %.2f M parameters, %.3f GFLOPs/sample forward, %d steps/epoch, %d steps, "
                     "ZeRO %d, %s, %d x %d x %d accumulation", cfg.model.name,
-                    self.signature["num_params"] / 1e6, self.flops_per_sample / 1e9,
+                    self.run_meta.num_params / 1e6, self.flops_per_sample / 1e9,
                     self.steps_per_epoch, self.total_steps, cfg.deepspeed.zero_stage,
                     cfg.train.precision, cfg.train.micro_batch_size, env.world_size, self.accumulation)
 
@@ -185,8 +192,28 @@ class Trainer:
         :meth:`fit` on this rank (benchmarks time steps with it)."""
         self._step_callbacks.append(callback)
 
+    def resume(self) -> Optional[Resumed]:
+        """Load the checkpoint to continue into the engine and every registered component (a
+        collective), once: the pre-flight's, else the one ``train.resume`` names (found and checked
+        here). :meth:`fit` calls it first unless it ran.
+
+        Returns:
+            Where and how the run resumed; None for a fresh start.
+
+        Raises:
+            CheckpointError: when the checkpoint cannot be continued by this run.
+        """
+        assert not self._resume_done, "Trainer.resume() runs once, before fit() trains"
+        self._resume_done = True
+        point = (self._plan.resume if self._plan is not None
+                 else find_resume_point(self.cfg.train.resume, self.folder.checkpoints, self.run_meta))
+        if point is not None:
+            self.resumed = self.checkpointer.load(point, self.run_meta)
+        return self.resumed
+
     def fit(self) -> FitResult:
-        """Train until all epochs (or ``train.max_steps``) are done, or a stop is requested.
+        """Resume (unless :meth:`resume` ran), then train until all epochs (or ``train.max_steps``)
+        are done, or a stop is requested.
 
         Returns:
             How it ended, with the last evaluation.
@@ -197,6 +224,9 @@ class Trainer:
                 the weights are NaN/inf; no checkpoint was written during them, so ``latest``
                 names the newest one from before; summary.json says ``diverged``.
         """
+        if not self._resume_done:
+            self.resume()
+        self.tensorboard.text("config", "```yaml\n" + to_yaml(self.cfg) + "\n```", self.step)
         bar = self.env.is_main and self.cfg.logging.progress_bar
         with logging_redirect_tqdm() if bar else nullcontext():
             try:
@@ -256,7 +286,7 @@ class Trainer:
         if self._stopped:  # not the local flag: a signal after the last step changes nothing
             self._save_unless_in_streak()
             logger.info("stopped at step %d on request; checkpoint in %s", self.step,
-                        self.checkpointer.directory)
+                        self.checkpointer.folder.path)
             return "stopped", metrics
         if not metrics or self.step % self.steps_per_epoch:
             metrics = self.evaluate()  # ended mid-epoch by train.max_steps, or resumed at the end
@@ -367,9 +397,10 @@ class Trainer:
                 "torch.autograd.set_detect_anomaly(True)", self.step, self.step)
         self._save()
 
-    def _latest_checkpoint(self) -> Optional[Path]:
+    def _latest_checkpoint(self) -> Optional[str]:
         """The checkpoint this run's ``latest`` names, if any."""
-        return self.checkpointer.find("auto")
+        latest = self.checkpointer.latest()
+        return None if latest is None else str(latest.path)
 
     def _unclipped_grad_norm(self) -> Optional[torch.Tensor]:
         """Gradient norm where DeepSpeed keeps none (ZeRO-0 in fp32 without clipping): the
@@ -418,11 +449,9 @@ class Trainer:
                         values["perf/data_wait_s"])
 
     # ------------------------------------------------------------------ checkpoints
-    def _meta(self) -> dict[str, Any]:
-        return {**resume_meta(self.signature, self.cfg, self.env.world_size), "step": self.step, "epoch": self.epoch}
-
     def _save(self) -> None:
-        self.checkpointer.save(self.step, self._meta(), client_state={"config": to_dict(self.cfg)})
+        meta = dataclasses.replace(self.run_meta, step=self.step, epoch=self.epoch)
+        self.checkpointer.save(meta, client_state={"config": to_dict(self.cfg)})
 
     def state_dict(self) -> dict[str, Any]:
         """The trainer's own counters, for the checkpoint (shared by all ranks)."""
@@ -448,14 +477,13 @@ class Trainer:
     def _write_summary(self, result: FitResult, diverged: Optional[TrainingDiverged] = None) -> None:
         if not self.env.is_main:
             return
-        latest = self._latest_checkpoint()
-        summary = {**asdict(result), "run_dir": str(self.run_dir),
-                   "tensorboard": str(self.run_dir / "tensorboard"),
-                   "checkpoints": str(self.checkpointer.directory),
-                   "latest_checkpoint": str(latest) if latest else None,
-                   "resumed_from": str(self.resumed_from) if self.resumed_from else None}
+        summary = {**asdict(result), "run_dir": str(self.folder.root),
+                   "tensorboard": str(self.folder.tensorboard),
+                   "checkpoints": str(self.checkpointer.folder.path),
+                   "latest_checkpoint": self._latest_checkpoint(),
+                   "resumed_from": str(self.resumed.tag_dir) if self.resumed else None}
         if diverged is not None:
             summary["diverged"] = {"first_step": diverged.first_step, "last_step": diverged.last_step,
                                    "reason": str(diverged)}
-        atomic_write_bytes(self.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
+        atomic_write_bytes(self.folder.summary, json.dumps(summary, indent=2).encode())
 

@@ -2,6 +2,7 @@
 from .anchor_attention import AnchorAttention
 from .anchorformer import (AnchorBlock, AnchorFormer, AnchorFormerDistilled, checkpoint_filter_fn, default_weights_file,
                            weights_dir)
+from .errors import ModelArgumentError
 
 __all__ = ["AnchorAttention", "AnchorBlock", "AnchorFormer", "AnchorFormerDistilled",
-           "checkpoint_filter_fn", "default_weights_file", "weights_dir"]
+           "checkpoint_filter_fn", "default_weights_file", "weights_dir", "ModelArgumentError"]

@@ -5,18 +5,20 @@ Reference code: github.com/hyzhang98/AnchorFormer (model/AnchorViT.py).
 
 The layer projects the tokens to ``qk`` and ``v`` per head and mixes them through m learned
 anchors: ``anchorformer.kernels.reference.anchor_mix`` holds the maths, and the layer runs it through
-``anchorformer.kernels.anchor_mix_fast`` (the fused Triton kernels on CUDA).
+``anchorformer.kernels.anchor_mix_fast`` (the backend measured fastest for each shape).
 
-Tracing: under ``torch.jit.script`` the layer calls the PyTorch ``anchor_mix`` (the dispatcher is
-plain Python); ``torch.fx`` records ``anchor_mix_fast`` and the mask check as single calls (they are
-``torch.fx.wrap``-ped), so a traced graph still runs the fast path and still refuses masks.
+Tracing: ``torch.fx`` records ``anchor_mix_fast`` and the mask check as single calls (they are
+``torch.fx.wrap``-ped), so a traced graph still runs the dispatcher's backend and still refuses
+masks; TorchScript, of the model or of such a graph, compiles ``anchor_mix_fast`` to the PyTorch
+``anchor_mix`` (the dispatcher is plain Python).
 """
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from anchorformer.kernels import anchor_mix, anchor_mix_fast
+from anchorformer.kernels import anchor_mix_fast
+from anchorformer.models.errors import require
 
 __all__ = ["AnchorAttention"]
 
@@ -63,13 +65,14 @@ class AnchorAttention(nn.Module):
         dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
-        if num_heads < 1 or dim % num_heads != 0:
-            raise ValueError(f"embed_dim={dim} must be divisible by num_heads={num_heads}")
-        if num_anchors < 1:
-            raise ValueError(f"num_anchors must be >= 1, got num_anchors={num_anchors}")
-        if qk_norm or scale_norm or attn_drop:
-            raise ValueError("AnchorAttention has no qk_norm, no scale_norm and no attention dropout "
-                             "(set attn_drop_rate=0)")
+        require(isinstance(num_heads, int) and num_heads >= 1, "num_heads",
+                f"num_heads must be an integer >= 1, got num_heads={num_heads!r}")
+        require(dim % num_heads == 0, "embed_dim", f"embed_dim={dim} must be divisible by num_heads={num_heads}")
+        require(isinstance(num_anchors, int) and num_anchors >= 1, "num_anchors",
+                f"num_anchors must be an integer >= 1, got num_anchors={num_anchors!r}")
+        require(not qk_norm, "qk_norm", "AnchorAttention has no qk_norm; leave qk_norm=False")
+        require(not scale_norm, "scale_attn_norm", "AnchorAttention has no scale_norm; leave scale_attn_norm=False")
+        require(not attn_drop, "attn_drop_rate", "AnchorAttention has no attention dropout; set attn_drop_rate=0")
         # qkv_bias is ignored: the authors' input projection is bias-free even where DeiT asks for one.
         # norm_layer and depth are what timm's Block passes to every attention layer; unused here.
         del qkv_bias, norm_layer, depth
@@ -91,10 +94,7 @@ class AnchorAttention(nn.Module):
         batch, tokens, dim = x.shape
         qk_v = self.qk_v(x).reshape(batch, tokens, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         qk, v = qk_v.unbind(0)
-        if torch.jit.is_scripting():
-            out = anchor_mix(qk, self.anchors.weight, v, self.scale)
-        else:
-            out = anchor_mix_fast(qk, self.anchors.weight, v, self.scale)  # fused Triton kernels on CUDA
+        out = anchor_mix_fast(qk, self.anchors.weight, v, self.scale)  # the measured fastest backend
         out = out.transpose(1, 2).reshape(batch, tokens, dim)
         return self.proj_drop(self.proj(out))
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 
 from .anchorformer import checkpoint_filter_fn  # (the package import registers the models with timm)
+from .errors import require
 
 __all__ = ["PYRAMID_STRIDES", "TOOLBOX_PREFIX", "SimpleFeaturePyramid", "AnchorFormerBackbone", "DenseModelMixin",
            "load_backbone_weights", "read_weights"]
@@ -89,9 +90,8 @@ class AnchorFormerBackbone(nn.Module):
         self.encoder = timm.create_model(model_name, img_size=img_size, dynamic_img_size=True, num_classes=0,
                                          **(model_kwargs or {}))
         patch = self.encoder.patch_embed.patch_size
-        if tuple(patch) != (16, 16):
-            raise ValueError(f"the simple feature pyramid assumes patch size 16 (strides {PYRAMID_STRIDES}), "
-                             f"got {tuple(patch)} for {model_name}; drop patch_size from model.kwargs")
+        require(tuple(patch) == (16, 16), "patch_size", f"the simple feature pyramid assumes patch size 16 (strides "
+                                                         f"{PYRAMID_STRIDES}), got {tuple(patch)} for {model_name}")
         if weights is not None:
             load_backbone_weights(self.encoder, read_weights(weights))
         # Only the last block's map is used: the final norm and the head are dropped so that no

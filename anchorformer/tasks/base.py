@@ -50,6 +50,13 @@ class Task(Protocol):
 
     main_metric: str
 
+    @classmethod
+    def preflight(cls, cfg: RootConfig, world_size: int) -> nn.Module:
+        """Refuse a run of this task that would fail after start-up, before any work: every input
+        it reads (files, shards against ``world_size`` readers, a teacher) and its network, built
+        on the meta device by its real constructor and returned (a resume's signature is computed
+        from it). Raises ``ConfigError`` naming the key (``tasks.preflight`` has the pieces)."""
+
     def build_model(self) -> nn.Module:
         """The network on the CPU, weights initialised (and pre-trained weights loaded)."""
 

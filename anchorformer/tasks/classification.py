@@ -15,11 +15,12 @@ from torch import nn
 
 import anchorformer.models  # noqa: F401  (registers the anchorformer_* models with timm)
 from anchorformer import data as shards
-from anchorformer.config import ConfigError, ModelConfig, RootConfig
-from anchorformer.data.transforms import eval_transform_config, mixup_config, train_transform_config
+from anchorformer.config import AugmentConfig, ConfigError, ModelConfig, RootConfig
+from anchorformer.data.index import ShardSpec, resolve_shards
 from anchorformer.dist import in_lockstep, sum_across_ranks
 from anchorformer.tasks.base import Runtime
 from anchorformer.tasks.losses import ClassificationLoss, load_teacher
+from anchorformer.tasks.preflight import check_exists, check_registered, meta_network
 
 __all__ = ["ClassificationTask", "create_classifier", "load_pretrained"]
 
@@ -62,8 +63,7 @@ def create_classifier(m: ModelConfig, distillation: str = "none") -> nn.Module:
         ConfigError: when the model is not registered or has no distillation head to train.
     """
     try:
-        model = timm.create_model(m.name, num_classes=m.num_classes, img_size=m.img_size,
-                                  drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate, **m.kwargs)
+        model = timm.create_model(m.name, **m.timm_kwargs())
     except RuntimeError as err:
         if "Unknown model" not in str(err):
             raise
@@ -78,6 +78,48 @@ def create_classifier(m: ModelConfig, distillation: str = "none") -> nn.Module:
     return model
 
 
+def _check_teacher(cfg: RootConfig) -> None:
+    """The distillation teacher: registered, its kwargs accepted, its weights file present."""
+    loss = cfg.loss
+    check_registered(str(loss.teacher_model), "loss.teacher_model")
+    check_exists(str(loss.teacher_checkpoint), "loss.teacher_checkpoint", "file")
+    try:
+        with torch.device("meta"):
+            timm.create_model(loss.teacher_model, num_classes=cfg.model.num_classes, **loss.teacher_kwargs)
+    except Exception as err:  # the teacher constructor's own refusal
+        raise ConfigError("loss.teacher_kwargs", f"{loss.teacher_model} refuses them: "
+                                                 f"{' '.join(str(err).split())}; change loss.teacher_kwargs") from None
+
+
+def _check_shards(cfg: RootConfig, world_size: int) -> None:
+    """Both splits' shards exist (and their index files), and the training shards feed every
+    loader reader of the launch."""
+    d = cfg.data
+    train = _resolve_shards(str(d.train_shards), d.train_index, "data.train_shards", "data.train_index", cfg)
+    _resolve_shards(str(d.val_shards), d.val_index, "data.val_shards", "data.val_index", cfg)
+    workers = max(1, d.num_workers)
+    if len(train) < world_size * workers:
+        raise ConfigError("data.num_workers", (
+            f"{world_size} process(es) x {workers} loader worker(s) = {world_size * workers} readers, but "
+            f"data.train_shards has {len(train)} shard(s) and each reader needs one; lower "
+            f"data.num_workers or write more, smaller shards (tools/make_shards.py --max-samples)"))
+
+
+def _resolve_shards(shards: str, index: Optional[str], key: str, index_key: str, cfg: RootConfig) -> list[ShardSpec]:
+    """The shards of one split (every local one must exist), checked against model.num_classes."""
+    if index is not None:
+        check_exists(index, index_key, "file")
+    try:
+        specs, loaded = resolve_shards(shards, index)
+    except ValueError as err:
+        raise ConfigError(key, " ".join(str(err).split())) from None
+    if loaded is not None and loaded.num_classes > cfg.model.num_classes:
+        raise ConfigError("model.num_classes", (
+            f"{cfg.model.num_classes} is fewer than the {loaded.num_classes} classes of the shards of {key}; "
+            f"set model.num_classes={loaded.num_classes}"))
+    return specs
+
+
 class ClassificationTask:
     """Classification on webdataset shards (or the embedded digits).
 
@@ -87,6 +129,24 @@ class ClassificationTask:
     """
 
     main_metric = "top1"
+
+    @classmethod
+    def preflight(cls, cfg: RootConfig, world_size: int) -> nn.Module:
+        """The classifier on the meta device; its initial weights and teacher files exist, the
+        teacher builds, the shards exist with at most ``model.num_classes`` classes and feed every
+        loader reader of ``world_size`` processes.
+
+        Raises:
+            ConfigError: naming the key.
+        """
+        if cfg.model.pretrained_checkpoint:
+            check_exists(cfg.model.pretrained_checkpoint, "model.pretrained_checkpoint", "file")
+        network = meta_network(cfg.model, lambda: create_classifier(cfg.model, cfg.loss.distillation), "model.img_size")
+        if cfg.loss.distillation != "none":
+            _check_teacher(cfg)
+        if cfg.data.source == "shards":
+            _check_shards(cfg, world_size)
+        return network
 
     def __init__(self, cfg: RootConfig, runtime: Runtime):
         self.cfg = cfg
@@ -113,23 +173,26 @@ class ClassificationTask:
         (train, train_index), _ = self._shards()
         train_stream = shards.build_train_stream(
             train, index=train_index, seed=self.cfg.train.seed,
-            mixup=mixup_config(d, self.cfg.loss.label_smoothing), shuffle_buffer=d.shuffle_buffer,
-            repeated_aug=d.repeated_aug, transform=train_transform_config(d),
+            image_size=d.image_size, augment=d.augment, mixup=d.mixup, label_smoothing=self.cfg.loss.label_smoothing,
+            shuffle_buffer=d.shuffle_buffer, repeated_aug=d.repeated_aug,
             global_batch_size=self.cfg.train.global_batch_size, pipeline=d.pipeline, augment_on=d.augment_on,
             **self._stream_args())
         self.device_augment = train_stream.device_augment
         return {"train": train_stream, "val": self.build_val_data()}
 
-    def build_val_data(self, transform: Optional[shards.EvalTransformConfig] = None) -> shards.ValStream:
+    def build_val_data(self, image_size: Optional[int] = None,
+                       augment: Optional[AugmentConfig] = None) -> shards.ValStream:
         """This rank's validation stream alone (``launch/eval.py`` evaluates checkpoints on it).
 
         Args:
-            transform: preprocessing replacing the recipe's (a test resolution or crop); the
-                images stay the recipe's.
+            image_size: test resolution replacing ``data.image_size``; the images stay the recipe's.
+            augment: preprocessing (crop, interpolation, normalisation) replacing ``data.augment``.
         """
         _, (val, val_index) = self._shards()
-        transform = transform if transform is not None else eval_transform_config(self.cfg.data)
-        return shards.build_val_stream(val, index=val_index, transform=transform, **self._stream_args())
+        d = self.cfg.data
+        return shards.build_val_stream(val, index=val_index,
+                                       image_size=d.image_size if image_size is None else image_size,
+                                       augment=d.augment if augment is None else augment, **self._stream_args())
 
     def _shards(self) -> tuple[tuple[Optional[str], Optional[str]], tuple[Optional[str], Optional[str]]]:
         """``((train shards, index), (val shards, index))`` of the recipe; the embedded digits are

@@ -1,19 +1,13 @@
-"""What the dense tasks (detection, segmentation) share on the task side: their config section and
-the encoder's ``timm.create_model`` overrides. The networks (backbone, feature pyramid, weight
-loading, heads) are model code: ``anchorformer.models``; whole weights for inference under ZeRO-3
-come from ``anchorformer.dist.zero``.
+"""What the dense tasks (detection, segmentation) share on the task side: their config section. The
+encoder's ``timm.create_model`` arguments are ``ModelConfig.timm_kwargs(classifier=False)``; the
+networks (backbone, feature pyramid, weight loading, heads) are model code: ``anchorformer.models``;
+whole weights for inference under ZeRO-3 come from ``anchorformer.dist.zero``.
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any
 
-__all__ = ["encoder_kwargs", "task_options"]
-
-
-def encoder_kwargs(model_cfg: Any) -> Dict[str, Any]:
-    """``timm.create_model`` overrides of the encoder from the ``model`` config section: its
-    ``kwargs`` plus the stochastic depth rate."""
-    return {**model_cfg.kwargs, "drop_path_rate": model_cfg.drop_path_rate}
+__all__ = ["task_options"]
 
 
 def task_options(cfg: Any, task: str) -> Any:

@@ -27,7 +27,8 @@ from anchorformer.dist import collectives
 from anchorformer.dist.zero import whole_parameters
 from anchorformer.models.mask_rcnn import build_detector
 from anchorformer.tasks.base import Runtime
-from anchorformer.tasks.dense_common import encoder_kwargs, task_options
+from anchorformer.tasks.dense_common import task_options
+from anchorformer.tasks.preflight import check_exists, meta_network
 
 __all__ = ["DetectionTask", "detection_loss", "move_batch", "predict_coco_results", "coco_metrics",
            "evaluate_detection"]
@@ -170,6 +171,15 @@ def evaluate_detection(model: nn.Module, batches: Iterable[DetectionBatch], data
     return collectives.broadcast_object(metrics)
 
 
+def _detector(cfg: RootConfig, weights: Optional[str]) -> nn.Module:
+    """The network of a detection config, its encoder loaded from ``weights`` (None: initialised)."""
+    m, o, a = cfg.model, task_options(cfg, "detection"), cfg.data.augment
+    return build_detector(m.name, m.num_classes, o.image_size, o.train_scales, weights=weights,
+                          model_kwargs=m.timm_kwargs(classifier=False), out_channels=o.pyramid_channels,
+                          mask_head_channels=o.mask_head_channels, rois_per_image=o.rois_per_image,
+                          detections_per_image=o.detections_per_image, mean=a.mean, std=a.std)
+
+
 class DetectionTask:
     """Mask R-CNN fine-tuning on COCO-format data, driven by the trainer (``task: detection``).
 
@@ -184,6 +194,22 @@ class DetectionTask:
 
     main_metric = "bbox_AP"
 
+    @classmethod
+    def preflight(cls, cfg: RootConfig, world_size: int) -> nn.Module:
+        """The network on the meta device; the backbone weights, annotation files and image folders exist.
+
+        Raises:
+            ConfigError: naming the key.
+        """
+        o = task_options(cfg, "detection")
+        if cfg.model.pretrained_checkpoint:
+            check_exists(cfg.model.pretrained_checkpoint, "model.pretrained_checkpoint", "file")
+        network = meta_network(cfg.model, lambda: _detector(cfg, weights=None), "detection.image_size")
+        for split in ("train", "val"):
+            check_exists(str(getattr(o, f"{split}_annotations")), f"detection.{split}_annotations", "file")
+            check_exists(str(getattr(o, f"{split}_images")), f"detection.{split}_images", "folder")
+        return network
+
     def __init__(self, cfg: RootConfig, runtime: Runtime) -> None:
         self.cfg, self.runtime = cfg, runtime
         self.options = task_options(cfg, "detection")
@@ -191,11 +217,7 @@ class DetectionTask:
 
     def build_model(self) -> nn.Module:
         """Mask R-CNN on the backbone, its encoder loaded from ``model.pretrained_checkpoint``."""
-        m, o, a = self.cfg.model, self.options, self.cfg.data.augment
-        return build_detector(m.name, m.num_classes, o.image_size, o.train_scales, weights=m.pretrained_checkpoint,
-                              model_kwargs=encoder_kwargs(m), out_channels=o.pyramid_channels,
-                              mask_head_channels=o.mask_head_channels, rois_per_image=o.rois_per_image,
-                              detections_per_image=o.detections_per_image, mean=a.mean, std=a.std)
+        return _detector(self.cfg, weights=self.cfg.model.pretrained_checkpoint)
 
     def example_input(self) -> torch.Tensor:
         size = self.options.image_size

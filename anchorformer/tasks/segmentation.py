@@ -18,7 +18,8 @@ from anchorformer.dist import collectives
 from anchorformer.dist.zero import whole_parameters
 from anchorformer.models.upernet import UperNetSegmentor, resize_bilinear
 from anchorformer.tasks.base import Runtime
-from anchorformer.tasks.dense_common import encoder_kwargs, task_options
+from anchorformer.tasks.dense_common import task_options
+from anchorformer.tasks.preflight import check_exists, meta_network
 
 __all__ = ["SegmentationTask", "segmentation_loss", "predict_logits", "SegmentationMetrics", "evaluate_segmentation"]
 
@@ -184,6 +185,16 @@ def evaluate_segmentation(model: nn.Module, batches: Iterable[SegmentationBatch]
     return metrics.compute()
 
 
+def _segmentor(cfg: RootConfig, weights: Optional[str]) -> nn.Module:
+    """The network of a segmentation config, its encoder loaded from ``weights`` (None: initialised)."""
+    m, o, a = cfg.model, task_options(cfg, "segmentation"), cfg.data.augment
+    return UperNetSegmentor(m.name, m.num_classes, o.crop_size, weights=weights,
+                            model_kwargs=m.timm_kwargs(classifier=False), pyramid_channels=o.pyramid_channels,
+                            head_channels=o.head_channels,
+                            aux_channels=o.aux_channels if o.aux_weight > 0 else 0,  # weight 0 disables the head
+                            mean=a.mean, std=a.std)
+
+
 class SegmentationTask:
     """UperNet fine-tuning on ADE20K-format data, driven by the trainer (``task: segmentation``).
 
@@ -198,18 +209,26 @@ class SegmentationTask:
 
     main_metric = "mIoU"
 
+    @classmethod
+    def preflight(cls, cfg: RootConfig, world_size: int) -> nn.Module:
+        """The network on the meta device; the backbone weights and the dataset root exist.
+
+        Raises:
+            ConfigError: naming the key.
+        """
+        if cfg.model.pretrained_checkpoint:
+            check_exists(cfg.model.pretrained_checkpoint, "model.pretrained_checkpoint", "file")
+        network = meta_network(cfg.model, lambda: _segmentor(cfg, weights=None), "segmentation.crop_size")
+        check_exists(str(task_options(cfg, "segmentation").root), "segmentation.root", "folder")
+        return network
+
     def __init__(self, cfg: RootConfig, runtime: Runtime) -> None:
         self.cfg, self.runtime = cfg, runtime
         self.options = task_options(cfg, "segmentation")
 
     def build_model(self) -> nn.Module:
         """UperNet on the backbone, its encoder loaded from ``model.pretrained_checkpoint``."""
-        m, o, a = self.cfg.model, self.options, self.cfg.data.augment
-        return UperNetSegmentor(m.name, m.num_classes, o.crop_size, weights=m.pretrained_checkpoint,
-                                model_kwargs=encoder_kwargs(m), pyramid_channels=o.pyramid_channels,
-                                head_channels=o.head_channels,
-                                aux_channels=o.aux_channels if o.aux_weight > 0 else 0,  # weight 0 disables the head
-                                mean=a.mean, std=a.std)
+        return _segmentor(self.cfg, weights=self.cfg.model.pretrained_checkpoint)
 
     def example_input(self) -> torch.Tensor:
         size = self.options.crop_size

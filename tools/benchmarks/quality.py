@@ -10,7 +10,7 @@ Protocol (identical for every model of a token count; everything else comes from
 
 1. Models. For each token count, AF(m) is the recipe's ``model`` (an ``anchorformer_*`` name) with
    ``num_anchors = m`` and the token count's patch size; DeiT is the timm model of the same name with
-   ``deit_`` instead of ``anchorformer_`` and the same ``kwargs`` less ``num_anchors`` (same patch
+   ``deit_`` instead of ``anchorformer_`` and the same architecture less ``num_anchors`` (same patch
    size, depth, width, heads, image size, classes, drop path).
 2. Calibration, seed 0: ``--calibration-rounds`` rounds, all models alternating within each; one
    round of a model is a short run of ``--calibration-steps`` optimizer steps after 3 warm-up steps,
@@ -145,13 +145,13 @@ def model_configs(recipe: Path, overrides: Sequence[str] = (), tokens: Sequence[
     configs: dict[Cell, dict[str, Any]] = {}
     for count in tokens:
         patch = patch_size(anchor["model"]["img_size"], count)
-        kwargs = {k: v for k, v in anchor["model"]["kwargs"].items() if k != "num_anchors"}
         deit = copy.deepcopy(anchor)
-        deit["model"].update(name="deit_" + name[len("anchorformer_"):], kwargs={**kwargs, "patch_size": patch})
+        deit["model"].update(name="deit_" + name[len("anchorformer_"):], patch_size=patch, num_anchors=None,
+                             block_init=None)
         configs[Cell(count, None)] = deit
         for m in anchors:
             model = copy.deepcopy(anchor)
-            model["model"]["kwargs"] = {**kwargs, "patch_size": patch, "num_anchors": m}
+            model["model"].update(patch_size=patch, num_anchors=m)
             configs[Cell(count, m)] = model
     return configs
 
@@ -205,7 +205,7 @@ def _fit(cfg: config.RootConfig) -> _Run:
         trainer.add_step_callback(lambda _trainer, _info: step_ends.append(_finished_now()))
         start = time.perf_counter()
         result = trainer.fit()
-        return _Run(result, trainer.signature["num_params"], trainer.steps_per_epoch, start, step_ends)
+        return _Run(result, trainer.run_meta.num_params, trainer.steps_per_epoch, start, step_ends)
     finally:
         if trainer is not None:
             trainer.close()
@@ -412,7 +412,7 @@ def _section(args: argparse.Namespace, machine: str, bases: dict[Cell, dict[str,
             versus = f"{diff:+.2f} ± {stderr:.2f} ({verdict})"
             verdicts[verdict].append(f"{cell.tokens} tokens m={cell.anchors} ({diff:+.2f} ± {stderr:.2f})")
         rows.append([
-            f"{cell.tokens} (patch {model['kwargs']['patch_size']})", f"{cell.label} (`{model['name']}`)",
+            f"{cell.tokens} (patch {model['patch_size']})", f"{cell.label} (`{model['name']}`)",
             f"{cal.params / 1e6:.3f}", f"{cal.macs / 1e9:.4f}", f"{cal.seconds_per_step:.4f} ({cal.round_range()})",
             f"{stat.seconds_per_step:.4f}", f"{budgets[cell.tokens]:.0f}", f"{epochs} ({planned:.0f} steps)",
             f"{statistics.fmean(stat.train_s):.1f}", f"{stat.mean:.2f} ± {stat.std:.2f}",
@@ -429,7 +429,7 @@ def _section(args: argparse.Namespace, machine: str, bases: dict[Cell, dict[str,
         f"## Quality map at equal wall-clock: AnchorFormer (m anchors) vs DeiT over tokens ({args.device})",
         "",
         f"Device: {machine}. Recipe `{args.recipe}`{overrides}: {m['img_size']} px digits, depth "
-        f"{m['kwargs'].get('depth')}, width {m['kwargs'].get('embed_dim')}, {m['kwargs'].get('num_heads')} heads, "
+        f"{m['depth']}, width {m['embed_dim']}, {m['num_heads']} heads, "
         f"batch {base['train']['global_batch_size']}, {base['train']['precision']}, {base['optim']['name']} lr "
         f"{base['optim']['lr']:g}, warm-up + cosine; tokens {', '.join(map(str, args.tokens))}; anchors m "
         f"{', '.join(map(str, args.anchors))}; seeds {', '.join(map(str, args.seeds))}.",

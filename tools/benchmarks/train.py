@@ -31,6 +31,7 @@ from anchorformer.data.sources import SourceListing, SourceSample
 from anchorformer.data.writer import write_shards
 from anchorformer.engine import run_training
 from anchorformer.kernels import BACKENDS, set_backend
+from anchorformer.run_folder import RunFolder
 
 __all__ = ["add_arguments", "run"]
 
@@ -119,7 +120,7 @@ def _train_config(family: str, size: str, precision: str, args: argparse.Namespa
 
 def _timed_interval(run_dir: Path, step: int) -> dict[str, float]:
     """The ``perf/*`` and memory scalars the Trainer logged at ``step`` (the timed interval)."""
-    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events = EventAccumulator(str(RunFolder(run_dir).tensorboard))
     events.Reload()
     values = {}
     for tag in ("perf/samples_per_s", "perf/step_time_s", "perf/data_wait_s", "perf/mfu", "memory/peak_gb"):
