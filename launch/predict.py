@@ -70,11 +70,12 @@ def _batches(inputs: list[str], loaded: InferenceModel, batch_size: int, workers
     sources: list[Any] = []
     if files:
         samples = [(str(path), -1) for path in expand_image_paths(files)]
-        sources.append(ImageFileBatches(samples, build_eval_transform(loaded.preprocessing), batch_size, workers))
+        transform = build_eval_transform(loaded.preprocessing, loaded.image_size)
+        sources.append(ImageFileBatches(samples, transform, batch_size, workers))
     for spec in (item for item in inputs if _is_shards(item)):
         sources.append(build_val_stream(spec, index=None, num_classes=loaded.num_classes, rank=0, world_size=1,
                                         micro_batch_size=batch_size, num_workers=workers,
-                                        transform=loaded.preprocessing, return_keys=True))
+                                        image_size=loaded.image_size, augment=loaded.preprocessing, return_keys=True))
     return sources
 
 

@@ -3,6 +3,8 @@ rejected with the key, the allowed values and, for typos, the closest key."""
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ from helpers import REPO
 
 from anchorformer import config
 from anchorformer.config import ConfigError
-from anchorformer.data.transforms import mixup_config, train_transform_config
+from anchorformer.data.pipelines import build_train_pipeline
 
 RECIPES = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -86,13 +88,16 @@ def test_bad_values_name_the_key(recipe, override, key, fragment):
 def test_the_data_side_receives_the_validated_augmentation(recipe):
     cfg = config.load(recipe, ["data.augment.auto_augment=null", "data.augment.three_augment=true",
                                "data.augment.re_count=2", "data.mixup.mode=pair", "loss.label_smoothing=0.2"])
-    train = train_transform_config(cfg.data)
-    assert train.image_size == 32 and train.three_augment and train.auto_augment is None and train.re_count == 2
-    shared = [f.name for f in dataclasses.fields(train) if f.name != "image_size"]
-    assert {name: getattr(train, name) for name in shared} == {name: getattr(cfg.data.augment, name) for name in shared}
-    mixup = mixup_config(cfg.data, cfg.loss.label_smoothing)
+    d = cfg.data
+    pipeline = build_train_pipeline(d.augment, d.image_size, d.mixup, 10, cfg.loss.label_smoothing)
+    crop, *_, erasing = pipeline.transform.transforms
+    three_augment = [type(step).__name__ for step in pipeline.transform.transforms if hasattr(step, "policy")]
+    assert crop.size == (32, 32) and three_augment == ["AutoAugment"] and erasing.max_count == 2
+    assert "Solarize" in repr(pipeline.transform) and "RandAugment" not in repr(pipeline.transform)
+    mixup = pipeline.worker_mixup
     assert (mixup.mode, mixup.label_smoothing, mixup.mixup_alpha) == ("pair", 0.2, 0.8)
-    assert mixup_config(config.load(recipe, ["data.mixup.prob=0"]).data, 0.1) is None
+    unmixed = config.load(recipe, ["data.mixup.prob=0"]).data
+    assert build_train_pipeline(unmixed.augment, unmixed.image_size, unmixed.mixup, 10, 0.1).worker_mixup is None
 
 
 def test_unknown_key_in_recipe_file(tmp_path):
@@ -135,3 +140,11 @@ def test_shipped_recipes_load(path):
     assert cfg.logging.run_name == path.stem
     gpus = cfg.slurm.nodes * cfg.slurm.gpus_per_node
     assert config.check_world_size(cfg, gpus) >= 1  # the batch fits the GPUs the recipe names
+
+
+def test_reading_a_recipe_imports_no_torch():
+    """Launchers, submit hosts and slurm/run_dir.py read recipes without torch, timm or the models."""
+    probe = ("import sys\nfrom anchorformer import config\nconfig.load('configs/demo.yaml')\n"
+             "print(sorted(m for m in ('torch', 'timm', 'anchorformer.models') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

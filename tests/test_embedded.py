@@ -5,7 +5,8 @@ from collections import Counter
 
 import pytest
 
-from anchorformer.data import EvalTransformConfig, build_val_stream, prepare_embedded_dataset
+from anchorformer.config import AugmentConfig
+from anchorformer.data import build_val_stream, prepare_embedded_dataset
 from anchorformer.data.embedded import EMBEDDED_VAL_SIZE, digits_listing
 from anchorformer.data.index import read_index
 
@@ -31,7 +32,7 @@ def test_prepare_writes_shards_once_and_reuses_the_cache(tmp_path):
 
     stream = build_val_stream(dataset.val_shards, index=dataset.val_index, num_classes=10, rank=0, world_size=1,
                               micro_batch_size=64, num_workers=2,
-                              transform=EvalTransformConfig(image_size=24, crop_pct=1.0), return_keys=True)
+                              image_size=24, augment=AugmentConfig(crop_pct=1.0), return_keys=True)
     keys = []
     for images, _, batch_keys in stream:
         assert images.shape[1:] == (3, 24, 24)

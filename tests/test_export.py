@@ -20,7 +20,7 @@ from timm.data import create_transform, resolve_data_config
 import anchorformer.models  # noqa: F401  (registers the models)
 from anchorformer.config import load
 from anchorformer.convert import export_graph
-from anchorformer.data.transforms import build_eval_transform, eval_transform_config
+from anchorformer.data.transforms import build_eval_transform
 
 import convert_checkpoint
 
@@ -43,7 +43,7 @@ def test_timm_folder_loads_through_timm_alone_with_the_trainers_accuracy(trained
         "crop_pct": 1.0, "crop_mode": "center"}  # the demo recipe's, not timm's 224 px / 0.9 / ImageNet defaults
     transform = create_transform(**data_config)
     recipe = load(trained_run / "config.yaml")
-    assert repr(transform) == repr(build_eval_transform(eval_transform_config(recipe.data)))  # the trainer's
+    assert repr(transform) == repr(build_eval_transform(recipe.data.augment, recipe.data.image_size))  # the trainer's
 
     expected = trainer_metrics(trained_run)["eval/top1"]
     assert top1_of(model, validation_samples(trained_run), transform) == expected
@@ -115,7 +115,7 @@ def test_export_cli_writes_beside_the_timm_folder_and_prints_the_parity(trained_
     assert difference <= 1e-4
     session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     recipe = load(trained_run / "config.yaml")
-    transform = build_eval_transform(eval_transform_config(recipe.data))
+    transform = build_eval_transform(recipe.data.augment, recipe.data.image_size)
     images = torch.stack([transform(image) for image, _ in validation_samples(trained_run)[:5]])
     model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     with torch.no_grad():

@@ -13,13 +13,14 @@ from benchmark_fixtures import one_torch_thread  # noqa: F401  (one thread: the 
 from benchmarks.report import photo_crops
 from data_fixtures import digit_jpeg, interrupted_batches, write_jpeg_shards, write_raw_tar
 
-from anchorformer.data import MixupConfig, TrainTransformConfig, build_train_stream
+from anchorformer.config import AugmentConfig, MixupSection
+from anchorformer.data import build_train_stream
 from anchorformer.data.batch_augment import AUGMENT_OPS
 from anchorformer.data.fast_transforms import FastTrainTransform, augment_in_worker, decode_rgb
 from anchorformer.data.stages import decode_pil, seeded_rngs
 from anchorformer.data.transforms import build_train_transform
 
-DEIT = TrainTransformConfig(image_size=64)  # the DeiT recipe's augmentation at 64 px
+DEIT = AugmentConfig()  # the DeiT recipe's augmentation (at 64 px)
 SEEDS = range(300)
 
 
@@ -53,10 +54,9 @@ def test_decoding_gives_pillows_pixels_and_refuses_what_pillow_refuses(photo):
 def test_crop_boxes_and_flips_are_timms_on_every_seed(photo):
     """Same seed, same box and flip: the crops agree to one level (the tensor resize vs Pillow's)."""
     for interpolation in ("bicubic", "random"):
-        config = TrainTransformConfig(image_size=64, interpolation=interpolation, auto_augment=None,
-                                      color_jitter=0.0, re_prob=0.0)
-        crop, flip = build_train_transform(config).transforms[:2]
-        fast = FastTrainTransform(config, on_device=False)
+        augment = AugmentConfig(interpolation=interpolation, auto_augment=None, color_jitter=0.0, re_prob=0.0)
+        crop, flip = build_train_transform(augment, 64).transforms[:2]
+        fast = FastTrainTransform(augment, 64, on_device=False)
         pixels, image = decode_rgb(photo), decode_pil(photo)
         for seed in SEEDS:
             with seeded_rngs(seed):
@@ -78,12 +78,12 @@ class _Log:
 
 
 def test_randaugment_draws_timms_ops_and_magnitudes_on_every_seed(photo):
-    timm_transform = build_train_transform(DEIT)
+    timm_transform = build_train_transform(DEIT, 64)
     augment = timm_transform.transforms[2]
     timm_log: list = []
     for op in augment.ops:
         op.aug_fn = _Log(op.aug_fn, timm_log)
-    planner = FastTrainTransform(DEIT, on_device=True)
+    planner = FastTrainTransform(DEIT, 64, on_device=True)
     image, pixels = decode_pil(photo), decode_rgb(photo)
     chosen: Counter = Counter()
     for seed in SEEDS:
@@ -101,8 +101,8 @@ def test_randaugment_draws_timms_ops_and_magnitudes_on_every_seed(photo):
 
 
 def test_fast_images_are_timms_on_the_same_seeds_erasing_noise_included(photo):
-    config = TrainTransformConfig(image_size=64, re_prob=0.5)
-    timm_transform, fast = build_train_transform(config), FastTrainTransform(config, on_device=False)
+    augment = AugmentConfig(re_prob=0.5)
+    timm_transform, fast = build_train_transform(augment, 64), FastTrainTransform(augment, 64, on_device=False)
     image, pixels = decode_pil(photo), decode_rgb(photo)
     expected, planned = [], []
     for seed in range(64):
@@ -126,9 +126,9 @@ def test_fast_images_are_timms_on_the_same_seeds_erasing_noise_included(photo):
 
 
 def test_cpu_path_runs_timms_own_three_augment_and_augmix(photo):
-    for config in (TrainTransformConfig(image_size=32, auto_augment=None, three_augment=True),
-                   TrainTransformConfig(image_size=32, auto_augment="augmix-m5-w4-d2")):
-        timm_transform, fast = build_train_transform(config), FastTrainTransform(config, on_device=False)
+    for augment in (AugmentConfig(auto_augment=None, three_augment=True),
+                    AugmentConfig(auto_augment="augmix-m5-w4-d2")):
+        timm_transform, fast = build_train_transform(augment, 32), FastTrainTransform(augment, 32, on_device=False)
         with seeded_rngs(1):
             expected = timm_transform(decode_pil(photo))
         with seeded_rngs(1):
@@ -138,7 +138,7 @@ def test_cpu_path_runs_timms_own_three_augment_and_augmix(photo):
 
 
 NUM_CLASSES = 10
-SMALL = TrainTransformConfig(image_size=16, scale=(0.5, 1.0), re_prob=0.25)
+SMALL = AugmentConfig(scale=(0.5, 1.0), re_prob=0.25)  # at 16 px
 
 
 @pytest.fixture(scope="module")
@@ -149,13 +149,13 @@ def shards(tmp_path_factory):
 def _train(shards, *, num_workers=2, mixup=None, pipeline="fast"):
     pattern, index = shards
     return build_train_stream(pattern, index=index, num_classes=NUM_CLASSES, rank=1, world_size=2, micro_batch_size=4,
-                              num_workers=num_workers, seed=3, transform=SMALL, mixup=mixup, shuffle_buffer=16,
-                              return_keys=True, pipeline=pipeline)
+                              num_workers=num_workers, seed=3, image_size=16, augment=SMALL, mixup=mixup,
+                              label_smoothing=0.1, shuffle_buffer=16, return_keys=True, pipeline=pipeline)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_fast_stream_resumes_mid_epoch_with_the_same_keys_and_augmented_tensors(shards, num_workers):
-    mixup = MixupConfig(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
+    mixup = MixupSection(mixup_alpha=0.8, cutmix_alpha=1.0)
     uninterrupted = list(_train(shards, num_workers=num_workers, mixup=mixup))
     resumed = interrupted_batches(lambda: _train(shards, num_workers=num_workers, mixup=mixup),
                                   stop=random.Random(num_workers).randrange(1, 7))
@@ -176,8 +176,8 @@ def test_fast_stream_skips_and_counts_images_it_cannot_decode(tmp_path):
         members += [(f"s{i}.jpg", data), (f"s{i}.cls", str(i % NUM_CLASSES).encode())]
     write_raw_tar(tmp_path / "train-000000.tar", members)
     stream = build_train_stream(str(tmp_path / "train-000000.tar"), index=None, num_classes=NUM_CLASSES, rank=0,
-                                world_size=1, micro_batch_size=2, num_workers=0, seed=0, transform=SMALL, mixup=None,
-                                shuffle_buffer=0, return_keys=True, pipeline="fast")
+                                world_size=1, micro_batch_size=2, num_workers=0, seed=0, image_size=16, augment=SMALL,
+                                mixup=None, shuffle_buffer=0, return_keys=True, pipeline="fast")
     keys = [key for _, _, batch_keys in stream for key in batch_keys]
     assert "s2" not in keys and "s5" not in keys and len(keys) >= 4
     assert stream.skip_counts()["decode_error"] == 2

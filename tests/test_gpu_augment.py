@@ -13,7 +13,8 @@ from data_fixtures import interrupted_batches, write_jpeg_shards
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from timm.data import auto_augment
 
-from anchorformer.data import MixupConfig, TrainTransformConfig, build_train_stream
+from anchorformer.config import AugmentConfig, MixupSection
+from anchorformer.data import build_train_stream
 from anchorformer.data.batch_augment import AUGMENT_OPS, GEOMETRIC_OPS, RESAMPLE_CODES, apply_ops, erase_boxes
 from anchorformer.data.pipelines import build_train_pipeline
 from anchorformer.data.transforms import _posterize
@@ -90,9 +91,8 @@ def test_erasing_fills_only_the_boxes_with_seeded_noise():
 
 
 SIZE = 16
-JITTER_ONLY = TrainTransformConfig(image_size=SIZE, scale=(0.5, 1.0), auto_augment=None, color_jitter=0.4,
-                                   re_prob=0.0)
-RANDAUGMENT = TrainTransformConfig(image_size=SIZE, scale=(0.5, 1.0), auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.0)
+JITTER_ONLY = AugmentConfig(scale=(0.5, 1.0), auto_augment=None, color_jitter=0.4, re_prob=0.0)
+RANDAUGMENT = AugmentConfig(scale=(0.5, 1.0), auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +100,12 @@ def shards(tmp_path_factory):
     return write_jpeg_shards(tmp_path_factory.mktemp("gpu"), "train", count=64, per_shard=8, size=24)
 
 
-def _stream(shards, pipeline, augment_on, *, transform=JITTER_ONLY, num_workers=0, mixup=None):
+def _stream(shards, pipeline, augment_on, *, augment=JITTER_ONLY, num_workers=0, mixup=None):
     pattern, index = shards
     return build_train_stream(pattern, index=index, num_classes=10, rank=1, world_size=2, micro_batch_size=4,
-                              num_workers=num_workers, seed=5, transform=transform, mixup=mixup, shuffle_buffer=16,
-                              return_keys=True, pipeline=pipeline, augment_on=augment_on)
+                              num_workers=num_workers, seed=5, image_size=SIZE, augment=augment, mixup=mixup,
+                              label_smoothing=0.1, shuffle_buffer=16, return_keys=True, pipeline=pipeline,
+                              augment_on=augment_on)
 
 
 def _batches(stream) -> list[tuple]:
@@ -117,14 +118,14 @@ def _batches(stream) -> list[tuple]:
     return out
 
 
-@pytest.mark.parametrize("transform", [JITTER_ONLY, RANDAUGMENT], ids=["colour-jitter", "randaugment"])
-def test_gpu_path_gives_the_pil_pipelines_batches(shards, transform):
+@pytest.mark.parametrize("augment", [JITTER_ONLY, RANDAUGMENT], ids=["colour-jitter", "randaugment"])
+def test_gpu_path_gives_the_pil_pipelines_batches(shards, augment):
     """The same crops, flips, ops, normalisation and Mixup as timm's transform and Mixup in the
     workers, from the same seeds: only the crop's resize on tensors may differ from Pillow's by a
     level (1 / 255 / std ~ 0.018), which a contrast, solarize or equalize op may amplify at a few pixels."""
-    mixup = MixupConfig(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
-    reference = _batches(_stream(shards, "pil", "cpu", transform=transform, mixup=mixup))
-    on_device = _batches(_stream(shards, "fast", "gpu", transform=transform, mixup=mixup))
+    mixup = MixupSection(mixup_alpha=0.8, cutmix_alpha=1.0)
+    reference = _batches(_stream(shards, "pil", "cpu", augment=augment, mixup=mixup))
+    on_device = _batches(_stream(shards, "fast", "gpu", augment=augment, mixup=mixup))
     assert [keys for *_, keys in on_device] == [keys for *_, keys in reference]
     for (images, targets, _), (expected_images, expected_targets, _) in zip(on_device, reference):
         assert torch.allclose(targets, expected_targets)
@@ -134,9 +135,9 @@ def test_gpu_path_gives_the_pil_pipelines_batches(shards, transform):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_gpu_path_resumes_mid_epoch_with_the_same_keys_and_augmented_tensors(shards, num_workers):
-    transform = TrainTransformConfig(image_size=SIZE, scale=(0.5, 1.0), re_prob=0.5)  # RandAugment + erasing
-    mixup = MixupConfig(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
-    make = lambda: _stream(shards, "fast", "gpu", transform=transform, num_workers=num_workers, mixup=mixup)  # noqa: E731
+    options = AugmentConfig(scale=(0.5, 1.0), re_prob=0.5)  # RandAugment + erasing
+    mixup = MixupSection(mixup_alpha=0.8, cutmix_alpha=1.0)
+    make = lambda: _stream(shards, "fast", "gpu", augment=options, num_workers=num_workers, mixup=mixup)  # noqa: E731
     uninterrupted = _batches(make())
     augment = make().device_augment
     resumed = [(*augment(images, targets, torch.device("cpu")), keys)
@@ -149,13 +150,13 @@ def test_gpu_path_resumes_mid_epoch_with_the_same_keys_and_augmented_tensors(sha
 
 def test_gpu_path_refuses_what_it_does_not_implement():
     with pytest.raises(ValueError, match="data.augment_on=gpu .*set data.pipeline=fast"):
-        build_train_pipeline(JITTER_ONLY, None, 10, pipeline="pil", augment_on="gpu")
-    augmix = TrainTransformConfig(auto_augment="augmix-m5-w4-d2")
+        build_train_pipeline(JITTER_ONLY, SIZE, None, 10, pipeline="pil", augment_on="gpu")
+    augmix = AugmentConfig(auto_augment="augmix-m5-w4-d2")
     with pytest.raises(ValueError, match="use data.augment_on=cpu"):
-        build_train_pipeline(augmix, None, 10, pipeline="fast", augment_on="gpu")
-    build_train_pipeline(augmix, None, 10, pipeline="fast", augment_on="cpu")  # timm's own AugMix on Pillow
+        build_train_pipeline(augmix, 224, None, 10, pipeline="fast", augment_on="gpu")
+    build_train_pipeline(augmix, 224, None, 10, pipeline="fast", augment_on="cpu")  # timm's own AugMix on Pillow
     with pytest.raises(ValueError, match="data.pipeline='torch'; choose from"):
-        build_train_pipeline(JITTER_ONLY, None, 10, pipeline="torch")
+        build_train_pipeline(JITTER_ONLY, SIZE, None, 10, pipeline="torch")
 
 
 @pytest.mark.slow

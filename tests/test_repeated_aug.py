@@ -9,9 +9,10 @@ import pytest
 import torch
 from data_fixtures import write_jpeg_shards
 
-from anchorformer.data import TrainTransformConfig, build_train_stream
+from anchorformer.config import AugmentConfig
+from anchorformer.data import build_train_stream
 
-TRANSFORM = TrainTransformConfig(image_size=16, scale=(0.5, 1.0), re_prob=0.25)
+AUGMENT = AugmentConfig(scale=(0.5, 1.0), re_prob=0.25)
 REPEATS = 3
 BATCH = 4
 
@@ -25,8 +26,8 @@ def shards(tmp_path_factory):
 def _stream(shards, rank, world_size, num_workers):
     pattern, index = shards
     return build_train_stream(pattern, index=index, num_classes=10, rank=rank, world_size=world_size,
-                              micro_batch_size=BATCH, num_workers=num_workers, seed=5, transform=TRANSFORM,
-                              mixup=None, shuffle_buffer=6, repeated_aug=REPEATS, return_keys=True)
+                              micro_batch_size=BATCH, num_workers=num_workers, seed=5, image_size=16,
+                              augment=AUGMENT, mixup=None, shuffle_buffer=6, repeated_aug=REPEATS, return_keys=True)
 
 
 def _copies(shards, world_size, num_workers):

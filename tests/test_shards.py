@@ -11,14 +11,15 @@ import pytest
 import torch
 from data_fixtures import digit_jpeg, jpeg_listing, write_jpeg_shards, write_raw_tar
 
-from anchorformer.data import (EvalTransformConfig, MixupConfig, TrainTransformConfig, build_train_stream,
-                               build_val_stream)
+from anchorformer.config import AugmentConfig, MixupSection
+from anchorformer.data import build_train_stream, build_val_stream
 from anchorformer.data.sources import SourceListing
 from anchorformer.data.writer import write_shards
 
 NUM_CLASSES = 10
-TRAIN_TRANSFORM = TrainTransformConfig(image_size=16, scale=(0.5, 1.0), re_prob=0.25)
-EVAL_TRANSFORM = EvalTransformConfig(image_size=16, crop_pct=1.0)
+SIZE = 16
+TRAIN_AUGMENT = AugmentConfig(scale=(0.5, 1.0), re_prob=0.25)
+EVAL_AUGMENT = AugmentConfig(crop_pct=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +37,16 @@ def uneven_shards(tmp_path_factory):
 def _train(shards, *, rank=0, world_size=1, num_workers=2, batch=4, seed=3, mixup=None, shuffle_buffer=16):
     pattern, index = shards
     return build_train_stream(pattern, index=index, num_classes=NUM_CLASSES, rank=rank, world_size=world_size,
-                              micro_batch_size=batch, num_workers=num_workers, seed=seed, transform=TRAIN_TRANSFORM,
-                              mixup=mixup, shuffle_buffer=shuffle_buffer, return_keys=True)
+                              micro_batch_size=batch, num_workers=num_workers, seed=seed, image_size=SIZE,
+                              augment=TRAIN_AUGMENT, mixup=mixup, label_smoothing=0.1, shuffle_buffer=shuffle_buffer,
+                              return_keys=True)
 
 
 def _val(shards, *, rank=0, world_size=1, num_workers=2, batch=4, index="from-shards", num_classes=NUM_CLASSES):
     pattern, index_path = shards
     return build_val_stream(pattern, index=index_path if index == "from-shards" else index, num_classes=num_classes,
                             rank=rank, world_size=world_size, micro_batch_size=batch, num_workers=num_workers,
-                            transform=EVAL_TRANSFORM, return_keys=True)
+                            image_size=SIZE, augment=EVAL_AUGMENT, return_keys=True)
 
 
 def _keys(stream) -> list[str]:
@@ -75,7 +77,7 @@ def test_uneven_shards_still_give_every_rank_the_same_steps(uneven_shards):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_at_a_random_point_reproduces_the_uninterrupted_batches(even_shards, num_workers):
-    mixup = MixupConfig(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
+    mixup = MixupSection(mixup_alpha=0.8, cutmix_alpha=1.0)
     uninterrupted = list(_train(even_shards, rank=1, world_size=2, num_workers=num_workers, mixup=mixup))
     stop = random.Random(num_workers).randrange(1, 7)
     first = _train(even_shards, rank=1, world_size=2, num_workers=num_workers, mixup=mixup)
@@ -144,7 +146,7 @@ def _damaged_shards(folder):
 def test_bad_samples_and_truncated_shard_are_skipped_and_counted(tmp_path):
     pattern = _damaged_shards(tmp_path)
     stream = build_val_stream(pattern, index=None, num_classes=NUM_CLASSES, rank=0, world_size=1, micro_batch_size=4,
-                              num_workers=2, transform=EVAL_TRANSFORM, return_keys=True)
+                              num_workers=2, image_size=SIZE, augment=EVAL_AUGMENT, return_keys=True)
     keys = _keys(stream)
     assert {"ok_0", "ok_1", "ok_2", "ok_3", "ok_4", "ok_5"} <= set(keys)
     assert "corrupt" not in keys and "nolabel" not in keys
@@ -152,7 +154,8 @@ def test_bad_samples_and_truncated_shard_are_skipped_and_counted(tmp_path):
     assert counts["decode_error"] == 1 and counts["missing_label"] == 1 and counts["unreadable_shard"] == 1
 
     train = build_train_stream(pattern, index=None, num_classes=NUM_CLASSES, rank=0, world_size=1,
-                               micro_batch_size=2, num_workers=2, seed=0, transform=TRAIN_TRANSFORM, mixup=None)
+                               micro_batch_size=2, num_workers=2, seed=0, image_size=SIZE, augment=TRAIN_AUGMENT,
+                               mixup=None)
     assert len(list(train)) == train.steps_per_epoch
     assert train.skip_counts()["decode_error"] >= 1 and train.skip_counts()["unreadable_shard"] >= 1
 
@@ -179,7 +182,8 @@ def test_a_truncated_training_shard_loses_samples_that_are_counted_exactly(tmp_p
     truncated.write_bytes(truncated.read_bytes()[:3000])
     stream = build_train_stream(str(tmp_path / "train-{000000..000002}.tar"), index=str(tmp_path / "train-index.json"),
                                 num_classes=NUM_CLASSES, rank=0, world_size=1, micro_batch_size=1, num_workers=0,
-                                seed=0, transform=TRAIN_TRANSFORM, mixup=None, shuffle_buffer=0, return_keys=True)
+                                seed=0, image_size=SIZE, augment=TRAIN_AUGMENT, mixup=None, shuffle_buffer=0,
+                                return_keys=True)
     first_pass: list[str] = []
     for _, _, (key,) in stream:
         if key in first_pass:  # the first sample of the second pass (the first sample of a shard)
@@ -226,10 +230,10 @@ def test_state_saved_at_an_epoch_end_resumes_into_the_next_epoch(even_shards):
 def test_odd_mixup_batch_is_refused_and_three_augment_runs(even_shards):
     # the augmentation options themselves are checked by the config schema (tests/test_config.py)
     with pytest.raises(ValueError, match="even micro_batch_size, got 3"):
-        _train(even_shards, batch=3, mixup=MixupConfig())
+        _train(even_shards, batch=3, mixup=MixupSection())
     pattern, index = even_shards
-    three = TrainTransformConfig(image_size=16, auto_augment=None, three_augment=True)
+    three = AugmentConfig(auto_augment=None, three_augment=True)
     stream = build_train_stream(pattern, index=index, num_classes=NUM_CLASSES, rank=0, world_size=1,
-                                micro_batch_size=16, num_workers=0, seed=0, transform=three, mixup=None)
+                                micro_batch_size=16, num_workers=0, seed=0, image_size=SIZE, augment=three, mixup=None)
     images, targets = next(iter(stream))
     assert images.shape == (16, 3, 16, 16) and torch.isfinite(images).all()

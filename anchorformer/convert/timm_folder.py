@@ -22,7 +22,7 @@ from anchorformer.convert.export import Exported, Verify, build_source_model, ex
 from anchorformer.convert.recipe import recipe_label_names, recipe_of
 from anchorformer.convert.source import SourceCheckpoint
 from anchorformer.convert.staging import staged_outputs
-from anchorformer.data.transforms import eval_transform_config
+from anchorformer.data.transforms import eval_pretrained_cfg
 
 __all__ = ["TIMM_FILES", "export_timm_folder", "load_timm_folder", "is_timm_folder", "read_provenance"]
 
@@ -54,7 +54,8 @@ def read_provenance(folder: str | Path) -> Dict[str, Any]:
 
 
 def export_timm_folder(source: SourceCheckpoint, folder: str | Path, model_name: Optional[str] = None,
-                       model_args: Optional[Dict[str, Any]] = None, verify: Optional[Verify] = None) -> Exported:
+                       model_args: Optional[Dict[str, Any]] = None, verify: Optional[Verify] = None,
+                       conversion: Optional[Dict[str, Any]] = None) -> Exported:
     """Write the classification model into ``folder`` in timm's layout, with the evaluation
     preprocessing (``data.image_size``, ``data.augment.crop_pct/interpolation/mean/std``) and the
     class names of the recipe recorded with the weights (the model's default cfg and no names for
@@ -66,6 +67,8 @@ def export_timm_folder(source: SourceCheckpoint, folder: str | Path, model_name:
         model_name: timm name, when the source does not record it.
         model_args: architecture overrides, when the source does not record them.
         verify: a check of the staged folder (``Exported.path``); nothing is written when it raises.
+        conversion: how the weights were made from another architecture (plain data, e.g. the
+            report of a ViT conversion), recorded in config.json beside the provenance.
 
     Returns:
         What was written (``path`` is the folder).
@@ -76,7 +79,7 @@ def export_timm_folder(source: SourceCheckpoint, folder: str | Path, model_name:
     model, args = build_source_model(source, model_name, model_args)
     name = model_name or source.model_name
     recipe = recipe_of(source)
-    preprocessing = eval_transform_config(recipe.data) if recipe is not None else None
+    preprocessing = eval_pretrained_cfg(recipe.data.augment, recipe.data.image_size) if recipe is not None else None
     label_names = recipe_label_names(recipe) if recipe is not None else None
     if recipe is None:
         logger.warning("%s records no recipe: the export carries %s's default preprocessing and no class names",
@@ -85,14 +88,16 @@ def export_timm_folder(source: SourceCheckpoint, folder: str | Path, model_name:
         raise ValueError(f"{len(label_names)} label names for a head of {model.num_classes} classes; the class "
                          f"map beside the shards does not belong to this model")
     metadata = export_metadata(source, "timm", name, args, int(args.get("img_size", 224)), "timm")
-    model_config: Dict[str, Any] = {_PROVENANCE_KEY: {key: metadata[key] for key in ("source", "step", "weights")}}
+    provenance: Dict[str, Any] = {key: metadata[key] for key in ("source", "step", "weights")}
+    if conversion is not None:
+        provenance["conversion"] = conversion
+    model_config: Dict[str, Any] = {_PROVENANCE_KEY: provenance}
     if label_names is not None:
         model_config["label_names"] = list(label_names)
     folder = Path(folder)
     with staged_outputs([folder / file for file in TIMM_FILES], root=folder.resolve().parent) as staged:
         save_for_hf(model, str(staged[0].parent), model_config=model_config, model_args=json.loads(json.dumps(args)),
-                    safe_serialization=True,
-                    data_config=preprocessing.as_pretrained_cfg() if preprocessing is not None else None)
+                    safe_serialization=True, data_config=preprocessing)
         if verify is not None:
             verify(Exported(staged[0].parent, name, args, metadata))
     logger.info("wrote %s (timm folder: %s)", folder, ", ".join(TIMM_FILES))

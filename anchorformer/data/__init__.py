@@ -5,8 +5,6 @@ from anchorformer.data.dense import MapTrainStream, eval_loader
 from anchorformer.data.embedded import EmbeddedDataset, prepare_embedded_dataset
 from anchorformer.data.shards import TrainStream, ValStream, build_train_stream, build_val_stream
 from anchorformer.data.stages import SKIP_REASONS
-from anchorformer.data.transforms import EvalTransformConfig, MixupConfig, TrainTransformConfig
 
 __all__ = ["EmbeddedDataset", "prepare_embedded_dataset", "TrainStream", "ValStream", "build_train_stream",
-           "build_val_stream", "MapTrainStream", "eval_loader", "SKIP_REASONS", "EvalTransformConfig", "MixupConfig",
-           "TrainTransformConfig"]
+           "build_val_stream", "MapTrainStream", "eval_loader", "SKIP_REASONS"]

@@ -35,7 +35,8 @@ from torchvision.io import ImageReadMode, decode_image
 
 from anchorformer.data.batch_augment import AUGMENT_OPS, GEOMETRIC_OPS, RESAMPLE_CODES, PlannedBatch, normalize
 from anchorformer.data.stages import derive_seed
-from anchorformer.data.transforms import TrainTransformConfig, build_train_transform
+from anchorformer.config import AugmentConfig
+from anchorformer.data.transforms import build_train_transform
 
 __all__ = ["decode_rgb", "PlannedImage", "FastTrainTransform", "collate_planned", "normalised_batch", "fill_erasures",
            "augment_in_worker", "seed_planned_batches"]
@@ -136,7 +137,8 @@ class FastTrainTransform:
     flip done on the tensor, the normalisation and erasing left for the batch.
 
     Args:
-        config: the augmentation options (those of the ``pil`` pipeline).
+        augment: the augmentation options (``data.augment``, as the ``pil`` pipeline takes them).
+        image_size: side of the crop, pixels (``data.image_size``).
         on_device: record the auto-augment ops and colour jitter in the plan (``augment_on: gpu``)
             instead of applying them to the crop with Pillow.
 
@@ -145,7 +147,7 @@ class FastTrainTransform:
             (three-augment, AugMix, colour jitter of hue), naming ``data.augment_on=cpu``.
     """
 
-    def __init__(self, config: TrainTransformConfig, on_device: bool):
+    def __init__(self, augment: AugmentConfig, image_size: int, on_device: bool):
         self.on_device = on_device
         self.crop: RandomResizedCropAndInterpolation | None = None
         self.hflip = 0.0
@@ -154,7 +156,7 @@ class FastTrainTransform:
         self.jitter: tv_transforms.ColorJitter | None = None
         self.erasing: RandomErasing | None = None
         self.fill = torch.tensor([128.0, 128.0, 128.0])
-        for step in build_train_transform(config).transforms:
+        for step in build_train_transform(augment, image_size).transforms:
             if isinstance(step, RandomResizedCropAndInterpolation):
                 self.crop = step
             elif isinstance(step, tv_transforms.RandomHorizontalFlip):
@@ -174,8 +176,8 @@ class FastTrainTransform:
                 self.jitter = step
             else:
                 raise ValueError(f"data.augment_on=gpu does not implement {step!r} (from auto_augment="
-                                 f"{config.auto_augment!r}, three_augment={config.three_augment}, color_jitter="
-                                 f"{config.color_jitter}); use data.augment_on=cpu")
+                                 f"{augment.auto_augment!r}, three_augment={augment.three_augment}, color_jitter="
+                                 f"{augment.color_jitter}); use data.augment_on=cpu")
         assert self.crop is not None, "timm's training transform starts with RandomResizedCropAndInterpolation"
         self.erase_mode = self.erasing.mode if self.erasing is not None else None
 

@@ -22,7 +22,8 @@ from anchorformer.data.batch_augment import DeviceAugment
 from anchorformer.data.fast_transforms import (FastTrainTransform, augment_in_worker, collate_planned, decode_rgb,
                                                seed_planned_batches)
 from anchorformer.data.stages import decode_pil, mix_batches
-from anchorformer.data.transforms import MixupConfig, TrainTransformConfig, build_mixup, build_train_transform
+from anchorformer.config import AugmentConfig, MixupSection
+from anchorformer.data.transforms import build_mixup, build_train_transform
 
 __all__ = ["PIPELINES", "AUGMENT_ON", "TrainPipeline", "build_train_pipeline"]
 
@@ -53,14 +54,16 @@ class TrainPipeline:
         return []
 
 
-def build_train_pipeline(transform: TrainTransformConfig, mixup: MixupConfig | None, num_classes: int,
-                         pipeline: str = "pil", augment_on: str = "cpu") -> TrainPipeline:
+def build_train_pipeline(augment: AugmentConfig, image_size: int, mixup: MixupSection | None, num_classes: int,
+                         label_smoothing: float = 0.0, pipeline: str = "pil", augment_on: str = "cpu") -> TrainPipeline:
     """The training pipeline ``pipeline`` with its augmentation on ``augment_on``.
 
     Args:
-        transform: augmentation options.
-        mixup: Mixup/CutMix options, or None.
+        augment: augmentation options (``data.augment``).
+        image_size: side of the training crop, pixels (``data.image_size``).
+        mixup: Mixup/CutMix options (``data.mixup``); None, or a section that mixes nothing, disables.
         num_classes: classes of the soft Mixup targets.
+        label_smoothing: smoothing of the soft Mixup targets (``loss.label_smoothing``).
         pipeline: ``pil`` or ``fast``.
         augment_on: ``cpu`` (in the loader workers) or ``gpu`` (on the training device; needs ``fast``).
 
@@ -73,10 +76,10 @@ def build_train_pipeline(transform: TrainTransformConfig, mixup: MixupConfig | N
         raise ValueError(f"data.augment_on={augment_on!r}; choose from {AUGMENT_ON}")
     if augment_on == "gpu" and pipeline != "fast":
         raise ValueError("data.augment_on=gpu runs the fast pipeline's ops on the device; set data.pipeline=fast")
-    mix = build_mixup(mixup, num_classes) if mixup is not None else None
+    mix = build_mixup(mixup, num_classes, label_smoothing) if mixup is not None and mixup.enabled else None
     if pipeline == "pil":
-        return TrainPipeline(decode_pil, build_train_transform(transform), torch.stack, mix, None)
-    fast = FastTrainTransform(transform, on_device=augment_on == "gpu")
+        return TrainPipeline(decode_pil, build_train_transform(augment, image_size), torch.stack, mix, None)
+    fast = FastTrainTransform(augment, image_size, on_device=augment_on == "gpu")
     if augment_on == "cpu":
         return TrainPipeline(decode_rgb, fast, functools.partial(augment_in_worker, transform=fast), mix, None)
     device_augment = DeviceAugment(fast.fill, fast.mean, fast.std, fast.erase_mode, mix)

@@ -45,7 +45,8 @@ from anchorformer.data.resume_plan import Origin, planned_samples, spare_samples
 from anchorformer.data.stages import (SKIP_REASONS, BatchMeta, SkipCounter, add_skip_counts, batch_samples,
                                       count_shard_samples, decode_samples, derive_seed, end_with_counts,
                                       number_samples, transform_samples)
-from anchorformer.data.transforms import EvalTransformConfig, MixupConfig, TrainTransformConfig, build_eval_transform
+from anchorformer.config import AugmentConfig, MixupSection
+from anchorformer.data.transforms import build_eval_transform
 from anchorformer.data.workers import init_worker
 
 __all__ = ["TrainStream", "ValStream", "build_train_stream", "build_val_stream"]
@@ -261,9 +262,9 @@ class TrainStream:
     """
 
     def __init__(self, shards: list[ShardSpec], *, num_classes: int, rank: int, world_size: int,
-                 micro_batch_size: int, num_workers: int, seed: int, transform: TrainTransformConfig,
-                 mixup: MixupConfig | None, shuffle_buffer: int, repeated_aug: int, pin_memory: bool,
-                 return_keys: bool, pipeline: str = "pil", augment_on: str = "cpu",
+                 micro_batch_size: int, num_workers: int, seed: int, image_size: int, augment: AugmentConfig,
+                 mixup: MixupSection | None, label_smoothing: float, shuffle_buffer: int, repeated_aug: int,
+                 pin_memory: bool, return_keys: bool, pipeline: str = "pil", augment_on: str = "cpu",
                  global_batch_size: int | None = None):
         self.shards = shards
         self.num_classes = num_classes
@@ -272,7 +273,8 @@ class TrainStream:
         self.num_workers = num_workers
         self.logical_workers = max(1, num_workers)
         self.seed = seed
-        self.pipeline = build_train_pipeline(transform, mixup, num_classes, pipeline, augment_on)
+        self.pipeline = build_train_pipeline(augment, image_size, mixup, num_classes, label_smoothing, pipeline,
+                                             augment_on)
         self.device_augment = self.pipeline.device_augment
         self.shuffle_buffer = shuffle_buffer
         self.repeated_aug = repeated_aug
@@ -467,14 +469,14 @@ class ValStream:
     ``return_keys=True``); every sample once over all ranks and workers, no padding."""
 
     def __init__(self, shards: list[ShardSpec], *, num_classes: int, rank: int, world_size: int,
-                 micro_batch_size: int, num_workers: int, transform: EvalTransformConfig, pin_memory: bool,
-                 return_keys: bool):
+                 micro_batch_size: int, num_workers: int, image_size: int, augment: AugmentConfig,
+                 pin_memory: bool, return_keys: bool):
         self.rank_shards = shards[rank::world_size]
         self.num_classes = num_classes
         self.rank = rank
         self.micro_batch_size = micro_batch_size
         self.num_workers = num_workers
-        self.transform = build_eval_transform(transform)
+        self.transform = build_eval_transform(augment, image_size)
         self.pin_memory = pin_memory
         self.return_keys = return_keys
         self.num_samples = sum(shard.samples for shard in self.rank_shards)
@@ -507,10 +509,10 @@ class ValStream:
 
 def build_train_stream(shards: str | list[str], *, index: str | None, num_classes: int, rank: int,
                        world_size: int, micro_batch_size: int, num_workers: int, seed: int,
-                       transform: TrainTransformConfig, mixup: MixupConfig | None, shuffle_buffer: int = 1000,
-                       repeated_aug: int = 1, pin_memory: bool = False, return_keys: bool = False,
-                       pipeline: str = "pil", augment_on: str = "cpu",
-                       global_batch_size: int | None = None) -> TrainStream:
+                       image_size: int, augment: AugmentConfig, mixup: MixupSection | None,
+                       label_smoothing: float = 0.0, shuffle_buffer: int = 1000, repeated_aug: int = 1,
+                       pin_memory: bool = False, return_keys: bool = False, pipeline: str = "pil",
+                       augment_on: str = "cpu", global_batch_size: int | None = None) -> TrainStream:
     """The training stream of one rank.
 
     Args:
@@ -521,8 +523,11 @@ def build_train_stream(shards: str | list[str], *, index: str | None, num_classe
         micro_batch_size: samples per batch on this rank.
         num_workers: DataLoader worker processes (0: load in this process).
         seed: base seed of shard order, shuffle buffer and augmentations.
-        transform: training augmentation.
-        mixup: Mixup/CutMix options, ``None`` disables (needs an even micro_batch_size).
+        image_size: side of the training crop, pixels (``data.image_size``).
+        augment: training augmentation (``data.augment``).
+        mixup: Mixup/CutMix options (``data.mixup``; needs an even micro_batch_size); ``None``, or a
+            section that mixes nothing, disables.
+        label_smoothing: smoothing of the soft Mixup targets (``loss.label_smoothing``).
         shuffle_buffer: samples in each worker's shuffle buffer (0 or 1 disables).
         repeated_aug: copies of each image trained on per epoch, on consecutive ranks (DeiT's
             repeated augmentation; any count on any number of ranks); 1 disables.
@@ -546,7 +551,7 @@ def build_train_stream(shards: str | list[str], *, index: str | None, num_classe
         raise ValueError(f"shuffle_buffer={shuffle_buffer} must be >= 0 (0 disables)")
     if repeated_aug < 1:
         raise ValueError(f"repeated_aug={repeated_aug} must be >= 1 (1 disables repeated augmentation)")
-    if mixup is not None and micro_batch_size % 2:
+    if mixup is not None and mixup.enabled and micro_batch_size % 2:
         raise ValueError(f"Mixup/CutMix needs an even micro_batch_size, got {micro_batch_size}")
     if global_batch_size is not None and (global_batch_size < 1 or global_batch_size % (micro_batch_size * world_size)):
         raise ValueError(f"global_batch_size={global_batch_size} is not a positive multiple of micro_batch_size x "
@@ -559,8 +564,9 @@ def build_train_stream(shards: str | list[str], *, index: str | None, num_classe
                          f"{max(1, num_workers)} workers); write more, smaller shards "
                          f"(tools/make_shards.py --max-samples) or use fewer loader workers")
     stream = TrainStream(specs, num_classes=num_classes, rank=rank, world_size=world_size,
-                         micro_batch_size=micro_batch_size, num_workers=num_workers, seed=seed, transform=transform,
-                         mixup=mixup, shuffle_buffer=shuffle_buffer, repeated_aug=repeated_aug,
+                         micro_batch_size=micro_batch_size, num_workers=num_workers, seed=seed, image_size=image_size,
+                         augment=augment, mixup=mixup, label_smoothing=label_smoothing,
+                         shuffle_buffer=shuffle_buffer, repeated_aug=repeated_aug,
                          pin_memory=pin_memory, return_keys=return_keys, pipeline=pipeline, augment_on=augment_on,
                          global_batch_size=global_batch_size)
     if stream.steps_per_epoch == 0:
@@ -573,8 +579,8 @@ def build_train_stream(shards: str | list[str], *, index: str | None, num_classe
 
 
 def build_val_stream(shards: str | list[str], *, index: str | None, num_classes: int, rank: int,
-                     world_size: int, micro_batch_size: int, num_workers: int, transform: EvalTransformConfig,
-                     pin_memory: bool = False, return_keys: bool = False) -> ValStream:
+                     world_size: int, micro_batch_size: int, num_workers: int, image_size: int,
+                     augment: AugmentConfig, pin_memory: bool = False, return_keys: bool = False) -> ValStream:
     """The validation stream of one rank: shards dealt to ranks, then to workers, read once.
 
     Args:
@@ -584,7 +590,8 @@ def build_val_stream(shards: str | list[str], *, index: str | None, num_classes:
         rank, world_size: this rank and the number of ranks.
         micro_batch_size: samples per batch (the last batch of a worker may be smaller).
         num_workers: DataLoader worker processes (0: load in this process).
-        transform: resize + center-crop options.
+        image_size: side of the center crop, pixels (``data.image_size``).
+        augment: the crop fraction, interpolation and normalisation (``data.augment``).
         pin_memory: pin batches in page-locked memory.
         return_keys: also yield each batch's sample keys.
 
@@ -595,8 +602,8 @@ def build_val_stream(shards: str | list[str], *, index: str | None, num_classes:
     specs, loaded = resolve_shards(shards, index)
     _check_classes(loaded, index or shards, num_classes)
     stream = ValStream(specs, num_classes=num_classes, rank=rank, world_size=world_size,
-                       micro_batch_size=micro_batch_size, num_workers=num_workers, transform=transform,
-                       pin_memory=pin_memory, return_keys=return_keys)
+                       micro_batch_size=micro_batch_size, num_workers=num_workers, image_size=image_size,
+                       augment=augment, pin_memory=pin_memory, return_keys=return_keys)
     if len(specs) < world_size:
         _logger.warning("%d validation shards for %d ranks: some ranks validate nothing", len(specs), world_size)
     return stream

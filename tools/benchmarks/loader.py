@@ -33,7 +33,8 @@ from torchvision.datasets import ImageFolder
 
 from benchmarks.report import machine_description, markdown_table, photo_crops
 from benchmarks.results import record, verdict
-from anchorformer.data import TrainTransformConfig, build_train_stream
+from anchorformer.config import AugmentConfig
+from anchorformer.data import build_train_stream
 from anchorformer.data.fast_transforms import (FastTrainTransform, collate_planned, decode_rgb, fill_erasures,
                                                normalised_batch)
 from anchorformer.data.pipelines import build_train_pipeline
@@ -164,7 +165,8 @@ def _ms_per_image(fn: Callable[[list], object], batches: list[list], images: int
     return 1e3 * (time.perf_counter() - start) / images
 
 
-def _stage_costs(jpegs: list[bytes], transform: TrainTransformConfig, batch: int) -> dict[str, dict[str, float]]:
+def _stage_costs(jpegs: list[bytes], augment: AugmentConfig, image_size: int,
+                 batch: int) -> dict[str, dict[str, float]]:
     """ms per image of each stage of each path (run inside a loader worker)."""
     costs: dict[str, dict[str, float]] = {path: dict.fromkeys(_WORKER_STAGES[path], 0.0) for path in PATHS}
     count = len(jpegs) // batch * batch
@@ -172,10 +174,11 @@ def _stage_costs(jpegs: list[bytes], transform: TrainTransformConfig, batch: int
     names = {"RandomResizedCropAndInterpolation": "crop + resize + flip", "RandomHorizontalFlip": "crop + resize + flip",
              "MaybeToTensor": "to float + normalise", "Normalize": "to float + normalise",
              "RandomErasing": "random erasing"}
-    timm_steps = [(names.get(type(step).__name__, "RandAugment"), step) for step in build_train_transform(transform).transforms]
+    timm_steps = [(names.get(type(step).__name__, "RandAugment"), step)
+                  for step in build_train_transform(augment, image_size).transforms]
     images = _timed_steps([("decode", decode_pil), *timm_steps], jpegs[:count], costs["pil"])
     costs["pil"]["collation"] = _ms_per_image(torch.stack, chunks(images), count)
-    fast = FastTrainTransform(transform, on_device=False)
+    fast = FastTrainTransform(augment, image_size, on_device=False)
     planned = _timed_steps([("decode", decode_rgb), ("crop + resize + flip", fast.crop_and_flip),
                             ("RandAugment", fast.augment_pixels), ("random erasing", fast.plan)], jpegs[:count],
                            costs["fast"])
@@ -186,7 +189,7 @@ def _stage_costs(jpegs: list[bytes], transform: TrainTransformConfig, batch: int
     normalised = [normalised_batch(p, fast) for p in pixels]
     costs["fast"]["random erasing"] += _ms_per_image(lambda pair: fill_erasures(*pair),
                                                      list(zip(normalised, chunks(planned))), count)
-    on_device = FastTrainTransform(transform, on_device=True)
+    on_device = FastTrainTransform(augment, image_size, on_device=True)
     planned = _timed_steps([("decode", decode_rgb), ("crop + resize + flip", on_device.crop_and_flip),
                             ("plan (gpu)", on_device.plan)], jpegs[:count], costs["gpu"])
     costs["gpu"]["collation"] = _ms_per_image(collate_planned, chunks(planned), count)
@@ -248,8 +251,9 @@ def run(args: argparse.Namespace) -> str:
     if min(args.workers) < 1:
         raise ValueError(f"--workers {args.workers}: every count must be >= 1 (rates are per worker process)")
     device = torch.device(args.device)
-    transform = TrainTransformConfig(image_size=args.image_size)
-    build_train_pipeline(transform, None, _CLASSES, "fast", "gpu")  # refuse an unsupported transform before writing
+    augment = AugmentConfig()  # the DeiT recipe's
+    # refuse an unsupported transform before writing
+    build_train_pipeline(augment, args.image_size, None, _CLASSES, pipeline="fast", augment_on="gpu")
     rows, rates = [], {}
     with tempfile.TemporaryDirectory(prefix="loader-benchmark-") as tmp:
         tree, shards = Path(tmp) / "tree", Path(tmp) / "shards"
@@ -259,24 +263,24 @@ def run(args: argparse.Namespace) -> str:
         per_shard = max(1, math.ceil(args.images / (4 * max(args.workers))))
         index = write_shards(list_image_folder(tree), shards, "train", max_samples=per_shard, progress=False)
         pattern = str(shards / f"train-{{000000..{len(index.shards) - 1:06d}}}.tar")
-        costs = _in_worker(lambda: _stage_costs(jpegs[:4 * args.batch], transform, args.batch))
+        costs = _in_worker(lambda: _stage_costs(jpegs[:4 * args.batch], augment, args.image_size, args.batch))
         float_batch = torch.zeros(args.batch, 3, args.image_size, args.image_size)
         # pil: the DataLoader moves each batch to shared memory; fast and gpu make them there.
         costs["pil"]["IPC to the training process"] = _ipc_ms_per_image(float_batch, torch.clone, args.batch)
         costs["fast"]["IPC to the training process"] = _ipc_ms_per_image(float_batch, _shared_copy, args.batch)
         planned = next(iter(build_train_stream(pattern, index=str(shards / "train-index.json"), num_classes=_CLASSES,
                                                rank=0, world_size=1, micro_batch_size=args.batch, num_workers=0,
-                                               seed=0, transform=transform, mixup=None, pipeline="fast",
-                                               augment_on="gpu")))[0]
+                                               seed=0, image_size=args.image_size, augment=augment, mixup=None,
+                                               pipeline="fast", augment_on="gpu")))[0]
         costs["gpu"]["IPC to the training process"] = _ipc_ms_per_image(
             planned, lambda batch: replace(batch, pixels=_shared_copy(batch.pixels)), args.batch)
-        folder = ImageFolder(str(tree), transform=build_train_transform(transform))
+        folder = ImageFolder(str(tree), transform=build_train_transform(augment, args.image_size))
         device_rate = 0.0
         for workers in args.workers:
             streams = {path: build_train_stream(pattern, index=str(shards / "train-index.json"), num_classes=_CLASSES,
                                                 rank=0, world_size=1, micro_batch_size=args.batch, num_workers=workers,
-                                                seed=0, transform=transform, mixup=None, pipeline=pipeline,
-                                                augment_on=augment_on)
+                                                seed=0, image_size=args.image_size, augment=augment, mixup=None,
+                                                pipeline=pipeline, augment_on=augment_on)
                        for path, (pipeline, augment_on) in _PATH_OPTIONS.items()}
             folder_loader = DataLoader(folder, batch_size=args.batch, shuffle=True, num_workers=workers, drop_last=True)
             best = dict.fromkeys([*PATHS, "folder"], 0.0)
