@@ -36,12 +36,12 @@ if INTERPRETED:
     del os.environ["TRITON_INTERPRET"]
 
 import pytest  # noqa: E402
+from kernel_fixtures import DEVICE, mix_inputs, mix_with_grads, relative_error  # noqa: E402
 
-from anchorformer.kernels import anchor_mix, anchor_mix_triton, dispatch  # noqa: E402
+from anchorformer.kernels import anchor_mix, anchor_mix_triton, autotune, dispatch  # noqa: E402
 from anchorformer.kernels.dispatch import anchor_mix_fast, select_backend, set_backend  # noqa: E402
 from anchorformer.models.anchor_attention import AnchorAttention  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # bfloat16 (the training dtype) on a GPU; float16 takes the same code path, and each extra dtype
 # costs GPU check time in kernel compilation
 LOW_PRECISION = [torch.bfloat16] if DEVICE.type == "cuda" else [torch.float16]
@@ -66,34 +66,14 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 def _reset_backend(monkeypatch):
     if INTERPRETED:  # the dispatcher accepts CPU tensors for the kernels only under the interpreter
         monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(autotune, "_choices", {})  # each test meets its keys for the first time
+    monkeypatch.setattr(autotune, "_records", {})
+    monkeypatch.setattr(autotune, "_ROUNDS", 1)  # the interpreter is slow; test_autotune.py checks the timing
     set_backend(None)
     anchor_mix_triton.set_plan("auto")
     yield
     set_backend(None)
     anchor_mix_triton.set_plan("auto")
-
-
-def _inputs(shape, dtype, anchor_dtype=None, seed=0):
-    """Strided inputs: qk and v as the layer makes them (views of one projection), anchors stored
-    transposed, and a gradient stored token-major (as merging the heads hands it back)."""
-    batch, heads, tokens, head_dim, n_anchors = shape
-    generator = torch.Generator().manual_seed(seed)
-    qk_v = torch.randn(batch, tokens, 2, heads, head_dim, generator=generator, dtype=torch.float64)
-    anchors = torch.randn(head_dim, n_anchors, generator=generator, dtype=torch.float64).t()
-    grad = torch.randn(batch, tokens, heads, head_dim, generator=generator, dtype=torch.float64).transpose(1, 2)
-    qk, v = qk_v.to(DEVICE, dtype).permute(2, 0, 3, 1, 4)
-    return qk, anchors.to(DEVICE, anchor_dtype or dtype), v, grad.to(DEVICE, dtype)
-
-
-def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
-
-
-def _mix_with_grads(fn, qk, anchors, v, grad):
-    leaves = [t.detach().clone().requires_grad_() for t in (qk, anchors, v)]
-    out = fn(*leaves, leaves[0].shape[-1] ** -0.5)
-    out.backward(grad)
-    return [out] + [leaf.grad for leaf in leaves]
 
 
 @pytest.mark.parametrize("dtype, anchor_dtype", DTYPES)
@@ -102,14 +82,14 @@ def _mix_with_grads(fn, qk, anchors, v, grad):
 def test_triton_forward_and_gradients_match_reference(plan, shape, dtype, anchor_dtype):
     set_backend("triton")
     anchor_mix_triton.set_plan(plan)
-    qk, anchors, v, grad = _inputs(shape, dtype, anchor_dtype)
+    qk, anchors, v, grad = mix_inputs(shape, dtype, anchor_dtype)
     assert not (qk.is_contiguous() or v.is_contiguous() or anchors.is_contiguous() or grad.is_contiguous())
-    fused = _mix_with_grads(anchor_mix_fast, qk, anchors, v, grad)
-    reference = _mix_with_grads(anchor_mix, qk.double(), anchors.double(), v.double(), grad.double())
+    fused = mix_with_grads(anchor_mix_fast, qk, anchors, v, grad)
+    reference = mix_with_grads(anchor_mix, qk.double(), anchors.double(), v.double(), grad.double())
     for name, actual, expected in zip(["out", "d_qk", "d_anchors", "d_v"], fused, reference):
         assert actual.dtype == (anchor_dtype if name == "d_anchors" else dtype), name
         assert actual.shape == expected.shape, name
-        error = _relative_error(actual, expected)
+        error = relative_error(actual, expected)
         assert error <= TOLERANCE[dtype], f"{name}: relative error {error:.2e} > {TOLERANCE[dtype]:.0e}"
 
 
@@ -138,14 +118,14 @@ def test_anchor_attention_layer_trains_as_accurately_through_the_kernels(plan):
     pytorch_path = train_step("torch", dtype)
     kernels = train_step("triton", dtype)
     for name, expected in exact.items():
-        kernel_error = _relative_error(kernels[name], expected)
-        pytorch_error = _relative_error(pytorch_path[name], expected)
+        kernel_error = relative_error(kernels[name], expected)
+        pytorch_error = relative_error(pytorch_path[name], expected)
         assert kernel_error <= max(2 * pytorch_error, TOLERANCE[dtype]), (name, kernel_error, pytorch_error)
 
 
 def test_output_is_stored_token_major_so_merging_heads_is_free():
     set_backend("triton")
-    qk, anchors, v, _ = _inputs(SHAPES[0], torch.float32)
+    qk, anchors, v, _ = mix_inputs(SHAPES[0], torch.float32)
     out = anchor_mix_fast(qk, anchors, v, 0.5)
     merged = out.transpose(1, 2)
     assert merged.is_contiguous()
@@ -158,13 +138,13 @@ def test_anchor_with_zero_degree_gives_zero_and_finite_gradients(plan):
     # to exactly 0 for every token, so Lambda_0 = 0 and the 1/0 guard must hold in both directions.
     set_backend("triton")
     anchor_mix_triton.set_plan(plan)
-    qk, anchors, v, grad = _inputs((1, 2, 70, 24, 7), torch.float32)  # the tile of SHAPES[1]: no extra compile
+    qk, anchors, v, grad = mix_inputs((1, 2, 70, 24, 7), torch.float32)  # the tile of SHAPES[1]: no extra compile
     qk = qk.abs() + 1.0
     anchors = anchors.clone()
     anchors[0] = -1e4
     assert anchor_mix(qk, anchors, v, 0.25).isfinite().all()
-    fused = _mix_with_grads(anchor_mix_fast, qk, anchors, v, grad)
-    reference = _mix_with_grads(anchor_mix, qk.double(), anchors.double(), v.double(), grad.double())
+    fused = mix_with_grads(anchor_mix_fast, qk, anchors, v, grad)
+    reference = mix_with_grads(anchor_mix, qk.double(), anchors.double(), v.double(), grad.double())
     for name, actual, expected in zip(["out", "d_qk", "d_anchors", "d_v"], fused, reference):
         assert actual.isfinite().all(), name
         torch.testing.assert_close(actual.double(), expected, rtol=1e-4, atol=1e-5, msg=name)
@@ -179,7 +159,7 @@ def test_plan_rule_splits_tokens_only_where_heads_leave_multiprocessors_idle():
 
 
 def test_plan_is_cached_per_shape_and_forced_by_name():
-    qk, anchors, _, _ = _inputs(SHAPES[0], torch.float32)
+    qk, anchors, _, _ = mix_inputs(SHAPES[0], torch.float32)
     assert anchor_mix_triton.plan_name(qk, anchors) == "one-program"  # 6 programs on the interpreter's 2 SMs
     anchor_mix_triton.set_plan("token-split")
     assert anchor_mix_triton.plan_name(qk, anchors) == "token-split"
@@ -246,7 +226,7 @@ def test_launches_per_plan(plan, anchor_dtype, forward_launches, backward_launch
     # the one-program plan: one forward launch, two backward ones (the kernel and dU's sum over
     # heads) with fp32 anchors (autocast), a third (the cast of dU) only for 16-bit anchors
     anchor_mix_triton.set_plan(plan)
-    qk, anchors, v, grad = _inputs(SHAPES[0], torch.float16, anchor_dtype)
+    qk, anchors, v, grad = mix_inputs(SHAPES[0], torch.float16, anchor_dtype)
     recorder = _LaunchRecorder(monkeypatch)
     with recorder:
         _, state = anchor_mix_triton.forward(qk, anchors, v, 0.25)
@@ -262,7 +242,7 @@ def test_launches_per_plan(plan, anchor_dtype, forward_launches, backward_launch
 def test_kernels_replay_inside_a_cuda_graph(plan):
     set_backend("triton")
     anchor_mix_triton.set_plan(plan)
-    qk, anchors, v, grad = _inputs(SHAPES[0], torch.bfloat16, torch.float32)
+    qk, anchors, v, grad = mix_inputs(SHAPES[0], torch.bfloat16, torch.float32)
     leaves = [t.detach().clone().requires_grad_() for t in (qk, anchors, v)]
     side = torch.cuda.Stream()  # warm-up (kernel compilation, the plan cache) off the capture stream
     side.wait_stream(torch.cuda.current_stream())
@@ -275,43 +255,58 @@ def test_kernels_replay_inside_a_cuda_graph(plan):
     with torch.cuda.graph(graph):
         out = anchor_mix_fast(*leaves, 0.25)
         out.backward(grad)
-    fresh = _inputs(SHAPES[0], torch.bfloat16, torch.float32, seed=1)
+    fresh = mix_inputs(SHAPES[0], torch.bfloat16, torch.float32, seed=1)
     with torch.no_grad():
         for static, new in zip(leaves + [grad], fresh):
             static.copy_(new)
     graph.replay()
-    expected = _mix_with_grads(anchor_mix_fast, *fresh)
+    expected = mix_with_grads(anchor_mix_fast, *fresh)
     for name, actual, wanted in zip(["out", "d_qk", "d_anchors", "d_v"], [out] + [t.grad for t in leaves], expected):
         torch.testing.assert_close(actual, wanted, rtol=0, atol=0, msg=name)  # deterministic kernels
 
 
-def test_auto_picks_pytorch_path_for_cpu_tensors(monkeypatch):
+def test_auto_on_cpu_times_sdpa_and_pytorch_and_refuses_forced_triton(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    qk, anchors, v, _ = (t.cpu() for t in _inputs(SHAPES[0], torch.float32))
-    assert select_backend(qk, anchors, v) == "torch"
-    torch.testing.assert_close(anchor_mix_fast(qk, anchors, v, 0.5), anchor_mix(qk, anchors, v, 0.5), rtol=0, atol=0)
+    qk, anchors, v, _ = (t.cpu() for t in mix_inputs(SHAPES[1], torch.float32))
+    choice = select_backend(qk, anchors, v)
+    (decision,) = autotune.decisions()
+    assert set(decision["ms"]) == {"sdpa", "torch"}  # compile is never a candidate, triton needs CUDA here
+    assert choice == decision["choice"] == min(decision["ms"], key=decision["ms"].get)
+    torch.testing.assert_close(anchor_mix_fast(qk, anchors, v, 0.5), anchor_mix(qk, anchors, v, 0.5))
     set_backend("triton")
     with pytest.raises(ValueError, match="need CUDA"):
         select_backend(qk, anchors, v)
 
 
-def test_auto_picks_triton_where_supported_and_falls_back_elsewhere():
-    qk, anchors, v, _ = _inputs(SHAPES[0], torch.float32)
-    assert select_backend(qk, anchors, v) == "triton"
-    assert select_backend(qk.double(), anchors.double(), v.double()) == "torch"
+def _timed_backends(qk, anchors, v) -> set[str]:
+    select_backend(qk, anchors, v)
+    return set(autotune.decisions()[-1]["ms"])
+
+
+def test_auto_times_triton_only_where_the_kernels_take_the_inputs():
+    qk, anchors, v, _ = mix_inputs(SHAPES[1], torch.float32)
+    assert _timed_backends(qk, anchors, v) == {"triton", "sdpa", "torch"}
+    assert _timed_backends(qk.double(), anchors.double(), v.double()) == {"sdpa", "torch"}
     wide = torch.randn(200, qk.shape[-1], device=DEVICE)
-    assert select_backend(qk, wide, v) == "torch"
+    assert _timed_backends(qk, wide, v) == {"sdpa", "torch"}
     # dh=128: 16-bit inputs fit the kernels' shared-memory budget, fp32 ones do not
-    qk_128, anchors_128, v_128, _ = _inputs((1, 1, 8, 128, 30), torch.float32)
-    assert select_backend(qk_128, anchors_128, v_128) == "torch"
-    assert select_backend(qk_128.half(), anchors_128, v_128.half()) == "triton"
+    qk_128, anchors_128, v_128, _ = mix_inputs((1, 1, 8, 128, 30), torch.float32)
+    assert _timed_backends(qk_128, anchors_128, v_128) == {"sdpa", "torch"}
+    assert _timed_backends(qk_128.half(), anchors_128, v_128.half()) == {"triton", "sdpa", "torch"}
     set_backend("triton")
     with pytest.raises(ValueError, match="m=200"):
         select_backend(qk, wide, v)
 
 
+def test_untimed_rule_takes_the_kernels_for_cuda_tensors_they_support():
+    # what a graph torch.compile traces takes, and a call under a dispatch mode with no decision
+    qk, anchors, v, _ = mix_inputs(SHAPES[1], torch.float32)
+    assert autotune.untimed_choice(qk, anchors, v) == ("triton" if DEVICE.type == "cuda" else "torch")
+    assert autotune.untimed_choice(qk.double(), anchors.double(), v.double()) == "torch"
+
+
 def test_backend_from_environment_and_unknown_names(monkeypatch):
-    qk, anchors, v, _ = _inputs(SHAPES[0], torch.float32)
+    qk, anchors, v, _ = mix_inputs(SHAPES[0], torch.float32)
     monkeypatch.setenv(dispatch.ENV_VAR, "torch")
     assert select_backend(qk, anchors, v) == "torch"
     set_backend("triton")  # the function wins over the variable
@@ -327,9 +322,9 @@ def test_backend_from_environment_and_unknown_names(monkeypatch):
 @pytest.mark.slow
 def test_compiled_pytorch_path_matches_eager():
     set_backend("compile")
-    qk, anchors, v, grad = _inputs((1, 2, 20, 16, 5), torch.float32)
-    compiled = _mix_with_grads(anchor_mix_fast, qk, anchors, v, grad)
-    eager = _mix_with_grads(anchor_mix, qk, anchors, v, grad)
+    qk, anchors, v, grad = mix_inputs((1, 2, 20, 16, 5), torch.float32)
+    compiled = mix_with_grads(anchor_mix_fast, qk, anchors, v, grad)
+    eager = mix_with_grads(anchor_mix, qk, anchors, v, grad)
     for name, actual, expected in zip(["out", "d_qk", "d_anchors", "d_v"], compiled, eager):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5, msg=name)
 
@@ -351,26 +346,27 @@ def _traced_calls(fn, *args) -> list[str]:
 def test_compiled_model_on_cpu_fuses_the_pytorch_path():
     # auto inside torch.compile: the kernels only for CUDA tensors (the interpreter accepts CPU
     # tensors in eager mode); on CPU the compiler traces the PyTorch path and fuses it
-    qk, anchors, v, grad = _inputs((1, 2, 20, 16, 5), torch.float32)
+    qk, anchors, v, grad = mix_inputs((1, 2, 20, 16, 5), torch.float32)
     calls_before = dispatch.backend_calls()
     assert "anchorformer.anchor_mix_forward.default" not in _traced_calls(anchor_mix_fast, qk, anchors, v, 0.25)
     torch._dynamo.reset()
-    compiled = _mix_with_grads(torch.compile(anchor_mix_fast), qk, anchors, v, grad)
+    compiled = mix_with_grads(torch.compile(anchor_mix_fast), qk, anchors, v, grad)
     assert dispatch.backend_calls() == calls_before  # nothing dispatched at run time: all in the graph
-    eager = _mix_with_grads(anchor_mix, qk, anchors, v, grad)
+    assert autotune.decisions() == []  # nothing timed while tracing
+    eager = mix_with_grads(anchor_mix, qk, anchors, v, grad)
     for name, actual, expected in zip(["out", "d_qk", "d_anchors", "d_v"], compiled, eager):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_flop_counter_counts_the_kernels_as_the_pytorch_path():
     # MFU counts the maths' FLOPs: the fused ops must count what the reference path counts
-    qk, anchors, v, grad = _inputs((2, 3, 40, 16, 5), torch.float32)
+    qk, anchors, v, grad = mix_inputs((2, 3, 40, 16, 5), torch.float32)
     counts = {}
     for backend in ("triton", "torch"):
         set_backend(backend)
         counter = FlopCounterMode(display=False)
         with counter:
-            _mix_with_grads(anchor_mix_fast, qk, anchors, v, grad)
+            mix_with_grads(anchor_mix_fast, qk, anchors, v, grad)
         counts[backend] = counter.get_flop_counts()
     fused = counts["triton"]["Global"]
     assert set(map(str, fused)) == {"anchorformer.anchor_mix_forward", "anchorformer.anchor_mix_backward"}
@@ -379,7 +375,7 @@ def test_flop_counter_counts_the_kernels_as_the_pytorch_path():
 
 def test_eager_autograd_takes_the_short_path_and_dispatch_modes_the_custom_op():
     set_backend("triton")
-    qk, anchors, v, _ = _inputs((1, 2, 20, 16, 5), torch.float32)
+    qk, anchors, v, _ = mix_inputs((1, 2, 20, 16, 5), torch.float32)
     leaves = [t.detach().clone().requires_grad_() for t in (qk, anchors, v)]
     assert type(anchor_mix_fast(*leaves, 0.25).grad_fn).__name__ == "_FusedAnchorMixBackward"
     with FlopCounterMode(display=False):
@@ -389,7 +385,7 @@ def test_eager_autograd_takes_the_short_path_and_dispatch_modes_the_custom_op():
 @pytest.mark.parametrize("dtype, anchor_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float32)])
 def test_custom_ops_pass_torch_library_checks(dtype, anchor_dtype):
     # schema, fake (meta) outputs with the kernels' strides and dtypes, autograd registration, AOT tracing
-    qk, anchors, v, _ = _inputs((1, 2, 20, 16, 5), dtype, anchor_dtype)
+    qk, anchors, v, _ = mix_inputs((1, 2, 20, 16, 5), dtype, anchor_dtype)
     leaves = [t.detach().clone().requires_grad_() for t in (qk, anchors, v)]
     torch.library.opcheck(torch.ops.anchorformer.anchor_mix_forward.default, (*leaves, 0.25))
 
@@ -397,11 +393,11 @@ def test_custom_ops_pass_torch_library_checks(dtype, anchor_dtype):
 def test_compiled_model_keeps_the_kernels_when_asked_by_name():
     # fullgraph: the custom op traces without a graph break, and the graph calls it
     set_backend("triton")
-    qk, anchors, v, grad = _inputs((1, 2, 20, 16, 5), torch.float32)
+    qk, anchors, v, grad = mix_inputs((1, 2, 20, 16, 5), torch.float32)
     assert "anchorformer.anchor_mix_forward.default" in _traced_calls(anchor_mix_fast, qk, anchors, v, 0.25)
     torch._dynamo.reset()
-    fused = _mix_with_grads(torch.compile(anchor_mix_fast, backend="aot_eager", fullgraph=True), qk, anchors, v, grad)
-    eager = _mix_with_grads(anchor_mix, qk, anchors, v, grad)
+    fused = mix_with_grads(torch.compile(anchor_mix_fast, backend="aot_eager", fullgraph=True), qk, anchors, v, grad)
+    eager = mix_with_grads(anchor_mix, qk, anchors, v, grad)
     for name, actual, expected in zip(["out", "d_qk", "d_anchors", "d_v"], fused, eager):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5, msg=name)
 

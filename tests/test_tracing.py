@@ -1,7 +1,8 @@
-"""Every registered AnchorFormer scripts with TorchScript and traces with torch.fx, with the eager
-model's outputs; timm's FX feature extraction returns the requested nodes; eager and traced models
-run the anchor mix through the dispatcher (the fused kernels on CUDA), the scripted one through
-the PyTorch reference."""
+"""Every registered AnchorFormer scripts with TorchScript and traces with torch.fx, and its FX graph
+scripts too (as timm's own model tests do), each with the eager model's outputs; timm's FX feature
+extraction returns the requested nodes, also scripted; eager and traced models run the anchor mix
+through the dispatcher (the backend measured fastest), the scripted ones through the PyTorch
+reference."""
 import warnings
 
 import pytest
@@ -39,18 +40,21 @@ def _dispatched(run) -> int:
 def test_script_and_fx_reproduce_the_eager_model(name):
     model = _model(name)
     x = torch.randn(2, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(1))
+    traced = torch.fx.symbolic_trace(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated, still supported
         scripted = torch.jit.script(model)
-    traced = torch.fx.symbolic_trace(model)
+        scripted_graph = torch.jit.script(traced)
     eager = model(x)
     assert eager.shape == (2, 5)
     torch.testing.assert_close(scripted(x), eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scripted_graph(x), eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(traced(x), eager, rtol=0, atol=0)
     depth = len(model.blocks)
     assert _dispatched(lambda: model(x)) == depth
     assert _dispatched(lambda: traced(x)) == depth  # the traced graph keeps the dispatcher's call
     assert _dispatched(lambda: scripted(x)) == 0  # TorchScript runs the PyTorch reference
+    assert _dispatched(lambda: scripted_graph(x)) == 0
 
 
 @torch.no_grad()
@@ -70,6 +74,13 @@ def test_fx_feature_extraction_returns_the_requested_nodes():
     fx_features = timm.create_model("anchorformer_tiny_patch16_224", img_size=IMAGE, features_only=True,
                                     feature_cls="fx", out_indices=(3, 11)).eval()
     assert [f.shape for f in fx_features(x)] == [(2, 5, 192), (2, 5, 192)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted_features = torch.jit.script(fx_features)  # timm's test_model_forward_fx_torchscript
+        scripted_extractor = torch.jit.script(extractor)
+    for scripted, eager in zip(scripted_features(x), fx_features(x)):
+        torch.testing.assert_close(scripted, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scripted_extractor(x)["mix3"], features["mix3"], rtol=1e-5, atol=1e-5)
 
 
 def test_a_traced_graph_still_refuses_attention_masks():
