@@ -1,0 +1,119 @@
+"""Following jobs on the local SLURM clusters of tests/slurm_cluster.py (imported explicitly): their
+accounting records, the end of a job, a step in its log, releasing a requeued job, and comparing a
+run's training with a reference run's.
+
+Every SLURM command goes through ``cluster.run`` (a :class:`slurm_cluster.SlurmCluster`): on the
+one-node cluster it runs here, on the multi-node one on its login node, with the cluster's
+``SLURM_CONF`` either way.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from helpers import train_losses
+from slurm_cluster import SlurmCluster
+
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+                "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
+"""Job states after which SLURM runs the job no more (unless it is requeued)."""
+
+
+def wait_until(what: str, probe: Callable[[], Any], timeout: float, interval: float = 1.0) -> Any:
+    """Poll ``probe()`` until it returns something true, and return that; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def job_segments(cluster: SlurmCluster, job_id: str) -> list[tuple[str, str]]:
+    """(state, node list) of every run of the job (one per requeue), oldest first."""
+    out = cluster.run(["sacct", "-j", job_id, "-X", "-n", "-P", "--duplicates", "-o", "State,NodeList"]).stdout
+    return [(state.split()[0], nodes) for state, nodes in
+            (line.split("|") for line in out.splitlines() if line.strip())]
+
+
+def sacct_states(cluster: SlurmCluster, job_id: str) -> list[str]:
+    """Accounting states of the job (one per run of it, requeues included), oldest first."""
+    return [state for state, _ in job_segments(cluster, job_id)]
+
+
+def hostnames(cluster: SlurmCluster, node_list: str) -> list[str]:
+    """``node[1,3]`` -> ``['node1', 'node3']``."""
+    return cluster.run(["scontrol", "show", "hostnames", node_list]).stdout.split()
+
+
+def wait_for_end(cluster: SlurmCluster, job_id: str, log: Path, runs: int = 1, timeout: float = 600) -> str:
+    """Wait until the ``runs``-th run of the job (``runs - 1`` requeues) reached a final state and
+    return it; on timeout cancel the job and fail with its states and the end of ``log``.
+
+    Both the controller and accounting must agree: accounting is written asynchronously, so just
+    after a requeue its last record may still be the previous run's final state.
+    """
+    def final_state() -> str | None:
+        info = cluster.run(["scontrol", "show", "job", job_id], check=False).stdout
+        controller = re.search(r"JobState=(\S+)", info)  # None: the controller forgot the job (MinJobAge)
+        if controller is not None and controller.group(1) not in FINAL_STATES:
+            return None
+        states = sacct_states(cluster, job_id)
+        return states[-1] if len(states) >= runs and states[-1] in FINAL_STATES else None
+    try:
+        return wait_until(f"job {job_id} to finish", final_state, timeout)
+    except AssertionError:
+        states = sacct_states(cluster, job_id)
+        cluster.run(["scancel", job_id], check=False)
+        raise AssertionError(f"job {job_id} did not finish {runs} run(s) (states {states}); log {log}:\n"
+                             f"{log.read_text()[-4000:] if log.exists() else '(none)'}") from None
+
+
+def wait_for_step(log: Path, step: int, max_steps: int, timeout: float = 600) -> None:
+    """Wait until rank 0's log reports optimizer step ``step`` (of ``max_steps``)."""
+    wait_until(f"step {step} in {log}", lambda: log.exists() and f"step {step}/{max_steps}" in log.read_text(),
+               timeout=timeout, interval=0.05)
+
+
+def release_requeued(cluster: SlurmCluster, job_id: str, restarts: int = 1, timeout: float = 180) -> None:
+    """Wait until the job was requeued for the ``restarts``-th time and no node still completes its
+    last run, then lift SLURM's ~2 min hold (Reason=BeginTime) with ``scontrol update StartTime=now``
+    (nothing to lift if the job started again by itself)."""
+    def requeued() -> str | None:
+        info = cluster.run(["scontrol", "show", "job", job_id], check=False).stdout
+        state = re.search(r"JobState=(\S+)", info)
+        if f"Restarts={restarts}" not in info or state is None:
+            return None
+        if state.group(1) == "RUNNING" or state.group(1) in FINAL_STATES:
+            return "started"
+        if state.group(1) != "PENDING":  # still ending its last run (COMPLETING, REQUEUED)
+            return None
+        completing = any(node.startswith("comp") for node in cluster.node_states().values())
+        return None if completing else "pending"
+    if wait_until(f"job {job_id} to be requeued", requeued, timeout=timeout, interval=0.2) == "started":
+        return
+    # slurmd revokes the old run's credential with a 1 s timestamp: a restart within that same
+    # second is killed ("Job credential revoked"), which is what SLURM's hold guards against.
+    time.sleep(2)
+    cluster.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+
+
+def eval_metrics(run_dir: Path) -> dict[str, float]:
+    """The final evaluation metrics in a run's summary.json."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {k: v for k, v in summary["metrics"].items() if k.startswith("eval/")}
+
+
+def assert_same_training(run_dir: Path, reference_dir: Path, max_steps: int) -> None:
+    """The run completed with the same loss at every step and the same final metrics as the reference."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["step"] == max_steps, summary
+    losses = train_losses(run_dir)
+    assert sorted(losses) == list(range(1, max_steps + 1))
+    assert losses == pytest.approx(train_losses(reference_dir), rel=1e-6)
+    assert eval_metrics(run_dir) == pytest.approx(eval_metrics(reference_dir), rel=1e-6)
