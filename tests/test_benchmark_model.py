@@ -34,12 +34,19 @@ def test_model_benchmark_rejects_bad_options():
 
 
 @pytest.mark.slow
-def test_anchor_mix_benchmark_times_eager_and_compiled_and_says_why_triton_cannot_run():
+def test_anchor_mix_benchmark_times_every_backend_and_auto_and_says_why_triton_cannot_run():
     section = anchor_mix_benchmark.run(_args(anchor_mix_benchmark, ["--device", "cpu", "--tokens", "20",
                                                                     "--batch", "1", "--head-dim", "16"]))
-    (row,) = _table_rows(section)
+    backends_table, auto_table = (part for part in section.split("\n\n") if part.startswith("|"))
+    (row,) = _table_rows(backends_table)
     assert row[0] == "20" and row[2] == "1.00x"  # eager is the reference
-    assert float(row[1]) > 0 and float(row[4]) > 0  # eager and compiled timed
-    assert all(row[i].startswith("n/a:") and "CUDA" in row[i] for i in (7, 10))  # both plans; no GPU here
-    assert row[-5:-3] == ["torch", "-"]  # auto: the PyTorch path, so no kernel plan
+    assert float(row[1]) > 0 and float(row[4]) > 0 and float(row[7]) > 0  # eager, compiled and sdpa timed
+    assert all(row[i].startswith("n/a:") and "CUDA" in row[i] for i in (10, 13))  # both plans; no GPU here
+    assert row[-5] in ("sdpa", "torch") and row[-4] == "-"  # auto's pick on CPU: no kernel plan
     assert row[-3:] == ["-", "-", "-"]  # GPU time and HBM floor: CUDA only
+    (auto,) = _table_rows(auto_table)
+    timed = dict(item.split() for item in auto[1].split(", "))
+    assert set(timed) == {"sdpa", "torch"} and auto[2] == min(timed, key=lambda name: float(timed[name]))
+    assert auto[4] in ("torch", "compile", "sdpa")
+    assert float(auto[7]) == pytest.approx(float(auto[5]) / float(auto[6]), rel=0.01)
+    assert auto[8] in ("<= 1.05x (met)", "<= 1.05x (missed)")  # the verdict itself depends on the load

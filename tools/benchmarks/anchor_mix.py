@@ -1,11 +1,16 @@
-"""Anchor-mix backends: forward + backward time of eager PyTorch vs torch.compile vs the Triton kernels.
+"""Anchor-mix backends: forward + backward time of every backend, and auto against the best one.
 
 Times ``anchor_mix_fast`` under each backend of ``anchorformer.kernels`` on the (B, h, n, dh)
-tensors of one anchor attention layer, the Triton kernels under each of their launch plans
-(``one-program``, ``token-split``), and names the backend and plan ``auto`` picks. These numbers
-are the evidence behind the dispatcher's defaults (``anchorformer/kernels/dispatch.py``) and the
-kernels' plan rule (``_splits_tokens`` in ``anchorformer/kernels/anchor_mix_triton.py``: run at
-several ``--batch`` values to see where the plans cross).
+tensors of one anchor attention layer: eager PyTorch, torch.compile of it, the two
+scaled-dot-product attention calls (``sdpa``) and the Triton kernels under each of their launch
+plans (``one-program``, ``token-split``). Then ``auto``: its first call times the backends that can
+run there (``anchorformer/kernels/autotune.py``; the table shows what it measured and chose), and
+it is timed against every backend forced by hand, all taking turns call by call so that a loaded
+machine slows each alike. Target (issue 21): auto within 5 % of the best forced backend at
+every shape, on every device. These numbers are the evidence behind the dispatcher's defaults
+(``anchorformer/kernels/dispatch.py``) and the kernels' plan rule (``_splits_tokens`` in
+``anchorformer/kernels/anchor_mix_triton.py``: run at several ``--batch`` values to see where the
+plans cross).
 
 On CUDA it also sums the GPU time of the auto path's kernels over one fwd+bwd (torch.profiler) and
 compares it with the HBM floor: the op must read qk and v and write the output forward, and read
@@ -15,14 +20,15 @@ memory bandwidth. Target: GPU time within 3x of that floor.
 import argparse
 import contextlib
 import logging
+import statistics
 import time
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
 from benchmarks.report import machine_description, markdown_table, time_call
 from benchmarks.results import record, verdict
-from anchorformer.kernels import anchor_mix_fast, select_backend, set_backend
+from anchorformer.kernels import anchor_mix_fast, autotune, set_backend
 
 __all__ = ["add_arguments", "run"]
 
@@ -30,13 +36,16 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # (backend, the kernels' launch plan) pairs, each timed at every n
-_TIMED = (("torch", None), ("compile", None), ("triton", "one-program"), ("triton", "token-split"))
+_TIMED = (("torch", None), ("compile", None), ("sdpa", None), ("triton", "one-program"), ("triton", "token-split"))
 # HBM bandwidth (TB/s) by device-name fragment, most specific first.
 HBM_TBPS = (("H100 PCIe", 2.0), ("H100", 3.35), ("H200", 4.8), ("A100", 2.0))
 # (B, h, n, dh) tensors the op must move at least once: qk, v, out forward; grad_out, qk, v, dqk, dv backward.
 _TENSORS_MOVED = 8
 # The auto path's GPU time over one fwd+bwd: at most this multiple of the HBM floor.
 TARGET_FLOOR_RATIO = 3.0
+# auto's time over the best backend forced by hand (medians of calls taking turns): at most this.
+TARGET_AUTO_RATIO = 1.05
+_PAIRED_CALLS = 10  # timed calls of each step in the auto-vs-forced comparison
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,10 +91,8 @@ def _auto_plan(qk: torch.Tensor, anchors: torch.Tensor, backend: str) -> str:
     return anchor_mix_triton.plan_name(qk, anchors)
 
 
-def _time_backend(backend: str, plan: Optional[str], qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor,
-                  device: torch.device):
-    """(seconds of the first call, median seconds per fwd+bwd) or the error that stopped it;
-    ``plan`` forces the kernels' launch plan (None for the other backends)."""
+def _fwd_bwd(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor) -> Callable[[], None]:
+    """One forward + backward of ``anchor_mix_fast`` on leaves cloned from these tensors."""
     leaves = [t.detach().clone().requires_grad_() for t in (qk, anchors, v)]
     grad = torch.randn_like(qk)
     scale = qk.shape[-1] ** -0.5
@@ -93,20 +100,65 @@ def _time_backend(backend: str, plan: Optional[str], qk: torch.Tensor, anchors: 
     def step() -> None:
         anchor_mix_fast(*leaves, scale).backward(grad)
 
-    set_backend(backend)
+    return step
+
+
+def _seconds(fn: Callable[[], None], device: torch.device) -> float:
+    """Wall-clock seconds of one call of ``fn``, the device's queue drained before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _forced(backend: str, plan: Optional[str], step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with the backend (``auto`` too) and the kernels' launch plan (None: left alone) forced."""
+    def call() -> None:
+        set_backend(backend)
+        try:
+            with _kernel_plan(plan):
+                step()
+        finally:
+            set_backend(None)
+
+    return call
+
+
+def _time_backend(backend: str, plan: Optional[str], qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor,
+                  device: torch.device):
+    """(seconds of the first call, median seconds per fwd+bwd) or the error that stopped it;
+    ``plan`` forces the kernels' launch plan (None for the other backends)."""
+    step = _forced(backend, plan, _fwd_bwd(qk, anchors, v))
     try:
-        with _kernel_plan(plan):
-            start = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            first = time.perf_counter() - start
-            return first, time_call(step, device, warmup=2, repeats=10)
+        first = _seconds(step, device)
+        return first, time_call(step, device, warmup=2, repeats=10)
     except (ImportError, ValueError, RuntimeError) as error:  # a backend this machine cannot run: say why
         logger.warning("anchor-mix backend %s (plan %s) failed: %s", backend, plan, error)
         return str(error).split(";")[0].replace("|", "/")[:120], None
-    finally:
-        set_backend(None)
+
+
+def _alternating_medians(steps: dict[str, Callable[[], None]], device: torch.device) -> dict[str, float]:
+    """Median seconds per call of each step, the steps taking turns call by call (load that comes
+    and goes slows each alike), after two warm-up turns."""
+    for _ in range(2):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(_PAIRED_CALLS):
+        for name, step in steps.items():
+            times[name].append(_seconds(step, device))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _train_decision(qk: torch.Tensor, anchors: torch.Tensor) -> dict:
+    """auto's decision for a forward + backward of these shapes, as ``autotune.decisions`` lists it."""
+    batch, heads, tokens, head_dim = qk.shape
+    key = {"batch": batch, "heads": heads, "tokens": tokens, "head_dim": head_dim, "anchors": anchors.shape[0],
+           "dtype": str(qk.dtype).removeprefix("torch."), "device": qk.device.type, "train": True}
+    return next(d for d in autotune.decisions() if all(d[name] == value for name, value in key.items()))
 
 
 def _hbm_bytes_per_s(device: torch.device, override_tbps: Optional[float]) -> Optional[float]:
@@ -133,8 +185,32 @@ def _gpu_seconds(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor) -> fl
     return sum(event.self_device_time_total for event in prof.key_averages()) / 1e6
 
 
+def _label(backend: str, plan: Optional[str]) -> str:
+    return backend if plan is None else f"{backend} {plan}"
+
+
+def _auto_against_forced(case: str, qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor, timings: list,
+                         device: torch.device) -> tuple[list[str], str]:
+    """auto's first call (its measurement), then auto and every forced backend that ran taking
+    turns; the cells of its row after n, and auto's choice."""
+    step = _fwd_bwd(qk, anchors, v)
+    auto = _forced("auto", None, step)
+    measured_in = _seconds(auto, device)
+    decision = _train_decision(qk, anchors)
+    ran = {_label(*pair): _forced(*pair, step) for pair, (_, median) in zip(_TIMED, timings) if median is not None}
+    medians = _alternating_medians({"auto": auto, **ran}, device)
+    auto_s = medians.pop("auto")
+    best = min(medians, key=medians.get)
+    met = record(case, "auto / best forced fwd+bwd", auto_s / medians[best], TARGET_AUTO_RATIO, "at_most")
+    record(case, "auto fwd+bwd ms", auto_s * 1e3)
+    record(case, "auto first call s", measured_in)
+    timed = ", ".join(f"{name} {'failed' if ms is None else f'{ms:.3f}'}" for name, ms in decision["ms"].items())
+    return [timed, decision["choice"], f"{measured_in:.2f}", best, f"{auto_s * 1e3:.3f}", f"{medians[best] * 1e3:.3f}",
+            f"{auto_s / medians[best]:.3f}", verdict(met, TARGET_AUTO_RATIO)], decision["choice"]
+
+
 def run(args: argparse.Namespace) -> str:
-    """Time every backend at every token count; return the markdown section."""
+    """Time every backend and auto at every token count; return the markdown section."""
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     tokens_list = args.tokens or ([197, 785, 3137] if on_gpu else [197, 785])
@@ -142,7 +218,7 @@ def run(args: argparse.Namespace) -> str:
     dtype = _DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")]
     if min(tokens_list + [batch, args.heads, args.head_dim, args.anchors]) < 1:
         raise ValueError("--tokens, --batch, --heads, --head-dim and --anchors must all be >= 1")
-    rows = []
+    rows, auto_rows = [], []
     for tokens in tokens_list:
         shape = (batch, args.heads, tokens, args.head_dim)
         qk = torch.randn(shape, device=device, dtype=dtype)
@@ -156,12 +232,14 @@ def run(args: argparse.Namespace) -> str:
                 row += [f"n/a: {first}", "-", "-"]
             else:
                 row += [f"{median * 1e3:.3f}", f"{eager / median:.2f}x", f"{first:.1f}"]
-        auto = select_backend(qk, anchors, v)
-        plan = _auto_plan(qk, anchors, auto)
         case = f"n={tokens} B={batch} h={args.heads} dh={args.head_dim}"
         for (backend, forced), (_, median) in zip(_TIMED, timings):
             if median is not None:
-                record(case, f"{backend}{' ' + forced if forced else ''} fwd+bwd ms", median * 1e3)
+                record(case, f"{_label(backend, forced)} fwd+bwd ms", median * 1e3)
+
+        auto_row, auto = _auto_against_forced(case, qk, anchors, v, timings, device)
+        auto_rows.append([tokens] + auto_row)
+        plan = _auto_plan(qk, anchors, auto)
         floor_cells = ["-", "-", "-"]
         bandwidth = _hbm_bytes_per_s(device, args.hbm_tbps)
         if on_gpu and bandwidth:
@@ -173,17 +251,26 @@ def run(args: argparse.Namespace) -> str:
         rows.append(row + [auto, plan, *floor_cells])
     header = ["n"]
     for backend, plan in _TIMED:
-        label = backend if plan is None else f"{backend} {plan}"
+        label = _label(backend, plan)
         header += [f"{label} ms", f"{label} speedup", f"{label} first call s"]
     return "\n".join([
-        f"## Anchor-mix backends: eager vs torch.compile vs Triton, fwd+bwd ({device.type})",
+        f"## Anchor-mix backends: eager, torch.compile, SDPA, Triton and auto, fwd+bwd ({device.type})",
         "",
         f"Device: {machine_description(device)}. B={batch}, h={args.heads}, dh={args.head_dim}, "
         f"m={args.anchors}, {str(dtype).removeprefix('torch.')}; median of 10 calls after 2 warm-up calls; "
-        "speedup vs eager; 'first call' includes compilation; 'auto' = the dispatcher's choice; 'plan' = the "
-        "kernels' launch plan under auto (one-program: one launch forward, two backward; token-split: three "
-        "and four). 'GPU ms' sums the auto path's kernels over one fwd+bwd (CUDA); 'HBM floor' moves its "
-        f"{_TENSORS_MOVED} (B, h, n, dh) tensors once at the device's bandwidth.",
+        "speedup vs eager; 'first call' includes compilation; sdpa = two scaled-dot-product attention calls; "
+        "'auto' = the backend auto chose; 'plan' = the kernels' launch plan under auto (one-program: one launch "
+        "forward, two backward; token-split: three and four). 'GPU ms' sums the auto path's kernels over one "
+        f"fwd+bwd (CUDA); 'HBM floor' moves its {_TENSORS_MOVED} (B, h, n, dh) tensors once at the device's "
+        "bandwidth.",
         "",
         markdown_table(header + ["auto", "plan", "auto GPU ms", "HBM floor ms", "GPU / floor"], rows),
+        "",
+        "auto against the fastest backend forced by hand: 'auto timed' = the least ms per fwd+bwd of each "
+        "candidate as auto's first call measured them (kernels/autotune.py, at most "
+        f"{autotune.BUDGET_S:g} s of rounds), 'first call s' = that call; then auto and every backend that ran "
+        f"take turns, {_PAIRED_CALLS} timed calls each after 2 warm-up turns: medians, the best forced one shown.",
+        "",
+        markdown_table(["n", "auto timed, ms", "auto", "first call s", "best forced", "auto ms", "best forced ms",
+                        "auto / best", "target"], auto_rows),
     ])
