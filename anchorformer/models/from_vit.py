@@ -1,0 +1,309 @@
+"""ViT/DeiT -> AnchorFormer: start an AnchorFormer from a pre-trained ViT of the same width, depth
+and patch size instead of from scratch.
+
+Everything but the attention's input projection is carried over unchanged: patch and position
+embeddings, cls/dist tokens, every norm, the MLPs, the heads and the attention's output
+projection. The ViT's value projection becomes the second half of ``attn.qk_v``; its bias (anchor
+attention's projection has none) is folded exactly into the output projection's bias, since the
+anchor mixing ``S = A diag(1/Lambda) A^T`` is row-stochastic (``S 1 = 1``), so
+``proj(S (x W_v^T + 1 b_v^T)) = proj(S x W_v^T) + W_o b_v``.
+
+Anchor attention has ONE projection serving as query and key (``qk``), so the ViT's q and k must be
+merged (:data:`QK_RULES`). The default, ``sym``, keeps per head the best approximation of the
+ViT's attention logits ``q_i . k_j = x_i^T Wq^T Wk x_j`` that a single projection can express:
+``qk_i . qk_j = x_i^T W^T W x_j`` is a symmetric positive semi-definite form of rank <= dh, and the
+closest such form (Frobenius norm) to ``Wq^T Wk`` is the top-dh positive eigen-part of its
+symmetric part ``(Wq^T Wk + Wk^T Wq) / 2`` (its antisymmetric part cannot be expressed by any
+symmetric form). ``W = sqrt(Lambda+) V^T``. The ViT's q and k biases are dropped (anchor attention
+has none); the report gives each layer's relative error of the kept form.
+Measured on the digits (docs/training.md, "From a pre-trained ViT/DeiT"): ``sym`` and ``mean`` tie
+within the noise of 297 validation images (about 25 % top-1 right after conversion, about 94 % after
+a fifth of a from-scratch run's epochs), ``q`` and ``k`` are clearly worse right after (16-19 %).
+``sym`` is the default because it is the provably closest form (lowest logit error on every layer)
+and reproduces a source whose attention logits are symmetric exactly, where ``mean`` does not.
+
+Anchors come from data (:func:`init_anchors_kmeans`): per layer, k-means of the converted ``qk``
+vectors (each head's dh-vector of each token, after the layer norm) of a few batches of the user's
+images, layer by layer through the converted model (layer l sees what the converted layers before it
+produce, with their anchors already set).
+
+    model = timm.create_model("anchorformer_tiny_patch16_224", num_classes=10)
+    state, report = convert_vit_state_dict(vit_state_dict, model)
+    model.load_state_dict(state)
+    report["anchors"] = init_anchors_kmeans(model, image_batches)
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["QK_RULES", "DEFAULT_QK_RULE", "is_vit_state_dict", "vit_architecture", "merge_qk",
+           "convert_vit_state_dict", "kmeans", "init_anchors_kmeans"]
+
+QK_RULES = ("sym", "mean", "q", "k")
+"""How the ViT's query and key weights become the one ``qk`` projection (per head): ``sym`` the
+rank-dh PSD part of ``sym(Wq^T Wk)`` (the logits' best single-projection form), ``mean``
+``(Wq + Wk) / 2``, ``q`` the query weights, ``k`` the key weights."""
+DEFAULT_QK_RULE = "sym"
+
+_QKV = re.compile(r"blocks\.(\d+)\.attn\.qkv\.weight")
+
+
+def is_vit_state_dict(state_dict: Mapping[str, Any]) -> bool:
+    """Whether ``state_dict`` holds a timm ViT/DeiT (blocks with a fused ``attn.qkv``)."""
+    return any(_QKV.fullmatch(key) for key in state_dict)
+
+
+def vit_architecture(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, int]:
+    """Width, depth and patch size of a timm ViT/DeiT state dict, read from its tensors.
+
+    Raises:
+        ValueError: when the state dict is not a timm ViT/DeiT.
+    """
+    if not is_vit_state_dict(state_dict) or "patch_embed.proj.weight" not in state_dict:
+        raise ValueError("not a timm ViT/DeiT state dict: expected keys blocks.N.attn.qkv.weight and "
+                         f"patch_embed.proj.weight, got e.g. {sorted(state_dict)[:6]}")
+    proj = state_dict["patch_embed.proj.weight"]
+    depth = 1 + max(int(_QKV.fullmatch(key).group(1)) for key in state_dict if _QKV.fullmatch(key))
+    return {"embed_dim": int(proj.shape[0]), "depth": depth, "patch_size": int(proj.shape[-1])}
+
+
+def _check_same_shape(source: Dict[str, int], model: nn.Module, source_heads: Optional[int]) -> None:
+    target = {"embed_dim": int(model.embed_dim), "depth": len(model.blocks),
+              "patch_size": int(model.patch_embed.proj.weight.shape[-1])}
+    wrong = [f"{key} {source[key]} (source) vs {target[key]} (target)" for key in target if source[key] != target[key]]
+    heads = model.blocks[0].attn.num_heads
+    if source_heads is not None and source_heads != heads:
+        wrong.append(f"num_heads {source_heads} (source) vs {heads} (target)")
+    if wrong:
+        raise ValueError(f"the ViT does not fit {type(model).__name__}: {'; '.join(wrong)}. Convert to an "
+                         "AnchorFormer of the source's width, depth, patch size and heads (pass them as model "
+                         "arguments, e.g. --model-args '{\"embed_dim\": ..., \"depth\": ..., \"num_heads\": ...}')")
+
+
+def _sym_psd_factor(w_q: torch.Tensor, w_k: torch.Tensor) -> Tuple[torch.Tensor, float]:
+    """``W`` (dh, D) with ``W^T W`` the best rank-dh PSD approximation of ``(Wq^T Wk + Wk^T Wq) / 2``,
+    and the relative error ``||Wq^T Wk - W^T W||_F / ||Wq^T Wk||_F``.
+
+    The symmetric part is ``B^T C B`` with ``B = [Wq; Wk]`` and ``C = [[0, I], [I, 0]] / 2``; with
+    ``B^T = Q R`` its eigen-pairs are those of the small ``R C R^T`` (2dh x 2dh), rotated by Q, so
+    no D x D eigenproblem is solved (a base model converts in seconds)."""
+    dh = w_q.shape[0]
+    w_q64, w_k64 = w_q.double(), w_k.double()
+    basis = torch.cat([w_q64, w_k64])                          # (2dh, D)
+    q_mat, r_mat = torch.linalg.qr(basis.T)                     # (D, r), (r, 2dh)
+    swap = torch.zeros(2 * dh, 2 * dh, dtype=torch.float64)
+    swap[:dh, dh:] = swap[dh:, :dh] = 0.5 * torch.eye(dh, dtype=torch.float64)
+    values, vectors = torch.linalg.eigh(r_mat @ swap @ r_mat.T)  # ascending
+    keep = min(dh, values.numel())
+    values, vectors = values[-keep:].clamp(min=0), vectors[:, -keep:]
+    factor = torch.zeros(dh, w_q.shape[1], dtype=torch.float64)
+    factor[:keep] = (values.sqrt()[:, None] * (q_mat @ vectors).T)
+    logits = w_q64.T @ w_k64
+    error = float(torch.linalg.norm(logits - factor.T @ factor) / torch.linalg.norm(logits).clamp(min=1e-30))
+    return factor.to(w_q.dtype), error
+
+
+def merge_qk(w_q: torch.Tensor, w_k: torch.Tensor, num_heads: int, rule: str = DEFAULT_QK_RULE
+             ) -> Tuple[torch.Tensor, float]:
+    """The ``qk`` weights (D, D) of anchor attention from a ViT's query and key weights (each (D, D),
+    heads stacked by rows as in timm's ``qkv``), head by head.
+
+    Args:
+        w_q, w_k: the ViT's query and key weights.
+        num_heads: heads h (head dim D / h).
+        rule: one of :data:`QK_RULES`.
+
+    Returns:
+        The merged weights and the relative error of the logit form they express,
+        ``||Wq^T Wk - Wqk^T Wqk||_F / ||Wq^T Wk||_F`` averaged over heads.
+    """
+    if rule not in QK_RULES:
+        raise ValueError(f"qk rule {rule!r} is not one of {list(QK_RULES)}")
+    dh = w_q.shape[0] // num_heads
+    merged, errors = [], []
+    for head in range(num_heads):
+        q, k = w_q[head * dh:(head + 1) * dh], w_k[head * dh:(head + 1) * dh]
+        if rule == "sym":
+            factor, error = _sym_psd_factor(q, k)
+        else:
+            factor = {"mean": (q + k) / 2, "q": q, "k": k}[rule]
+            logits = q.double().T @ k.double()
+            error = float(torch.linalg.norm(logits - factor.double().T @ factor.double())
+                          / torch.linalg.norm(logits).clamp(min=1e-30))
+        merged.append(factor)
+        errors.append(error)
+    return torch.cat(merged), sum(errors) / len(errors)
+
+
+def convert_vit_state_dict(vit: Mapping[str, torch.Tensor], model: nn.Module, qk_rule: str = DEFAULT_QK_RULE,
+                           source_heads: Optional[int] = None) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """An AnchorFormer state dict for ``model`` from a timm ViT/DeiT state dict of the same shape.
+
+    Args:
+        vit: the ViT's tensors (timm names: ``blocks.{i}.attn.qkv.weight``, ``cls_token``, ...).
+        model: the AnchorFormer to fill (its anchors, which the ViT lacks, are taken from it as
+            they are: initialise them from data with :func:`init_anchors_kmeans`).
+        qk_rule: how q and k become qk, one of :data:`QK_RULES`.
+        source_heads: the ViT's heads, when known (they are not visible in its tensors).
+
+    Returns:
+        The state dict (every key of ``model``) and the conversion report (plain data): tensors
+        carried over, folded and merged, the qk rule and its per-layer relative error.
+
+    Raises:
+        ValueError: for a source that is no ViT, or of another width, depth, patch size or heads;
+            for tensors the target lacks or holds in another shape (a classifier of another class
+            count is kept as the source's; fine-tuning re-initialises it).
+    """
+    architecture = vit_architecture(vit)
+    _check_same_shape(architecture, model, source_heads)
+    target = model.state_dict()
+    out: Dict[str, torch.Tensor] = {}
+    carried, folded, errors = [], [], []
+    num_heads, dim = model.blocks[0].attn.num_heads, int(model.embed_dim)
+    for i in range(len(model.blocks)):
+        prefix = f"blocks.{i}.attn."
+        if f"{prefix}q_norm.weight" in vit:
+            raise ValueError(f"the ViT normalises q and k ({prefix}q_norm); anchor attention has no qk norm, "
+                             "so this source cannot be converted")
+        w_q, w_k, w_v = vit[f"{prefix}qkv.weight"].float().split(dim)
+        qk, error = merge_qk(w_q, w_k, num_heads, qk_rule)
+        out[f"{prefix}qk_v.weight"] = torch.cat([qk, w_v])
+        errors.append(round(error, 4))
+        proj_bias = vit[f"{prefix}proj.bias"].float()
+        if f"{prefix}qkv.bias" in vit:
+            v_bias = vit[f"{prefix}qkv.bias"].float()[2 * dim:]
+            proj_bias = proj_bias + vit[f"{prefix}proj.weight"].float() @ v_bias
+            folded.append(f"{prefix}qkv.bias[v] -> {prefix}proj.bias")
+        out[f"{prefix}proj.weight"] = vit[f"{prefix}proj.weight"].float()
+        out[f"{prefix}proj.bias"] = proj_bias
+        out[f"{prefix}anchors.weight"] = target[f"{prefix}anchors.weight"].clone()
+    unexpected = sorted(key for key in vit if ".attn.qkv." not in key and key not in out and key not in target)
+    if unexpected:
+        raise ValueError(f"the ViT has {unexpected}, which {type(model).__name__} lacks; convert to the variant "
+                         "that has them (a distilled source needs a *_distilled_* AnchorFormer)")
+    missing = sorted(key for key in target if key not in out and key not in vit)
+    if missing:
+        raise ValueError(f"the ViT lacks {missing}, which {type(model).__name__} needs; convert to the variant "
+                         "without them (a plain source converts to a non-distilled AnchorFormer)")
+    for key, value in vit.items():
+        if ".attn.qkv." in key or key in out:
+            continue
+        if value.shape != target[key].shape and not key.startswith(("head.", "head_dist.")):
+            raise ValueError(f"{key}: the ViT's {tuple(value.shape)} vs the target's {tuple(target[key].shape)}; "
+                             "convert at the source's image size (pos_embed) and layout")
+        out[key] = value.float()
+        carried.append(key)
+    report = {
+        "source_architecture": dict(architecture, num_heads=source_heads),
+        "carried_over": carried + [f"blocks.{i}.attn.qkv.weight[v] -> blocks.{i}.attn.qk_v.weight[v]"
+                                   for i in range(len(model.blocks))],
+        "folded": folded,
+        "dropped": [f"blocks.{i}.attn.qkv.bias[q,k]" for i in range(len(model.blocks))
+                    if f"blocks.{i}.attn.qkv.bias" in vit],
+        "qk_rule": qk_rule,
+        "qk_relative_error": errors,
+        "anchors": "not initialised from data (the target's fresh init)",
+    }
+    return out, report
+
+
+def _sq_distances(points: torch.Tensor, norms: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """(N, k) squared distances from the points' squared norms (N, 1) and one matrix product
+    (``torch.cdist`` is several times slower on CPU)."""
+    return (norms - 2 * points @ centroids.T + centroids.pow(2).sum(1)).clamp(min=0)
+
+
+def kmeans(points: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> Tuple[torch.Tensor, float]:
+    """Lloyd's k-means with k-means++ seeding, deterministic for a given ``seed``.
+
+    Args:
+        points: (N, d) vectors, N >= k.
+        k: clusters.
+        iters: Lloyd iterations (stops early when no assignment changes).
+        seed: seed of the k-means++ draws.
+
+    Returns:
+        The centroids (k, d) and the mean squared distance of the points to their centroid.
+    """
+    if points.shape[0] < k:
+        raise ValueError(f"k-means of {points.shape[0]} vectors into {k} anchors; give more images")
+    generator = torch.Generator().manual_seed(seed)
+    points = points.float()
+    norms = points.pow(2).sum(1, keepdim=True)
+    centroids = points[torch.randint(points.shape[0], (1,), generator=generator)]
+    nearest = _sq_distances(points, norms, centroids).squeeze(1)
+    for _ in range(1, k):
+        pick = torch.multinomial(nearest + 1e-12, 1, generator=generator)
+        centroids = torch.cat([centroids, points[pick]])
+        nearest = torch.minimum(nearest, _sq_distances(points, norms, points[pick]).squeeze(1))
+    assign = None
+    for _ in range(iters):
+        distances = _sq_distances(points, norms, centroids)
+        new_assign = distances.argmin(1)
+        if assign is not None and torch.equal(new_assign, assign):
+            break
+        assign = new_assign
+        sums = torch.zeros_like(centroids).index_add_(0, assign, points)
+        counts = torch.bincount(assign, minlength=k).to(points.dtype)
+        empty = counts == 0
+        centroids = torch.where(empty[:, None], centroids, sums / counts.clamp(min=1)[:, None])
+        if empty.any():  # an empty cluster restarts at the points farthest from their centroid
+            far = distances.gather(1, assign[:, None]).squeeze(1).topk(int(empty.sum())).indices
+            centroids[empty] = points[far]
+    inertia = float(_sq_distances(points, norms, centroids).min(1).values.mean())
+    return centroids, inertia
+
+
+@torch.no_grad()
+def init_anchors_kmeans(model: nn.Module, batches: Iterable[torch.Tensor], max_vectors: int = 200_000,
+                        iters: int = 25, seed: int = 0) -> Dict[str, Any]:
+    """Set every layer's anchors to the k-means centroids of its ``qk`` vectors on ``batches``.
+
+    Layer by layer: the images' tokens are run through the embeddings and the blocks before the
+    layer (whose anchors are already set), normalised by the layer's ``norm1`` and projected by its
+    ``qk`` half; every head's dh-vector of every token is one point (the anchors are shared by the
+    heads); ``max_vectors`` of them, drawn with ``seed``, are clustered into the layer's m anchors.
+
+    Args:
+        model: an AnchorFormer (timm ``VisionTransformer`` with anchor attention), changed in place.
+        batches: image tensors (B, 3, H, W) at the model's input size and normalisation.
+        max_vectors: most points clustered per layer.
+        iters: Lloyd iterations per layer.
+        seed: seed of the subsampling and of k-means++.
+
+    Returns:
+        The report (plain data): images, vectors per layer, seconds, mean squared distance to the
+        anchors per layer.
+    """
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    tokens = [model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images.float()))))
+              for images in batches]
+    if not tokens:
+        raise ValueError("no images to initialise the anchors from")
+    images = sum(len(chunk) for chunk in tokens)
+    generator = torch.Generator().manual_seed(seed)
+    inertia, clustered = [], 0
+    for i, block in enumerate(model.blocks):
+        attn = block.attn
+        qk_weight = attn.qk_v.weight[: attn.num_heads * attn.head_dim]
+        vectors = torch.cat([(block.norm1(chunk) @ qk_weight.T).reshape(-1, attn.head_dim) for chunk in tokens])
+        if vectors.shape[0] > max_vectors:
+            vectors = vectors[torch.randperm(vectors.shape[0], generator=generator)[:max_vectors]]
+        clustered = vectors.shape[0]
+        centroids, error = kmeans(vectors, attn.num_anchors, iters, seed + i)
+        attn.anchors.weight.copy_(centroids.to(attn.anchors.weight.dtype))
+        inertia.append(round(error, 4))
+        tokens = [block(chunk) for chunk in tokens]
+    model.train(was_training)
+    return {"method": "kmeans of qk vectors after norm1, per layer, through the converted layers",
+            "images": images, "vectors_per_layer": clustered, "iters": iters, "seed": seed,
+            "mean_sq_distance": inertia, "seconds": round(time.perf_counter() - start, 2)}
