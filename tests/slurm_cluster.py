@@ -65,6 +65,7 @@ import socket
 import subprocess
 import sys
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -413,7 +414,7 @@ def _munge_works(socket_path: Path | None = None) -> bool:
     return subprocess.run(["unmunge", *option], input=encoded.stdout, capture_output=True).returncode == 0
 
 
-class SlurmCluster:
+class SlurmCluster(ABC):
     """What both layouts share: the state folder, the private MariaDB, slurmdbd, accounting, the
     owner record, and stopping every daemon by its pid file.
 
@@ -431,36 +432,40 @@ class SlurmCluster:
     def __init__(self, paths: ClusterPaths):
         self.paths = paths
 
-    # -- to be specialised
+    # -- what each layout says
 
     @property
+    @abstractmethod
     def slurm_conf(self) -> Path:
         """The slurm.conf of this cluster (slurmdbd.conf lies beside it)."""
-        raise NotImplementedError
+
+    @abstractmethod
+    def node_names(self) -> list[str]:
+        """The cluster's node names."""
+
+    @abstractmethod
+    def _write_configs(self) -> None:
+        """Write slurm.conf, slurmdbd.conf and whatever else the daemons read."""
+
+    @abstractmethod
+    def _start_munge(self) -> None:
+        """Start the munged the cluster authenticates with, unless it answers already."""
+
+    @abstractmethod
+    def _munge_pid_file(self) -> Path:
+        """Pid file of that munged."""
+
+    @abstractmethod
+    def _start_controller_and_nodes(self) -> None:
+        """Start slurmctld and every node's daemons (those not running)."""
+
+    @abstractmethod
+    def _node_daemons(self) -> dict[str, Path]:
+        """{name: pid file} of the daemons on the nodes (stopped first)."""
 
     def command(self, argv: Sequence[str]) -> list[str]:
         """``argv`` as run on the controller (the login node): clients, slurmdbd, MariaDB."""
         return list(argv)
-
-    def node_names(self) -> list[str]:
-        """The cluster's node names."""
-        raise NotImplementedError
-
-    def _write_configs(self) -> None:
-        raise NotImplementedError
-
-    def _start_munge(self) -> None:
-        raise NotImplementedError
-
-    def _start_controller_and_nodes(self) -> None:
-        raise NotImplementedError
-
-    def _node_daemons(self) -> dict[str, Path]:
-        """{name: pid file} of the daemons on the nodes (stopped first)."""
-        raise NotImplementedError
-
-    def _munge_pid_file(self) -> Path:
-        raise NotImplementedError
 
     def _after_stop(self) -> None:
         """Clean-up once every daemon is stopped."""
