@@ -24,7 +24,7 @@ CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "e
 MICRO_BATCH = 32
 RUN_OVERRIDES = ["train.max_steps=30", "schedule.epochs=2", "schedule.warmup_epochs=0", "schedule.decay=constant",
                  "optim.lr=3e-3", f"train.global_batch_size={MICRO_BATCH}", f"train.micro_batch_size={MICRO_BATCH}",
-                 "model.kwargs={patch_size: 4, depth: 2, embed_dim: 64, num_heads: 2, num_anchors: 8}",
+                 "model.patch_size=4", "model.depth=2", "model.embed_dim=64", "model.num_heads=2", "model.num_anchors=8",
                  "train.ema.enabled=true", "train.ema.decay=0.9", "data.num_workers=0", "logging.progress_bar=false",
                  "logging.tensorboard=false", "logging.run_name=run"]
 

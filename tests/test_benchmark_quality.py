@@ -18,7 +18,7 @@ from benchmark_fixtures import benchmark_args, one_torch_thread  # noqa: F401
 from helpers import REPO
 
 RECIPE = REPO / "configs" / "quality_map.yaml"
-SMALL = ["model.kwargs.depth=1", "model.kwargs.embed_dim=32", "model.kwargs.num_heads=2", "data.num_workers=0"]
+SMALL = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2", "data.num_workers=0"]
 
 
 def _args(argv: list[str]) -> argparse.Namespace:
@@ -38,13 +38,14 @@ def test_quality_is_registered_and_builds_a_deit_twin_and_anchor_variants_per_to
     assert list(configs) == [Cell(t, m) for t in (17, 65, 257) for m in (None, 4, 32)]
     for cell, cfg in configs.items():
         model = cfg["model"]
-        assert model["kwargs"]["patch_size"] == {17: 4, 65: 2, 257: 1}[cell.tokens]
+        assert model["patch_size"] == {17: 4, 65: 2, 257: 1}[cell.tokens]
         if cell.anchors is None:
-            assert model["name"] == "deit_tiny_patch16_224" and "num_anchors" not in model["kwargs"]
+            assert model["name"] == "deit_tiny_patch16_224" and model["num_anchors"] is None
         else:
-            assert model["name"] == "anchorformer_tiny_patch16_224" and model["kwargs"]["num_anchors"] == cell.anchors
+            assert model["name"] == "anchorformer_tiny_patch16_224" and model["num_anchors"] == cell.anchors
         deit = configs[Cell(cell.tokens, None)]
-        assert {k: v for k, v in model["kwargs"].items() if k != "num_anchors"} == deit["model"]["kwargs"]
+        assert {k: v for k, v in model.items() if k not in ("name", "num_anchors")} == \
+            {k: v for k, v in deit["model"].items() if k not in ("name", "num_anchors")}
         assert cfg["optim"] == deit["optim"] and cfg["train"] == deit["train"] and cfg["data"] == deit["data"]
 
 
@@ -60,7 +61,7 @@ def test_quality_rejects_bad_options(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         quality.run(_args(["--recipe", str(tmp_path / "missing.yaml")]))
     deit_recipe = tmp_path / "deit.yaml"
-    deit_recipe.write_text(f"base: {RECIPE}\nmodel: {{name: deit_tiny_patch16_224, kwargs: {{patch_size: 4}}}}\n")
+    deit_recipe.write_text(f"base: {RECIPE}\nmodel: {{name: deit_tiny_patch16_224}}\n")
     with pytest.raises(ValueError, match="anchorformer_"):
         quality.run(_args(["--recipe", str(deit_recipe)]))
     with pytest.raises(ValueError, match="--tokens 50: tokens - 1 must be a square grid"):

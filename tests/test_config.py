@@ -44,7 +44,7 @@ def test_config_is_read_only(recipe):
 
 
 def test_yaml_round_trip(recipe, tmp_path):
-    cfg = config.load(recipe, ["slurm.setup=['module load cuda']", "model.kwargs={depth: 4}"])
+    cfg = config.load(recipe, ["slurm.setup=['module load cuda']", "model.kwargs={global_pool: avg}"])
     saved = tmp_path / "resolved.yaml"
     saved.write_text(config.to_yaml(cfg))
     assert config.load(saved) == cfg

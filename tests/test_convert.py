@@ -166,7 +166,7 @@ def test_zero3_two_process_run_converts_with_the_engines_logits(tmp_path, capsys
                  "logging.tensorboard=false", f"logging.output_dir={tmp_path / 'runs'}", "logging.run_name=zero3",
                  f"data.cache_dir={tmp_path / 'cache'}", "checkpoint.at_epoch_end=false",
                  "model.img_size=32", "data.image_size=32",
-                 "model.kwargs={patch_size: 16, depth: 2, embed_dim: 64, num_heads: 2, num_anchors: 8}"]
+                 "model.patch_size=16", "model.depth=2", "model.embed_dim=64", "model.num_heads=2", "model.num_anchors=8"]
     logits_file = tmp_path / "engine_logits.pt"
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
                     str(script), str(REPO / "configs" / "demo.yaml"), str(logits_file), *overrides],

@@ -176,7 +176,7 @@ def test_the_trainer_fine_tunes_the_recipe_from_a_backbone_export(tmp_path):
     export = export_backbone(load_source(tmp_path / "pretrained.pth"), tmp_path / "backbone.safetensors", IMAGE,
                              model_name="anchorformer_tiny_patch16_224", model_args=dict(TINY, img_size=64))
     overrides = [
-        "model.kwargs={embed_dim: 64, depth: 2, num_heads: 2, num_anchors: 8}", "model.num_classes=2",
+        "model.embed_dim=64", "model.depth=2", "model.num_heads=2", "model.num_anchors=8", "model.num_classes=2",
         f"model.pretrained_checkpoint={export.path}",
         f"detection.train_annotations={train_file}", f"detection.train_images={train_dir}",
         f"detection.val_annotations={val_file}", f"detection.val_images={val_dir}",

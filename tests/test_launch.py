@@ -18,7 +18,7 @@ def _tiny_run(out: Path, cache: Path, name: str, zero_stage: int) -> list[str]:
     return ["configs/demo.yaml", f"logging.output_dir={out}", f"logging.run_name={name}",
             f"data.cache_dir={cache}", "data.num_workers=1", "train.max_steps=3",
             "train.global_batch_size=32", "train.micro_batch_size=16", "logging.progress_bar=false",
-            "model.kwargs={patch_size: 4, depth: 2, embed_dim: 48, num_heads: 2, num_anchors: 8}",
+            "model.patch_size=4", "model.depth=2", "model.embed_dim=48", "model.num_heads=2", "model.num_anchors=8",
             f"deepspeed.zero_stage={zero_stage}"]
 
 

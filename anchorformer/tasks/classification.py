@@ -132,15 +132,13 @@ class ClassificationTask:
 
     @classmethod
     def preflight(cls, cfg: RootConfig, world_size: int) -> nn.Module:
-        """The classifier on the meta device; its initial weights and teacher files exist, the
-        teacher builds, the shards exist with at most ``model.num_classes`` classes and feed every
-        loader reader of ``world_size`` processes.
+        """The classifier on the meta device (:func:`tasks.preflight.meta_network`); the teacher
+        builds and its weights exist; the shards exist, hold at most ``model.num_classes`` classes and
+        feed every loader reader of ``world_size`` processes.
 
         Raises:
             ConfigError: naming the key.
         """
-        if cfg.model.pretrained_checkpoint:
-            check_exists(cfg.model.pretrained_checkpoint, "model.pretrained_checkpoint", "file")
         network = meta_network(cfg.model, lambda: create_classifier(cfg.model, cfg.loss.distillation), "model.img_size")
         if cfg.loss.distillation != "none":
             _check_teacher(cfg)

@@ -196,14 +196,13 @@ class DetectionTask:
 
     @classmethod
     def preflight(cls, cfg: RootConfig, world_size: int) -> nn.Module:
-        """The network on the meta device; the backbone weights, annotation files and image folders exist.
+        """The network on the meta device (:func:`tasks.preflight.meta_network`); the annotation
+        files and image folders exist.
 
         Raises:
             ConfigError: naming the key.
         """
         o = task_options(cfg, "detection")
-        if cfg.model.pretrained_checkpoint:
-            check_exists(cfg.model.pretrained_checkpoint, "model.pretrained_checkpoint", "file")
         network = meta_network(cfg.model, lambda: _detector(cfg, weights=None), "detection.image_size")
         for split in ("train", "val"):
             check_exists(str(getattr(o, f"{split}_annotations")), f"detection.{split}_annotations", "file")

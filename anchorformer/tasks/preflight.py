@@ -25,7 +25,8 @@ _TYPED_ARGUMENTS = ("num_classes", "drop_rate", "drop_path_rate", *ARCHITECTURE_
 
 def meta_network(model: ModelConfig, build: Callable[[], nn.Module], size_key: str) -> nn.Module:
     """``build()`` on the meta device (shapes, no memory: ~0.1 s for a base model), its refusal
-    named by the config key that sets the refused argument.
+    named by the config key that sets the refused argument; the model is registered and its
+    initial weights (``model.pretrained_checkpoint``) exist.
 
     Args:
         model: the ``model`` section whose arguments ``build`` passes to timm.
@@ -36,6 +37,8 @@ def meta_network(model: ModelConfig, build: Callable[[], nn.Module], size_key: s
         ConfigError: naming the key (an unknown argument also names the closest valid one).
     """
     check_registered(model.name, "model.name")
+    if model.pretrained_checkpoint:
+        check_exists(model.pretrained_checkpoint, "model.pretrained_checkpoint", "file")
     try:
         with torch.device("meta"):
             return build()

@@ -211,13 +211,11 @@ class SegmentationTask:
 
     @classmethod
     def preflight(cls, cfg: RootConfig, world_size: int) -> nn.Module:
-        """The network on the meta device; the backbone weights and the dataset root exist.
+        """The network on the meta device (:func:`tasks.preflight.meta_network`); the dataset root exists.
 
         Raises:
             ConfigError: naming the key.
         """
-        if cfg.model.pretrained_checkpoint:
-            check_exists(cfg.model.pretrained_checkpoint, "model.pretrained_checkpoint", "file")
         network = meta_network(cfg.model, lambda: _segmentor(cfg, weights=None), "segmentation.crop_size")
         check_exists(str(task_options(cfg, "segmentation").root), "segmentation.root", "folder")
         return network
