@@ -15,7 +15,8 @@ Why measure rather than a rule (docs/benchmarks.md has every table):
   1.37x / 1.07x / 1.54x at n = 197 / 785 / 4097 (B=32, h=12, ``anchor-mix-cuda``) while the mixing
   op stayed launch-bound at n=197, where one FlashAttention / cuDNN call per direction (``sdpa``) may
   win; on the CPU, eager PyTorch beat torch.compile at n=197 (6.1 vs 7.0 ms) and lost at 785
-  (27.4 vs 26.7 ms), and the two attention calls are 2-3x slower than it (``anchor-mix-cpu``).
+  (27.4 vs 26.7 ms) (``anchor-mix-cpu``), and the two attention calls took 2.5-3x its time on the
+  shared build machine (B=8, h=3, n=197 and 785, fp32, fwd+bwd, 1 thread, a first look under load).
   Timing a few calls costs at most 2 s per key, once per process.
 - ``compile`` is never auto's pick: compiling costs 5-34 s per new shape on the CPU and about 15 s on
   an H200, more than a key's budget, and a compiled model (``train.compile``) fuses the PyTorch path
