@@ -1,10 +1,14 @@
 """Anchor diagnostics (models/anchor_diagnostics.py) and their pictures (models/anchor_pictures.py):
 the measured assignment is the layer's own, dead anchors are found where they are known to be dead
 and nowhere else, the maps have the patch grid's shape, and the model comes back as it was."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import timm
 import torch
+from helpers import REPO, cpu_env
 
 import anchorformer.models  # noqa: F401  (registers the models with timm)
 from anchorformer.kernels import anchor_mix
@@ -206,3 +210,38 @@ def test_anchor_map_pictures_have_a_row_per_image_and_a_column_per_view():
     np.testing.assert_array_equal(panel[-8, -8], anchor_palette(8)[int(maps.assignment[0, 3, 3])])
     no_cls = type(maps)(layer=0, assignment=maps.assignment, cls_similarity=None)
     assert anchor_map_picture(denormalise(images[:2], (0.5,) * 3, (0.5,) * 3), no_cls, 8).shape[1] == 3 * 64 + 2 * 2
+
+
+ZERO3_PROBE = """
+import socket, torch, timm, deepspeed
+import anchorformer.models
+from anchorformer.dist.zero import is_partitioned, whole_parameters
+from anchorformer.models.anchor_diagnostics import AnchorProbe, anchor_diagnostics
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+torch.manual_seed(0)
+model = timm.create_model("anchorformer_tiny_patch16_224", num_classes=10, img_size=16, patch_size=4, depth=3,
+                          embed_dim=48, num_heads=3, num_anchors=8)
+probe = AnchorProbe.from_batch(torch.randn(4, 3, 16, 16))
+expected = anchor_diagnostics(model, probe)
+config = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 3}}
+engine, *_ = deepspeed.initialize(model=model, config=config)
+assert is_partitioned(engine.module.blocks[0].attn.anchors.weight)
+with whole_parameters(engine.module):
+    got = anchor_diagnostics(engine.module, probe)
+for a, b in zip(got.layers, expected.layers):
+    torch.testing.assert_close(a.relative_degree, b.relative_degree)
+    torch.testing.assert_close(a.anchor_norm, b.anchor_norm)
+torch.testing.assert_close(got.maps[-1].cls_similarity, expected.maps[-1].cls_similarity)
+print("same")
+"""
+
+
+@pytest.mark.slow
+def test_zero3_model_inside_whole_parameters_gives_the_plain_result():
+    """What the trainer does under ZeRO-3: the weights held whole around the probe (every rank
+    enters ``dist.zero.whole_parameters``), the same numbers as on the plain model."""
+    proc = subprocess.run([sys.executable, "-c", ZERO3_PROBE], cwd=REPO,
+                          env=cpu_env(OMP_NUM_THREADS="1", LOCAL_RANK="0"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "same" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]

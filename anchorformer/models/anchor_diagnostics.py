@@ -16,9 +16,9 @@ the head-averaged ``A``) and the cls token's row of ``S = A diag(1/Lambda) A^T``
 over the patch grid.
 
 The layer code and the training step are untouched: forward hooks read each layer's ``qk``
-(its ``qk_v`` projection's output) and anchors while ``forward_features`` runs in eval mode
-without gradients; the modules' modes are restored afterwards. The model must hold whole weights
-(under ZeRO-3 the caller gathers them around the call).
+(its ``qk_v`` projection's output) while ``forward_features`` runs in eval mode without
+gradients; the modules' modes are restored afterwards. The weights must be whole: under ZeRO-3
+every rank enters ``anchorformer.dist.zero.whole_parameters(model)`` and rank 0 alone probes.
 """
 from __future__ import annotations
 
@@ -232,8 +232,8 @@ def anchor_diagnostics(model: nn.Module, probe: AnchorProbe, with_maps: bool = T
     """Run the probe through ``model.forward_features`` and measure every anchor-attention layer.
 
     Args:
-        model: an AnchorFormer (plain or distilled, any m and h) with whole weights; its modes are
-            restored and its weights untouched.
+        model: an AnchorFormer (plain or distilled, any m and h), not compiled (hooks see the eager
+            layers); its modes are restored and its weights untouched.
         probe: the images.
         with_maps: also compute the per-image maps of the first, middle and last layers.
 
@@ -245,7 +245,11 @@ def anchor_diagnostics(model: nn.Module, probe: AnchorProbe, with_maps: bool = T
     """
     layers = [module for module in model.modules() if isinstance(module, AnchorAttention)]
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no AnchorAttention layer; anchor diagnostics need an AnchorFormer")
+        raise ValueError(f"{type(model).__name__} has no AnchorAttention layer; anchor diagnostics need an "
+                         "AnchorFormer")
+    # read before the forward: the layer uses its anchor weight without calling that module, so a
+    # ZeRO-3 hook could release it before ours runs
+    anchors = [attn.anchors.weight.detach().clone() for attn in layers]
     parameter = next(model.parameters())
     images = probe.images.to(parameter.device, parameter.dtype)
     prefix = int(getattr(model, "num_prefix_tokens", 0))
@@ -263,9 +267,8 @@ def anchor_diagnostics(model: nn.Module, probe: AnchorProbe, with_maps: bool = T
 
     def measure(index: int):
         def hook(attn: AnchorAttention, _inputs: Any, _output: torch.Tensor) -> None:
-            # the layer is done: its anchors are still in place (gathered) and its qk is known
-            assign = assignment(_qk(attn, projections.pop(index)), attn.anchors.weight, attn.scale)
-            statistics.append(_layer_statistics(index, assign, attn.anchors.weight))
+            assign = assignment(_qk(attn, projections.pop(index)), anchors[index], attn.scale)
+            statistics.append(_layer_statistics(index, assign, anchors[index]))
             if index in wanted_maps:
                 maps.append(_layer_maps(index, assign, prefix, grid, has_cls))
         return hook
