@@ -203,6 +203,17 @@ def test_nothing_is_timed_under_a_dispatch_mode_a_jit_trace_or_on_meta_tensors(m
     assert measurements == [] and autotune.decisions() == []
 
 
+def test_flop_counting_sees_the_maths_whatever_auto_decided(measurements):
+    # MFU counts the maths' FLOPs; the CPU's fused attention kernel has no FLOP formula at all
+    qk, anchors, v = _inputs()
+    autotune.pin([{"batch": 2, "heads": 3, "tokens": 40, "head_dim": 16, "anchors": 7, "dtype": "float32",
+                   "anchor_dtype": "float32", "device": "cpu", "train": False, "choice": "sdpa"}])
+    assert select_backend(qk, anchors, v) == "sdpa"
+    with FlopCounterMode(display=False) as counter:
+        anchor_mix_fast(qk, anchors, v, 0.25)
+    assert counter.get_total_flops() == 3 * 2 * 2 * 3 * 40 * 7 * 16
+
+
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_timing_inside_an_activation_checkpoint_keeps_its_gradients(use_reentrant, measurements):
     # measured inside the checkpointed forward (non-reentrant) or in its recompute during the

@@ -15,10 +15,11 @@ Candidates: ``triton`` where it can run (CUDA, or TRITON_INTERPRET=1), ``sdpa`` 
 ``train.compile`` -- the compiler fuses the PyTorch path into the model's graph anyway. It remains a
 backend to force.
 
-Nothing is timed where timing would be wrong or harmful: under a dispatch mode (FlopCounterMode,
-fake tensors), for meta tensors, while torch.jit traces or a CUDA graph captures. Those calls take
-the key's decision if there is one, else the fixed rule of :func:`untimed_choice`, which is also
-what a graph that torch.compile traces takes.
+Nothing is timed where timing would be wrong or harmful: for meta tensors, while torch.jit traces or
+a CUDA graph captures (those calls take the key's decision if there is one), and under a dispatch
+mode (FlopCounterMode, fake tensors). Without a decision, and always under a dispatch mode, a call
+takes the fixed rule of :func:`untimed_choice`, which is also what a graph that torch.compile
+traces takes: so FlopCounterMode counts the maths' FLOPs whatever auto decided.
 
 The decisions are plain data (:func:`decisions`): one JSON-able dict per key with each candidate's
 milliseconds and the choice. :func:`pin` sets decisions from such a table (rank 0's, broadcast by
@@ -78,7 +79,7 @@ def untimed_choice(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor) -> 
 
 
 def _may_time(qk: torch.Tensor) -> bool:
-    if torch._C._len_torch_dispatch_stack() > 0 or qk.device.type == "meta" or torch.jit.is_tracing():
+    if qk.device.type == "meta" or torch.jit.is_tracing():
         return False
     return not (qk.is_cuda and torch.cuda.is_current_stream_capturing())
 
@@ -89,6 +90,10 @@ def choose(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor) -> str:
     Args:
         qk: (B, h, n, dh) tokens; anchors: (m, dh); v: (B, h, n, dh).
     """
+    if torch._C._len_torch_dispatch_stack() > 0:
+        # FlopCounterMode, fake tensors: the fixed rule, whose FLOPs are the maths' (the kernels'
+        # custom op carries them; the CPU's fused attention has no FLOP formula)
+        return untimed_choice(qk, anchors, v)
     key = _key(qk, anchors, v)
     choice = _choices.get(key)
     if choice is not None:
