@@ -9,7 +9,7 @@ import torch
 import anchorformer.models  # noqa: F401
 from anchorformer.kernels.reference import anchor_mix
 from anchorformer.models.from_vit import (
-    QK_RULES, convert_vit_state_dict, init_anchors_kmeans, is_vit_state_dict, kmeans, merge_qk, vit_architecture,
+    QK_RULES, convert_vit_state_dict, init_from_data, is_vit_state_dict, kmeans, merge_qk, vit_architecture,
 )
 
 SHAPE = dict(img_size=16, patch_size=4, embed_dim=48, depth=2, num_heads=3)
@@ -126,7 +126,7 @@ def test_kmeans_anchors_are_set_per_layer_deterministically():
     for _ in range(2):
         model = _anchorformer()
         model.load_state_dict(convert_vit_state_dict(vit, model)[0])
-        report = init_anchors_kmeans(model, iter(batches), seed=3)
+        report = init_from_data(model, iter(batches), seed=3)
         anchors.append([block.attn.anchors.weight.clone() for block in model.blocks])
         assert model.training is False
     assert all(torch.equal(a, b) for a, b in zip(*anchors))
@@ -136,7 +136,7 @@ def test_kmeans_anchors_are_set_per_layer_deterministically():
     # the anchors are centroids of layer 0's qk vectors: each lies inside their range
     model = _anchorformer()
     model.load_state_dict(convert_vit_state_dict(vit, model)[0])
-    init_anchors_kmeans(model, iter(batches))
+    init_from_data(model, iter(batches))
     block = model.blocks[0]
     with torch.no_grad():
         tokens = model._pos_embed(model.patch_embed(torch.cat(batches)))
@@ -148,7 +148,7 @@ def test_kmeans_anchors_are_set_per_layer_deterministically():
 def test_no_images_is_refused():
     model = _anchorformer()
     with pytest.raises(ValueError, match="no images"):
-        init_anchors_kmeans(model, iter([]))
+        init_from_data(model, iter([]))
 
 
 @pytest.mark.parametrize("source, target, named", [
@@ -176,3 +176,27 @@ def test_other_heads_another_variant_and_no_vit_are_refused():
     with pytest.raises(ValueError, match="not a timm ViT/DeiT"):
         vit_architecture(anchor_state)
     assert vit_architecture(vit) == {"embed_dim": 48, "depth": 2, "patch_size": 4}
+
+
+def test_the_attention_fit_moves_only_qk_and_anchors_and_lowers_the_error():
+    # trained attention is far from timm's init (weights of std 0.02, outputs ~1e-3): scale it up
+    vit = {k: v * 25 if k.endswith(("qkv.weight", "attn.proj.weight")) else v for k, v in _deit().state_dict().items()}
+    batches = [torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    results = []
+    for _ in range(2):
+        model = _anchorformer()
+        state, _ = convert_vit_state_dict(vit, model)
+        model.load_state_dict(state)
+        report = init_from_data(model, iter(batches), vit=vit, fit_steps=30, batch_size=8, lr=3e-3)
+        results.append(model.state_dict())
+    fit = report["attention_fit"]
+    assert all(after < before for before, after in zip(fit["mse_before"], fit["mse_after"])), fit
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0]), "the fit is not deterministic"
+    dim = SHAPE["embed_dim"]
+    for key, value in results[0].items():
+        if key.endswith("qk_v.weight"):
+            assert torch.equal(value[dim:], state[key][dim:]) and not torch.equal(value[:dim], state[key][:dim])
+        elif not key.endswith("anchors.weight"):
+            assert torch.equal(value, state[key]), key
+    assert report["cpu_seconds"] >= 0 and report["images"] == 16
+    assert init_from_data(model, iter(batches))["attention_fit"] is None
