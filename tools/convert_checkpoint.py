@@ -17,9 +17,15 @@ is written.
     python tools/convert_checkpoint.py runs/in1k_tiny --format backbone --layout mmdet --output x.safetensors
     # a plain state dict that does not record its model
     python tools/convert_checkpoint.py model.pth --model anchorformer_small_patch16_224 --format classification
+    # a pre-trained ViT/DeiT (timm folder, .safetensors/.pth, or a run of configs/deit_*.yaml) as an
+    # AnchorFormer of the same shape, its anchors clustered from 2000 of your training images; then
+    # fine-tune it with model.pretrained_checkpoint=af.safetensors
+    python tools/convert_checkpoint.py runs/deit_in1k_tiny --from-vit --anchor-data shards/train-index.json \\
+        --output af.safetensors
 
 SOURCE is a run folder, its checkpoints folder or one DeepSpeed tag folder (any ZeRO stage and world
-size), a .pt/.pth state dict, or a .safetensors file. The output is staged under a temporary name,
+size), a .pt/.pth state dict, or a .safetensors file; with --from-vit also a timm folder
+(config.json + model.safetensors) of a ViT/DeiT. The output is staged under a temporary name,
 loaded back the way users load it and compared with the source model (the parity check); it is
 moved into place only when the difference is within --tolerance.
 """
@@ -35,7 +41,9 @@ from anchorformer.convert import (  # noqa: E402
     Exported, backbone_parity, classification_parity, export_backbone, export_classification, export_timm_folder,
     load_source,
 )
+from anchorformer.convert.vit_source import ANCHOR_IMAGES, AnchorData, convert_vit, load_vit_source  # noqa: E402
 from anchorformer.models import default_weights_file  # noqa: E402
+from anchorformer.models.from_vit import ATTENTION_FIT_STEPS, DEFAULT_QK_RULE, QK_RULES  # noqa: E402
 
 FORMATS = ("classification", "timm", "backbone")
 
@@ -73,10 +81,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="largest |output difference| the parity check accepts")
     parser.add_argument("--no-parity", action="store_true", help="skip the parity check")
+    vit = parser.add_argument_group("from a ViT/DeiT (--from-vit)")
+    vit.add_argument("--from-vit", action="store_true",
+                     help="SOURCE is a ViT/DeiT: write an AnchorFormer of its width, depth, patch size and heads "
+                          "(--model: default the source's anchorformer_* counterpart)")
+    vit.add_argument("--qk-rule", choices=QK_RULES, default=DEFAULT_QK_RULE,
+                     help="how the ViT's query and key weights become the one qk projection")
+    vit.add_argument("--num-anchors", type=int, default=None, help="anchors per layer (default: the model's)")
+    vit.add_argument("--anchor-data", default=None,
+                     help="training shards (brace pattern or index JSON) whose images the anchors are clustered "
+                          "from (k-means of the converted qk vectors); without it the anchors keep a random init")
+    vit.add_argument("--anchor-index", default=None, help="the anchor shards' index JSON, when not beside them")
+    vit.add_argument("--anchor-images", type=int, default=ANCHOR_IMAGES,
+                     help="images of --anchor-data read for the k-means (the first ones)")
+    vit.add_argument("--fit-steps", type=int, default=ATTENTION_FIT_STEPS,
+                     help="Adam steps per layer fitting qk and anchors to the ViT's attention output on the "
+                          "--anchor-data images (0: k-means only)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.image_size < 16:
         parser.error(f"--image-size must be >= 16 pixels, got {args.image_size}")
+    if args.from_vit:
+        return _from_vit(parser, args)
 
     named = dict(model_name=args.model, model_args=args.model_args)
     parities: list[float] = []
@@ -109,6 +135,50 @@ def main(argv: list[str] | None = None) -> int:
     if parities:
         what = f"last-block features at {args.image_size} px" if args.format == "backbone" else "logits"
         print(f"parity: max |{what} difference| = {parities[0]:.3g}")
+    return 0
+
+
+def _from_vit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """--from-vit: the ViT converted, its anchors clustered, written as a checked classification export."""
+    if args.format == "backbone" or args.weights != "model":
+        parser.error("--from-vit writes a classifier of the ViT's model weights: use --format classification or "
+                     "timm, and leave --weights out")
+    if args.output is None:
+        parser.error("--from-vit needs --output (a .safetensors file, or a folder with --format timm)")
+    if args.anchor_images < 1 or args.fit_steps < 0:
+        parser.error(f"--anchor-images must be >= 1 and --fit-steps >= 0, got {args.anchor_images} and "
+                     f"{args.fit_steps}")
+    model_args = dict(args.model_args or {}, **({"num_anchors": args.num_anchors} if args.num_anchors else {}))
+    anchor_data = (AnchorData(args.anchor_data, args.anchor_index, args.anchor_images)
+                   if args.anchor_data else None)
+    try:
+        converted, report = convert_vit(load_vit_source(args.source), anchor_data, args.model, model_args,
+                                        args.qk_rule, args.fit_steps)
+        parities: list[float] = []
+
+        def verify(staged: Exported) -> None:
+            parities.append(classification_parity(converted, staged))
+            if not parities[-1] <= args.tolerance:
+                raise ValueError(f"parity check failed: the export differs from the converted model by "
+                                 f"{parities[-1]:.3g} > --tolerance {args.tolerance:g}; nothing was written")
+
+        write = export_timm_folder if args.format == "timm" else export_classification
+        exported = write(converted, args.output, verify=None if args.no_parity else verify, conversion=report)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    anchors = report["anchors"]
+    print(f"wrote {exported.path} ({args.format}: {exported.model_name} from the ViT {args.source}, qk rule "
+          f"{report['qk_rule']}, converted in {report['convert_seconds']:.2f} s)")
+    if isinstance(anchors, dict):
+        fitted = f", qk and anchors fitted to the ViT's attention ({args.fit_steps} steps per layer)" \
+            if anchors["attention_fit"] else ""
+        print(f"anchors: k-means of the qk vectors of {anchors['images']} images of {anchors['shards']}{fitted} "
+              f"({anchors['seconds']:.1f} s)")
+    else:
+        print(f"anchors: {anchors}; pass --anchor-data TRAIN_SHARDS to cluster them from your images")
+    if parities:
+        print(f"parity: max |logits difference| between the export and the converted model = {parities[0]:.3g}")
     return 0
 
 

@@ -109,7 +109,8 @@ def export_metadata(source: SourceCheckpoint, kind: str, name: str, args: Dict[s
 
 
 def export_classification(source: SourceCheckpoint, output: str | Path, model_name: Optional[str] = None,
-                          model_args: Optional[Dict[str, Any]] = None, verify: Optional[Verify] = None) -> Exported:
+                          model_args: Optional[Dict[str, Any]] = None, verify: Optional[Verify] = None,
+                          conversion: Optional[Dict[str, Any]] = None) -> Exported:
     """Write the whole classification model.
 
     Args:
@@ -118,6 +119,8 @@ def export_classification(source: SourceCheckpoint, output: str | Path, model_na
         model_name: timm name, when the source does not record it.
         model_args: architecture overrides, when the source does not record them.
         verify: a check of the staged files (e.g. parity); nothing is written when it raises.
+        conversion: how the weights were made from another architecture (plain data, e.g. the
+            report of a ViT conversion), recorded as ``conversion`` in the header and the JSON.
 
     Returns:
         What was written.
@@ -125,6 +128,8 @@ def export_classification(source: SourceCheckpoint, output: str | Path, model_na
     model, args = build_source_model(source, model_name, model_args)
     name = model_name or source.model_name
     metadata = export_metadata(source, "classification", name, args, int(args.get("img_size", 224)), "anchorformer")
+    if conversion is not None:
+        metadata["conversion"] = json.dumps(conversion, sort_keys=True)
     return _write(model.state_dict(), Exported(Path(output), name, args, metadata), verify)
 
 
@@ -174,6 +179,8 @@ def _write(tensors: Dict[str, torch.Tensor], export: Exported, verify: Optional[
               "pretrained_cfg": {"file": str(path.resolve()), "num_classes": args.get("num_classes", 0),
                                  "input_size": [3, int(metadata["resolution"]), int(metadata["resolution"])]},
               **{key: metadata[key] for key in ("format", "layout", "source", "step", "weights")}}
+    if "conversion" in metadata:
+        config["conversion"] = json.loads(metadata["conversion"])
     with staged_outputs([path, config_path(path)]) as (staged, staged_config):
         save_file({key: value.detach().contiguous().clone() for key, value in tensors.items()}, str(staged), metadata)
         staged_config.write_text(json.dumps(config, indent=2) + "\n")
