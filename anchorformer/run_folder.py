@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -217,8 +217,8 @@ class CheckpointMeta:
     """Ranks of the writer."""
     optimizer_params: tuple[str, ...] = ()
     """Parameter names in the optimizer's order (a reshard maps optimizer state by them)."""
-    anchor_mix: dict[str, Any] = field(default_factory=dict)
-    """The anchor-mix backends the run chose (kernels.autotune's table), pinned again on resume."""
+    anchor_mix: tuple[dict[str, Any], ...] = ()
+    """The anchor-mix backends the run chose (``kernels.autotune.decisions()``), pinned again on resume."""
     version: int = META_VERSION
 
     def write(self, tag: CheckpointTag) -> None:
@@ -245,6 +245,7 @@ class CheckpointMeta:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         values["optimizer_params"] = tuple(values.get("optimizer_params") or ())
+        values["anchor_mix"] = tuple(values.get("anchor_mix") or ())
         values["version"] = META_VERSION
         try:
             return cls(**values)

@@ -39,6 +39,7 @@ from anchorformer.convert import InferenceModel, load_for_inference  # noqa: E40
 from anchorformer.data.image_files import ImageFileBatches  # noqa: E402
 from anchorformer.data.sources import list_image_folder  # noqa: E402
 from anchorformer.data.transforms import build_eval_transform  # noqa: E402
+from anchorformer.kernels import autotune  # noqa: E402
 from anchorformer.run_folder import RunFolder  # noqa: E402
 from anchorformer.tasks import Runtime  # noqa: E402
 from anchorformer.tasks.classification import ClassificationTask  # noqa: E402
@@ -160,7 +161,8 @@ def evaluate(args: argparse.Namespace, env: dist.DistEnv) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     return {**metrics, "images_per_s": metrics["samples"] / seconds, "seconds": seconds, **loaded.origin,
             "data": str(data), "image_size": loaded.image_size,
-            "crop_pct": loaded.preprocessing.crop_pct, "world_size": env.world_size, "device": str(runtime.device)}
+            "crop_pct": loaded.preprocessing.crop_pct, "world_size": env.world_size, "device": str(runtime.device),
+            "anchor_mix": autotune.decisions()}  # the backends auto measured for this evaluation's shapes
 
 
 def main(argv: list[str] | None = None) -> int:

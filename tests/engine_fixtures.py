@@ -79,8 +79,8 @@ def synthetic_config(out: Path, name: str, stage: int, micro: int, persistence: 
 
     return config.from_dict({
         "model": {"name": "anchorformer_tiny_patch16_224", "num_classes": 10, "img_size": 16,
-                  "drop_path_rate": 0.0, "kwargs": {"patch_size": 4, "depth": 2, "embed_dim": 48,
-                                                    "num_heads": 2, "num_anchors": 8}},
+                  "drop_path_rate": 0.0, "patch_size": 4, "depth": 2, "embed_dim": 48, "num_heads": 2,
+                  "num_anchors": 8},
         "data": {"source": "embedded", "image_size": 16},
         "optim": {"lr": 1e-3, "lr_reference_batch": 0},
         "schedule": {"epochs": 2, "warmup_epochs": 0.5},
@@ -103,6 +103,19 @@ def logged_scalars(run_dir: Path, tag: str) -> list[float]:
     """Values of ``tag`` in the run's TensorBoard events, in step order."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(run_dir / "tensorboard"))
+    from anchorformer.run_folder import RunFolder
+
+    events = EventAccumulator(str(RunFolder(run_dir).tensorboard))
     events.Reload()
     return [e.value for e in sorted(events.Scalars(tag), key=lambda event: event.step)]
+
+
+def logged_texts(log_dir: Path) -> dict[str, str]:
+    """The last text of every text tag (``config``, ``anchor_mix``, ...) in a TensorBoard folder."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
+    events.Reload()
+    suffix = "/text_summary"
+    return {tag[:-len(suffix)]: events.Tensors(tag)[-1].tensor_proto.string_val[0].decode()
+            for tag in events.Tags()["tensors"] if tag.endswith(suffix)}

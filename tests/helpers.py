@@ -13,8 +13,11 @@ BIN = Path(sys.executable).parent
 
 def cpu_env(**variables: str) -> dict[str, str]:
     """This process's environment for a subprocess on the CPU: DeepSpeed on its CPU accelerator,
-    the repository importable, plus ``variables`` (e.g. ``OMP_NUM_THREADS="1"``)."""
-    return dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), **variables)
+    the repository importable, the PyTorch anchor mix (tests compare the losses of separate
+    processes to the last bit; ``auto`` could time two close backends apart on a loaded machine),
+    plus ``variables`` (e.g. ``OMP_NUM_THREADS="1"``)."""
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "ANCHORFORMER_ANCHOR_MIX": "torch",
+            **variables}
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +134,22 @@ def _stop_resume_losses(out: Path, env, stage: int) -> list[float]:
     return logged_scalars(out / f"resume_{stage}", "train/loss")
 
 
+def _anchor_mix_agreed(out: Path, env) -> bool:
+    """train.anchor_mix=auto on 2 ranks: rank 0 measures the training and evaluation shapes before
+    the first step, every other rank takes its decisions (pinned), none measures them itself."""
+    from anchorformer import dist
+    from anchorformer.kernels import autotune
+
+    os.environ.pop("ANCHORFORMER_ANCHOR_MIX", None)  # the launch pins torch for the loss comparisons
+    _fit(synthetic_config(out, "anchor_mix_auto", 0, micro=4), env)
+    agreed = [(e["train"], e["choice"], e["source"]) for e in autotune.decisions() if e["batch"] == 4]
+    tables = dist.all_gather_objects(agreed)
+    expected_sources = ["measured"] + ["pinned"] * (env.world_size - 1)
+    choices = [[choice for _, choice, _ in table] for table in tables]
+    return (len(tables[0]) == 2 and all(c == choices[0] for c in choices)
+            and [table[0][2] for table in tables] == expected_sources)
+
+
 def worker(out: Path) -> None:
     """One launch: every ZeRO stage, plus the EMA / checkpointing / resume checks on 2 ranks."""
     import time
@@ -160,6 +177,7 @@ def worker(out: Path) -> None:
             results["ema_zero3"] = _ema_matches_gathered_weights(out, env)
             results["checkpointing_grad_diff"] = {s: _checkpointing_keeps_gradients(out, env, s) for s in (0, 3)}
             results["resume_losses"] = {s: _stop_resume_losses(out, env, s) for s in (2, 3)}
+            results["anchor_mix_agreed"] = _anchor_mix_agreed(out, env)
     finally:
         dist.shutdown()
     if env.is_main:
@@ -195,6 +213,7 @@ def _check_two_process_run(result: dict[str, Any], reference: list[float]) -> No
     for stage, losses in result["resume_losses"].items():
         uninterrupted = result[f"stage{stage}"]["losses"]
         assert losses == uninterrupted, f"ZeRO-{stage} resume: {losses} vs {uninterrupted}"
+    assert result["anchor_mix_agreed"], "the ranks did not take rank 0's anchor-mix decisions"
 
 
 @pytest.mark.slow

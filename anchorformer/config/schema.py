@@ -372,6 +372,10 @@ class TrainConfig:
     """torch.compile of the model through DeepSpeed's engine.compile() (inductor): default,
     reduce-overhead (CUDA graphs), max-autotune (autotuned kernels + CUDA graphs) or
     max-autotune-no-cudagraphs; the first steps pay the compilation (docs/training.md)."""
+    anchor_mix: Literal["auto", "triton", "compile", "sdpa", "torch"] = "auto"
+    """Backend of anchor attention's mixing op: auto (each shape timed once on the device, the fastest
+    kept; rank 0's choice on every rank, recorded in checkpoints and summary.json) or one forced
+    (refused before any work where it cannot run; docs/training.md)."""
     resume: str = "auto"
     """'auto' resumes from the run folder's latest checkpoint if there is one, 'none' starts
     fresh, anything else is a checkpoint folder (or one tag inside it) to resume from."""

@@ -192,6 +192,8 @@ class Resumed:
     """Whether it was written on another number of ranks or ZeRO stage."""
     conversion_s: Optional[float]
     """Seconds the universal conversion took in this resume (None: not needed, or made before)."""
+    anchor_mix: tuple[dict[str, Any], ...] = ()
+    """The anchor-mix decisions the checkpoint recorded (the resumed run pins them)."""
 
 
 class Checkpointer:
@@ -306,7 +308,8 @@ class Checkpointer:
         how = (f"written on {saved.world_size} ranks at ZeRO stage {saved.zero_stage}, resharded to "
                f"{expected.world_size} ranks at stage {expected.zero_stage}") if resharded else "same layout"
         logger.info("resumed from %s (step %d, %s)", tag.path, saved.step, how)
-        return Resumed(tag.path, saved.step, saved.world_size, saved.zero_stage, resharded, conversion_s)
+        return Resumed(tag.path, saved.step, saved.world_size, saved.zero_stage, resharded, conversion_s,
+                       saved.anchor_mix)
 
     def _load_engine_exactly(self, tag: CheckpointTag) -> None:
         load_path, _ = self._engine.load_checkpoint(str(tag.path.parent), tag=tag.name, load_optimizer_states=True,

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from anchorformer import dist
 from anchorformer.config import ConfigError, RootConfig, check_world_size
+from anchorformer.engine.anchor_mix import forced_backend_refusal
 from anchorformer.engine.checkpoint import CheckpointError, ResumePoint, find_resume_point, model_signature, run_meta
 from anchorformer.run_folder import RunFolder
 from anchorformer.tasks import task_class
@@ -48,6 +50,11 @@ def check_run(cfg: RootConfig, world_size: int) -> RunPlan:
     """
     check_world_size(cfg, world_size)
     network = task_class(cfg.task).preflight(cfg, world_size)
+    device = "cuda" if dist.uses_cuda(cfg.train.device) else "cpu"
+    refusal = forced_backend_refusal(network, cfg, device)
+    if refusal is not None:
+        raise ConfigError("train.anchor_mix", f"{cfg.train.anchor_mix} cannot run on this {device} run: {refusal}; "
+                                              f"use auto (the fastest that runs) or another backend")
     folder = RunFolder.of(cfg)
     _check_writable(folder.root, "logging.output_dir")
     expected = run_meta(model_signature(network, cfg.model.name), cfg, world_size)

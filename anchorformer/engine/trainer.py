@@ -26,7 +26,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from anchorformer import dist
 from anchorformer.atomic import atomic_write_bytes
 from anchorformer.config import RootConfig, check_world_size, to_dict, to_yaml
-from anchorformer.engine import deepspeed_config
+from anchorformer.engine import anchor_mix, deepspeed_config
 from anchorformer.engine.checkpoint import (
     Checkpointer, Resumed, RngState, find_resume_point, model_signature, run_meta,
 )
@@ -38,6 +38,7 @@ from anchorformer.engine.optim import LrSchedule, build_optimizer, peak_lr, set_
 from anchorformer.engine.preflight import RunPlan
 from anchorformer.engine.reshard import optimizer_param_names
 from anchorformer.engine.step_guard import PendingOutcome, StepGuard, TrainingDiverged, nonfinite_weights
+from anchorformer.kernels import autotune
 from anchorformer.run_folder import RunFolder
 from anchorformer.tasks import Runtime, Task, build_task
 
@@ -114,6 +115,7 @@ class Trainer:
             atomic_write_bytes(self.folder.config, to_yaml(cfg).encode())
         dist.barrier()
 
+        anchor_mix.select(cfg)  # auto's decisions are agreed in fit(), before the first step
         dist.seed_everything(cfg.train.seed)  # identical initial weights on every rank
         runtime = Runtime(env=env, device=self.device, dtype=self.dtype)
         self.task = task if task is not None else build_task(cfg, runtime)
@@ -227,6 +229,10 @@ class Trainer:
         if not self._resume_done:
             self.resume()
         self.tensorboard.text("config", "```yaml\n" + to_yaml(self.cfg) + "\n```", self.step)
+        table = anchor_mix.agree(self.engine.module, self.cfg, self.device, self.env.is_main,
+                                 self.resumed.anchor_mix if self.resumed else ())
+        if table:
+            self.tensorboard.text("anchor_mix", "```\n" + autotune.format_table(table) + "\n```", self.step)
         bar = self.env.is_main and self.cfg.logging.progress_bar
         with logging_redirect_tqdm() if bar else nullcontext():
             try:
@@ -450,7 +456,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self) -> None:
-        meta = dataclasses.replace(self.run_meta, step=self.step, epoch=self.epoch)
+        meta = dataclasses.replace(self.run_meta, step=self.step, epoch=self.epoch,
+                                   anchor_mix=tuple(autotune.decisions()))
         self.checkpointer.save(meta, client_state={"config": to_dict(self.cfg)})
 
     def state_dict(self) -> dict[str, Any]:
@@ -481,7 +488,8 @@ class Trainer:
                    "tensorboard": str(self.folder.tensorboard),
                    "checkpoints": str(self.checkpointer.folder.path),
                    "latest_checkpoint": self._latest_checkpoint(),
-                   "resumed_from": str(self.resumed.tag_dir) if self.resumed else None}
+                   "resumed_from": str(self.resumed.tag_dir) if self.resumed else None,
+                   "anchor_mix": autotune.decisions()}
         if diverged is not None:
             summary["diverged"] = {"first_step": diverged.first_step, "last_step": diverged.last_step,
                                    "reason": str(diverged)}
