@@ -13,8 +13,8 @@ from typing import Any, Literal, Optional
 __all__ = [
     "ConfigError", "ModelConfig", "AugmentConfig", "MixupSection", "DataConfig", "OptimConfig",
     "ScheduleConfig", "LossConfig", "EmaConfig", "TrainConfig", "DeepSpeedConfig",
-    "CheckpointConfig", "LoggingConfig", "SlurmConfig", "DetectionConfig", "SegmentationConfig",
-    "RootConfig",
+    "CheckpointConfig", "LoggingConfig", "SlurmConfig", "HealthConfig", "DetectionConfig",
+    "SegmentationConfig", "RootConfig",
 ]
 
 
@@ -538,6 +538,38 @@ class SlurmConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    collective_timeout_s: float = 1800.0
+    """Seconds one collective (all-reduce, broadcast, barrier) waits for the other ranks before it
+    raises; the only bound on evaluations and checkpoint writes, which the hang watchdog does not time."""
+    hang_timeout_s: float = 0.0
+    """Seconds without a new optimizer step after which every rank writes its Python stacks under
+    {run}/hang/ and exits (a SLURM job requeues itself); timed from the first completed step on.
+    0 = derived: max(hang_floor_s, hang_steps x the measured step time); -1 turns the watchdog off."""
+    hang_floor_s: float = 300.0
+    """Least derived hang timeout in seconds (with hang_timeout_s=0)."""
+    hang_steps: float = 50.0
+    """The derived hang timeout in measured step times (with hang_timeout_s=0)."""
+    straggler_ratio: float = 1.5
+    """Warn about a rank whose busy time per step (data wait + forward passes) exceeds this multiple
+    of the ranks' median for straggler_patience log intervals in a row; 0 disables the warning."""
+    straggler_patience: int = 3
+    """Log intervals (logging.every_steps) in a row a rank must be slow before the straggler warning."""
+
+    def __post_init__(self) -> None:
+        _require(self.collective_timeout_s > 0, "collective_timeout_s",
+                 f"must be > 0 seconds, got {self.collective_timeout_s}")
+        _require(self.hang_timeout_s == -1 or self.hang_timeout_s >= 0, "hang_timeout_s",
+                 f"must be seconds > 0, 0 (derived from the step time) or -1 (off), got {self.hang_timeout_s}")
+        _require(self.hang_floor_s > 0, "hang_floor_s", f"must be > 0 seconds, got {self.hang_floor_s}")
+        _require(self.hang_steps >= 1, "hang_steps", f"must be >= 1 step times, got {self.hang_steps}")
+        _require(self.straggler_ratio == 0 or self.straggler_ratio > 1, "straggler_ratio",
+                 f"must be 0 (off) or > 1 (a multiple of the median), got {self.straggler_ratio}")
+        _require(self.straggler_patience >= 1, "straggler_patience",
+                 f"must be >= 1 log intervals, got {self.straggler_patience}")
+
+
+@dataclass(frozen=True)
 class DetectionConfig:
     train_annotations: Optional[str] = None
     """COCO instances JSON of the training split (required with task=detection)."""
@@ -630,6 +662,8 @@ class RootConfig:
     """Run folder, TensorBoard and console output."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     """Resources requested by launch/submit.py."""
+    health: HealthConfig = field(default_factory=HealthConfig)
+    """Hang watchdog, collective timeout and straggler warnings."""
     detection: DetectionConfig = field(default_factory=DetectionConfig)
     """COCO detection fine-tuning (task=detection)."""
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
