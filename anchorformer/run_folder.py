@@ -11,6 +11,12 @@ name of its own.
       slurm_job_id.txt       .slurm_job_id   the last job submitted for the run
       eval/                  .evaluations    launch/eval.py results
       export/                .exports        tools/export.py's default outputs
+      failures/              .failures       the failures ledger: one record per start and rank
+        {attempt}_rank{r}.json .failure_record(attempt, r)  what ended that start on rank r (engine/failures.py)
+      heartbeats/            .heartbeats     the hang watchdog's proof of life of each rank
+        rank{r}.json         .heartbeat(r)   host, pid, step, time (engine/watchdog.py)
+      hang/                  .hang           Python stacks of every thread, written when a run hangs
+        {attempt}_rank{r}.txt .hang_stacks(attempt, r)
       checkpoints/           .checkpoints    a CheckpointFolder:
         latest                               the newest complete tag, replaced after every rank wrote
         step_{N}/                            a CheckpointTag: DeepSpeed's model/optimizer files and
@@ -86,6 +92,30 @@ class RunFolder:
     @property
     def exports(self) -> Path:
         return self.root / "export"
+
+    @property
+    def failures(self) -> Path:
+        return self.root / "failures"
+
+    def failure_record(self, attempt: str, rank: int) -> Path:
+        """What ended start ``attempt`` (a launcher's id of one start of the run) on rank ``rank``."""
+        return self.failures / f"{attempt}_rank{rank}.json"
+
+    @property
+    def heartbeats(self) -> Path:
+        return self.root / "heartbeats"
+
+    def heartbeat(self, rank: int) -> Path:
+        """Rank ``rank``'s newest proof of life."""
+        return self.heartbeats / f"rank{rank}.json"
+
+    @property
+    def hang(self) -> Path:
+        return self.root / "hang"
+
+    def hang_stacks(self, attempt: str, rank: int) -> Path:
+        """Rank ``rank``'s Python stacks when start ``attempt`` hung."""
+        return self.hang / f"{attempt}_rank{rank}.txt"
 
     @property
     def checkpoints(self) -> CheckpointFolder:
