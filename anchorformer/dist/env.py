@@ -18,7 +18,7 @@ from typing import Literal, Mapping, Optional, Sequence
 
 import torch
 
-__all__ = ["DistEnv", "detect", "init", "shutdown", "slurm_first_host", "slurm_port"]
+__all__ = ["DistEnv", "detect", "init", "launch_attempt", "shutdown", "slurm_first_host", "slurm_port"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,12 +109,27 @@ def detect(environ: Optional[Mapping[str, str]] = None, argv: Optional[Sequence[
     return result
 
 
+def launch_attempt(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """The launcher's name for this start of the job, the same on every rank: SLURM's job id and
+    restart count (``slurm4242.1``: requeued once), torchrun's run id and restart count
+    (``torchrun-abc.2``), both under torchrun in a SLURM job; None for other launchers."""
+    env = os.environ if environ is None else environ
+    parts = []
+    if env.get("SLURM_JOB_ID"):
+        parts.append(f"slurm{env['SLURM_JOB_ID']}.{env.get('SLURM_RESTART_COUNT') or 0}")
+    if env.get("TORCHELASTIC_RESTART_COUNT") is not None:
+        run_id = re.sub(r"[^A-Za-z0-9_.-]", "_", env.get("TORCHELASTIC_RUN_ID", "none"))
+        parts.append(f"torchrun-{run_id}.{env['TORCHELASTIC_RESTART_COUNT']}")
+    return "-".join(parts) or None
+
+
 def init(env: DistEnv, timeout_s: float = 1800.0) -> None:
     """Start the process group (through DeepSpeed's comm layer, which its engine needs).
 
     Args:
         env: the detected environment.
-        timeout_s: collective timeout in seconds.
+        timeout_s: how long one collective waits for the other ranks before it raises, in seconds
+            (``health.collective_timeout_s``).
     """
     # DeepSpeed picks its accelerator when first imported: CPU runs on a GPU machine must say so.
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if env.backend == "nccl" else "cpu")

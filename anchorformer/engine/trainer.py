@@ -37,7 +37,10 @@ from anchorformer.engine.metrics import (
 from anchorformer.engine.optim import LrSchedule, build_optimizer, peak_lr, set_lr, skip_step_where
 from anchorformer.engine.preflight import RunPlan
 from anchorformer.engine.reshard import optimizer_param_names
+from anchorformer.engine.failures import FailureLedger
 from anchorformer.engine.step_guard import PendingOutcome, StepGuard, TrainingDiverged, nonfinite_weights
+from anchorformer.engine.stragglers import StragglerMonitor
+from anchorformer.engine.watchdog import Watchdog
 from anchorformer.kernels import autotune
 from anchorformer.run_folder import RunFolder
 from anchorformer.tasks import Runtime, Task, build_task
@@ -177,6 +180,9 @@ class Trainer:
         self.tensorboard = TensorBoardLogger(self.folder.tensorboard, env.is_main and cfg.logging.tensorboard)
         self.throughput = Throughput(cfg.train.global_batch_size, self.flops_per_sample,
                                      env.world_size, cfg.logging.peak_tflops)
+        self.stragglers = StragglerMonitor(cfg.health, self.engine, self.accumulation, self.device, self.tensorboard,
+                                           env.is_main)
+        self.watchdog = Watchdog(cfg.health, env, self.folder)  # runs during fit(); run_training may give it a hook
         logger.info("%s: %.2f M parameters, %.3f GFLOPs/sample forward, %d steps/epoch, %d steps, "
                     "ZeRO %d, %s, %d x %d x %d accumulation", cfg.model.name,
                     self.run_meta.num_params / 1e6, self.flops_per_sample / 1e9,
@@ -234,7 +240,7 @@ class Trainer:
         if table:
             self.tensorboard.text("anchor_mix", "```\n" + autotune.format_table(table) + "\n```", self.step)
         bar = self.env.is_main and self.cfg.logging.progress_bar
-        with logging_redirect_tqdm() if bar else nullcontext():
+        with self.watchdog, logging_redirect_tqdm() if bar else nullcontext():
             try:
                 status, metrics = self._train()
             except TrainingDiverged as diverged:
@@ -284,7 +290,8 @@ class Trainer:
                 break
             self.epoch += 1
             if self.epoch % self.cfg.train.eval_every_epochs == 0 or self.epoch == epochs:
-                metrics = self.evaluate()
+                with self.watchdog.excused("evaluation"):
+                    metrics = self.evaluate()
             if self.cfg.checkpoint.at_epoch_end:
                 self._save_unless_in_streak()
         if self._unlogged_losses:
@@ -295,7 +302,8 @@ class Trainer:
                         self.checkpointer.folder.path)
             return "stopped", metrics
         if not metrics or self.step % self.steps_per_epoch:
-            metrics = self.evaluate()  # ended mid-epoch by train.max_steps, or resumed at the end
+            with self.watchdog.excused("evaluation"):
+                metrics = self.evaluate()  # ended mid-epoch by train.max_steps, or resumed at the end
         if not (self.cfg.checkpoint.at_epoch_end and self.step % self.steps_per_epoch == 0):
             self._save_unless_in_streak()
         return "completed", metrics
@@ -373,6 +381,7 @@ class Trainer:
         """
         while len(self._pending) > (0 if everything else 1):
             outcome = self._pending.popleft().read()
+            self.watchdog.beat(outcome.step)
             self._stopped = self._stopped or outcome.stop
             self._unlogged_losses.append(outcome.loss)
             if not outcome.skipped:
@@ -439,6 +448,7 @@ class Trainer:
             "memory/peak_gb": peak_memory_gb(self.device),
             **self.throughput.summary(),
         }
+        values.update(self.stragglers.summary(values["perf/data_wait_s"], self.step))  # a collective
         if self.cfg.train.spike_threshold > 0:
             values["train/spike_steps"] = float(self.guard.spike_steps)
         grad_norm = self.engine.get_global_grad_norm()
@@ -458,7 +468,8 @@ class Trainer:
     def _save(self) -> None:
         meta = dataclasses.replace(self.run_meta, step=self.step, epoch=self.epoch,
                                    anchor_mix=tuple(autotune.decisions()))
-        self.checkpointer.save(meta, client_state={"config": to_dict(self.cfg)})
+        with self.watchdog.excused("checkpoint"):
+            self.checkpointer.save(meta, client_state={"config": to_dict(self.cfg)})
 
     def state_dict(self) -> dict[str, Any]:
         """The trainer's own counters, for the checkpoint (shared by all ranks)."""
@@ -489,7 +500,8 @@ class Trainer:
                    "checkpoints": str(self.checkpointer.folder.path),
                    "latest_checkpoint": self._latest_checkpoint(),
                    "resumed_from": str(self.resumed.tag_dir) if self.resumed else None,
-                   "anchor_mix": autotune.decisions()}
+                   "anchor_mix": autotune.decisions(),
+                   "requeues": FailureLedger(self.folder).history()}
         if diverged is not None:
             summary["diverged"] = {"first_step": diverged.first_step, "last_step": diverged.last_step,
                                    "reason": str(diverged)}
