@@ -209,7 +209,7 @@ def test_anchor_map_pictures_have_a_row_per_image_and_a_column_per_view():
     np.testing.assert_array_equal(panel[8, 8], anchor_palette(8)[int(maps.assignment[0, 0, 0])])
     np.testing.assert_array_equal(panel[-8, -8], anchor_palette(8)[int(maps.assignment[0, 3, 3])])
     no_cls = type(maps)(layer=0, assignment=maps.assignment, cls_similarity=None)
-    assert anchor_map_picture(denormalise(images[:2], (0.5,) * 3, (0.5,) * 3), no_cls, 8).shape[1] == 3 * 64 + 2 * 2
+    assert anchor_map_picture(denormalise(images[:2], (0.5,) * 3, (0.5,) * 3), no_cls, 8).shape[1] == 2 * 48 + 2
 
 
 ZERO3_PROBE = """

@@ -54,7 +54,7 @@ def test_export_and_image_files_give_pictures_and_json(tmp_path):
                 *(f"anchor_maps_layer_{i:02d}.png" for i in range(3))}
     assert {p.name for p in out.iterdir()} == expected  # nothing else (no temporary files left)
     with Image.open(out / "anchor_maps_layer_02.png") as picture:
-        assert picture.size == (4 * 64 + 3 * 2, 2 * 64 + 2)  # 4 views x 2 images, 16 px images shown at 64 px
+        assert picture.size == (3 * 48 + 2 * 2, 2 * 48 + 2)  # 3 views x 2 images, 16 px images shown at 48 px
 
 
 @pytest.mark.parametrize("case", ["missing model", "not an anchorformer", "no image", "out is a file"])
@@ -85,4 +85,4 @@ def test_run_folder_uses_its_own_validation_images(trained_run, tmp_path):  # no
     assert len(report["images"]) == 5 and report["images"][0].startswith("validation image 0")
     assert all(np.array(maps["assignment"]).shape == (5, 4, 4) for maps in report["maps"])
     with Image.open(out / "inputs.png") as picture:
-        assert picture.size == (5 * 64 + 4 * 2, 64)
+        assert picture.size == (5 * 48 + 4 * 2, 48)

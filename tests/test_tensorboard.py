@@ -117,7 +117,7 @@ def test_tensorboard_serves_layout_scalars_histograms_and_images(tensorboard_ser
     entry = _get(base, "/data/plugin/images/images", run="demo", tag="anchors/maps/layer_02")[-1]
     with urllib.request.urlopen(f"{base}/data/plugin/images/individualImage?{entry['query']}", timeout=30) as response:
         served = Image.open(io.BytesIO(response.read()))
-        assert served.format == "PNG" and served.size == (4 * 64 + 3 * 2, 4 * 64 + 3 * 2)  # 4 images x 4 views
+        assert served.format == "PNG" and served.size == (3 * 48 + 2 * 2, 4 * 48 + 3 * 2)  # 3 views x 4 images
 
     layout = _get(base, "/data/plugin/custom_scalars/layout")
     categories = [category["title"] for category in layout["category"]]

@@ -17,8 +17,9 @@ from .anchor_diagnostics import AnchorDiagnostics, AnchorMaps
 __all__ = ["anchor_palette", "denormalise", "image_grid", "input_grid", "anchor_map_picture", "anchor_pictures",
            "MAP_COLUMNS"]
 
-MAP_COLUMNS = ("image", "strongest anchor", "strongest anchor over image", "cls row of S over image")
-"""The columns of an anchor-map picture, one row per image."""
+MAP_COLUMNS = ("image", "strongest anchor", "cls row of S over image")
+"""The columns of an anchor-map picture, one row per image (the anchor map sits beside its image:
+an overlay would hide the palette's colours)."""
 
 # inferno, sampled at 9 evenly spaced points: dark = low, bright yellow = high; readable in grey too
 _HEAT = np.array([(0, 0, 4), (31, 12, 72), (85, 15, 109), (136, 34, 106), (186, 54, 85), (227, 89, 51),
@@ -78,7 +79,7 @@ def _magnified(images: np.ndarray, min_size: int) -> np.ndarray:
 
 
 def input_grid(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], max_images: int = 32,
-               columns: int = 8, min_size: int = 64) -> np.ndarray:
+               columns: int = 8, min_size: int = 48) -> np.ndarray:
     """Training images exactly as the model receives them (augmented, mixed), denormalised, in a
     grid: (H, W, 3) uint8.
 
@@ -106,7 +107,7 @@ def _heat(values: np.ndarray) -> np.ndarray:
     return np.round(_HEAT[low] * (1.0 - weight) + _HEAT[low + 1] * weight).astype(np.uint8)
 
 
-def anchor_map_picture(images: np.ndarray, maps: AnchorMaps, num_anchors: int, min_size: int = 64) -> np.ndarray:
+def anchor_map_picture(images: np.ndarray, maps: AnchorMaps, num_anchors: int, min_size: int = 48) -> np.ndarray:
     """One layer's maps for each image: a row of ``MAP_COLUMNS`` panels per image.
 
     The cls row of S is shown per image relative to its largest patch value (bright = the patches
@@ -127,7 +128,7 @@ def anchor_map_picture(images: np.ndarray, maps: AnchorMaps, num_anchors: int, m
     panels = []
     for index in range(count):
         strongest = _resize(palette[maps.assignment[index].numpy()], height, width)
-        panels += [images[index], strongest, _blend(images[index], strongest)]
+        panels += [images[index], strongest]
         if maps.cls_similarity is not None:
             row = maps.cls_similarity[index].double().numpy()
             heat = _resize(_heat(row / max(float(row.max()), 1e-12)), height, width)
@@ -137,7 +138,7 @@ def anchor_map_picture(images: np.ndarray, maps: AnchorMaps, num_anchors: int, m
 
 
 def anchor_pictures(result: AnchorDiagnostics, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                    max_images: Optional[int] = 8, min_size: int = 64) -> dict[str, np.ndarray]:
+                    max_images: Optional[int] = 8, min_size: int = 48) -> dict[str, np.ndarray]:
     """``anchors/maps/layer_<i>`` -> (H, W, 3) uint8 for the layers ``result`` has maps of.
 
     Args:
