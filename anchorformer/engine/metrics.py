@@ -122,6 +122,7 @@ def run_layout(main_metric: str = "top1") -> dict[str, dict[str, list]]:
             "skipped steps (non-finite, loss spikes)": chart(r"^train/(nonfinite|spike)_steps$"),
             "TFLOP/s per device": chart(r"^perf/tflops_per_device$"),
             "data wait per step (s)": chart(r"^perf/data_wait_s$"),
+            "slowest rank (index)": chart(r"^perf/step_time_slowest_rank$"),
             "epoch": chart(r"^train/epoch$"),
             "other evaluation metrics": chart(rf"^eval(_ema)?/(?!loss$|samples$|(best_)?{main}$)"),
         },
