@@ -139,7 +139,8 @@ def test_a_deit_run_of_this_framework_converts_and_fine_tunes(tmp_path, embedded
     shards = next(embedded_cache_dir.glob("digits-*px")) / "train-index.json"
     output = tmp_path / "af.safetensors"
     assert convert_checkpoint.main([str(tmp_path / "deit"), "--from-vit", "--anchor-data", str(shards),
-                                    "--anchor-images", "200", "--fit-steps", "5", "--output", str(output)]) == 0
+                                    "--anchor-images", "200", "--fit-steps", "5", "--num-anchors", "16",  # the demo's
+                                    "--output", str(output)]) == 0
     metadata = read_metadata(output)
     assert metadata["model"] == TARGET and json.loads(metadata["conversion"])["source"]["step"] is not None
     tune = [sys.executable, "launch/train.py", "configs/demo.yaml", f"model.pretrained_checkpoint={output}",
