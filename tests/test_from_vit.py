@@ -187,9 +187,10 @@ def test_the_attention_fit_moves_only_qk_and_anchors_and_lowers_the_error():
         model = _anchorformer()
         state, _ = convert_vit_state_dict(vit, model)
         model.load_state_dict(state)
-        report = init_from_data(model, iter(batches), vit=vit, fit_steps=30, batch_size=8, lr=3e-3)
+        report = init_from_data(model, iter(batches), vit=vit, fit_steps=30, fit_tokens=8 * 17, lr=3e-3)
         results.append(model.state_dict())
     fit = report["attention_fit"]
+    assert fit["batch_images"] == 8
     assert all(after < before for before, after in zip(fit["mse_before"], fit["mse_after"])), fit
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0]), "the fit is not deterministic"
     dim = SHAPE["embed_dim"]

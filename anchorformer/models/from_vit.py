@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["QK_RULES", "DEFAULT_QK_RULE", "ATTENTION_FIT_STEPS", "is_vit_state_dict", "vit_architecture", "merge_qk",
+__all__ = ["QK_RULES", "DEFAULT_QK_RULE", "ATTENTION_FIT_STEPS", "ATTENTION_FIT_TOKENS", "is_vit_state_dict", "vit_architecture", "merge_qk",
            "convert_vit_state_dict", "kmeans", "init_from_data"]
 
 QK_RULES = ("sym", "mean", "q", "k")
@@ -55,6 +55,9 @@ rank-dh PSD part of ``sym(Wq^T Wk)`` (the logits' best single-projection form), 
 DEFAULT_QK_RULE = "sym"
 ATTENTION_FIT_STEPS = 100
 """Adam steps per layer fitting qk and anchors to the ViT's attention (300 did no better on the digits)."""
+ATTENTION_FIT_TOKENS = 2176
+"""Tokens per fit step (128 images of the demo's 17 tokens; 11 images at 224 px): a step costs the
+same at every resolution (about 0.2 s on the shared 2-core machine)."""
 
 _QKV = re.compile(r"blocks\.(\d+)\.attn\.qkv\.weight")
 
@@ -311,7 +314,7 @@ def _fit_attention(attn: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
 @torch.no_grad()
 def init_from_data(model: nn.Module, batches: Iterable[torch.Tensor], vit: Optional[Mapping[str, torch.Tensor]] = None,
                    fit_steps: int = ATTENTION_FIT_STEPS, max_vectors: int = 200_000, iters: int = 25, seed: int = 0,
-                   lr: float = 1e-3, batch_size: int = 128) -> Dict[str, Any]:
+                   lr: float = 1e-3, fit_tokens: int = ATTENTION_FIT_TOKENS) -> Dict[str, Any]:
     """Initialise every layer's anchors from images, and (given the ViT) fit its qk and anchors to
     the ViT's attention.
 
@@ -336,7 +339,7 @@ def init_from_data(model: nn.Module, batches: Iterable[torch.Tensor], vit: Optio
         iters: Lloyd iterations per layer.
         seed: seed of the subsampling, k-means++ and the fit's batches.
         lr: the fit's learning rate.
-        batch_size: images per fit step.
+        fit_tokens: tokens per fit step (whole images: at least one).
 
     Returns:
         The report (plain data): images, vectors per layer, mean squared distance to the anchors and
@@ -351,6 +354,7 @@ def init_from_data(model: nn.Module, batches: Iterable[torch.Tensor], vit: Optio
         raise ValueError("no images to initialise the anchors from")
     generator = torch.Generator().manual_seed(seed)
     fit = vit is not None and fit_steps > 0
+    batch_size = max(1, fit_tokens // tokens.shape[1])
     inertia, fit_before, fit_after, clustered = [], [], [], 0
     for i, block in enumerate(model.blocks):
         attn = block.attn
@@ -373,6 +377,6 @@ def init_from_data(model: nn.Module, batches: Iterable[torch.Tensor], vit: Optio
                       + (", then qk and anchors fitted to the ViT's attention output" if fit else ""),
             "images": len(tokens), "vectors_per_layer": clustered, "kmeans_iters": iters, "seed": seed,
             "mean_sq_distance": inertia,
-            "attention_fit": {"steps": fit_steps, "lr": lr, "batch_size": batch_size, "mse_before": fit_before,
+            "attention_fit": {"steps": fit_steps, "lr": lr, "batch_images": batch_size, "mse_before": fit_before,
                               "mse_after": fit_after} if fit else None,
             "seconds": round(time.perf_counter() - start, 2), "cpu_seconds": round(time.process_time() - cpu_start, 2)}
