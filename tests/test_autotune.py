@@ -147,11 +147,20 @@ def test_pinned_decisions_are_taken_without_timing_and_replace_measured_ones(mea
     assert select_backend(qk, anchors, v) == other
     assert autotune.decisions() == [{**table[0], "choice": other, "ms": {}, "source": "pinned"}]
     # a resumed process pins the checkpoint's table: the same path, nothing timed
-    autotune._choices.clear()
-    autotune._records.clear()
+    autotune.reset()
     autotune.pin(json.loads(json.dumps(table)))
     assert select_backend(qk, anchors, v) == measured
     assert len(measurements) == 1
+
+
+def test_reset_forgets_every_decision_so_the_next_call_measures_again(measurements):
+    qk, anchors, v = _inputs()
+    select_backend(qk, anchors, v)
+    autotune.pin([{**autotune.decisions()[0], "tokens": 41}])  # pinned decisions go too
+    autotune.reset()
+    assert autotune.decisions() == []
+    select_backend(qk, anchors, v)
+    assert len(measurements) == 2 and [d["source"] for d in autotune.decisions()] == ["measured"]
 
 
 @pytest.mark.parametrize("change, message", [

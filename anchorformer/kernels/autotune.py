@@ -34,7 +34,8 @@ import torch
 
 from anchorformer.kernels import backends
 
-__all__ = ["CANDIDATES", "BUDGET_S", "choose", "untimed_choice", "measure", "decisions", "pin", "format_table"]
+__all__ = ["CANDIDATES", "BUDGET_S", "choose", "untimed_choice", "measure", "decisions", "pin", "reset",
+           "format_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -237,6 +238,13 @@ def pin(table: Iterable[Mapping]) -> None:
         pinned[key] = {**fields, "ms": dict(entry.get("ms") or {}), "choice": choice, "source": "pinned"}
     for key, record in pinned.items():
         _choices[key], _records[key] = record["choice"], record
+
+
+def reset() -> None:
+    """Forget every decision of this process, measured or pinned: the next call of each key measures
+    it again, as in a fresh process (the ``model`` benchmark times auto's first meeting this way)."""
+    _choices.clear()
+    _records.clear()
 
 
 def format_table(table: Iterable[Mapping]) -> str:
