@@ -20,12 +20,11 @@ memory bandwidth. Target: GPU time within 3x of that floor.
 import argparse
 import contextlib
 import logging
-import time
 from typing import Callable, Iterator, Optional
 
 import torch
 
-from benchmarks.report import machine_description, markdown_table, time_call
+from benchmarks.report import alternating_least, machine_description, markdown_table, seconds, time_call
 from benchmarks.results import record, verdict
 from anchorformer.kernels import anchor_mix_fast, autotune, set_backend
 
@@ -102,17 +101,6 @@ def _fwd_bwd(qk: torch.Tensor, anchors: torch.Tensor, v: torch.Tensor) -> Callab
     return step
 
 
-def _seconds(fn: Callable[[], None], device: torch.device) -> float:
-    """Wall-clock seconds of one call of ``fn``, the device's queue drained before and after."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 def _forced(backend: str, plan: Optional[str], step: Callable[[], None]) -> Callable[[], None]:
     """``step`` with the backend (``auto`` too) and the kernels' launch plan (None: left alone) forced."""
     def call() -> None:
@@ -132,25 +120,11 @@ def _time_backend(backend: str, plan: Optional[str], qk: torch.Tensor, anchors: 
     ``plan`` forces the kernels' launch plan (None for the other backends)."""
     step = _forced(backend, plan, _fwd_bwd(qk, anchors, v))
     try:
-        first = _seconds(step, device)
+        first = seconds(step, device)
         return first, time_call(step, device, warmup=2, repeats=10)
     except (ImportError, ValueError, RuntimeError) as error:  # a backend this machine cannot run: say why
         logger.warning("anchor-mix backend %s (plan %s) failed: %s", backend, plan, error)
         return str(error).split(";")[0].replace("|", "/")[:120], None
-
-
-def _alternating_least(steps: dict[str, Callable[[], None]], device: torch.device) -> dict[str, float]:
-    """Least seconds per call of each step, the steps taking turns call by call after two warm-up
-    turns: load that comes and goes slows each alike, and only ever adds time (on a shared machine
-    the least time, not the median, tells a 5 % difference)."""
-    for _ in range(2):
-        for step in steps.values():
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(_TURNS):
-        for name, step in steps.items():
-            times[name].append(_seconds(step, device))
-    return {name: min(values) for name, values in times.items()}
 
 
 def _train_decision(qk: torch.Tensor, anchors: torch.Tensor) -> dict:
@@ -195,10 +169,10 @@ def _auto_against_forced(case: str, qk: torch.Tensor, anchors: torch.Tensor, v: 
     turns; the cells of its row after n, and auto's choice."""
     step = _fwd_bwd(qk, anchors, v)
     auto = _forced("auto", None, step)
-    measured_in = _seconds(auto, device)
+    measured_in = seconds(auto, device)
     decision = _train_decision(qk, anchors)
     ran = {_label(*pair): _forced(*pair, step) for pair, (_, median) in zip(_TIMED, timings) if median is not None}
-    least = _alternating_least({"auto": auto, **ran}, device)
+    least = alternating_least({"auto": auto, **ran}, device, _TURNS)
     auto_s = least.pop("auto")
     best = min(least, key=least.get)
     met = record(case, "auto / best forced fwd+bwd", auto_s / least[best], TARGET_AUTO_RATIO, "at_most")

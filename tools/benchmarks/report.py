@@ -7,7 +7,7 @@ import re
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -15,9 +15,9 @@ from PIL import Image
 
 from anchorformer.atomic import atomic_write_bytes
 
-__all__ = ["comma_separated", "machine_description", "time_call", "peak_memory_bytes", "photo_crops", "markdown_table",
-           "write_section", "SIZES", "PATCH", "tokens_per_image", "add_resolution_arguments", "check_resolutions",
-           "backbone_sizes"]
+__all__ = ["comma_separated", "machine_description", "time_call", "seconds", "alternating_least", "peak_memory_bytes",
+           "photo_crops", "markdown_table", "write_section", "SIZES", "PATCH", "tokens_per_image",
+           "add_resolution_arguments", "check_resolutions", "backbone_sizes"]
 
 SIZES = ("tiny", "small", "base")
 """The sizes the model and inference benchmarks compare (DeiT and AnchorFormer, patch 16)."""
@@ -68,15 +68,35 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 3, r
     more until ``min_seconds`` have passed)."""
     for _ in range(warmup):
         fn()
-    _sync(device)
     times = []
     start_all = time.perf_counter()
     while len(times) < repeats or time.perf_counter() - start_all < min_seconds:
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
+        times.append(seconds(fn, device))
     return statistics.median(times)
+
+
+def seconds(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall-clock seconds of one call of ``fn``, the device's queue drained before and after."""
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def alternating_least(calls: Mapping[str, Callable[[], object]], device: torch.device, turns: int,
+                      warmup: int = 2) -> dict[str, float]:
+    """Least seconds per call of each of ``calls``, taking turns call by call (``turns`` timed turns
+    after ``warmup`` turns): load that comes and goes slows each alike, and only ever adds time (on
+    a shared machine the least time, not the median, tells a 5 % difference)."""
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(turns):
+        for name, call in calls.items():
+            times[name].append(seconds(call, device))
+    return {name: min(values) for name, values in times.items()}
 
 
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
