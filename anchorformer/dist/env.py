@@ -144,11 +144,31 @@ def init(env: DistEnv, timeout_s: float = 1800.0) -> None:
                       MASTER_PORT=str(env.master_port))
     _environ_before_init.update({key: os.environ.get(key) for key in rendezvous})
     os.environ.update(rendezvous)
+    store = _torchrun_attempt_store(env, timeout_s)
+    if store is not None:  # DeepSpeed takes over a process group that is up
+        torch.distributed.init_process_group(env.backend, store=store, rank=env.rank, world_size=env.world_size,
+                                             timeout=timedelta(seconds=timeout_s))
     deepspeed.init_distributed(dist_backend=env.backend, auto_mpi_discovery=False, verbose=False,
                                timeout=timedelta(seconds=timeout_s), rank=env.rank,
                                world_size=env.world_size)
     logger.info("process group up: rank %d/%d (%s launcher, %s, master %s:%d)", env.rank,
                 env.world_size, env.launcher, env.backend, env.master_addr, env.master_port)
+
+
+def _torchrun_attempt_store(env: DistEnv, timeout_s: float) -> Optional[torch.distributed.Store]:
+    """Under torchrun, its agent's store with keys of this start only (None elsewhere).
+
+    torchrun's agent keeps one store for all restarts of its group (``--max-restarts``), and the
+    ranks' default rendezvous reads it without a prefix: a restarted rank can read the address its
+    dead predecessor published and wait forever to connect to it (seen with gloo about half the
+    time). A prefix per restart count keeps every start's keys apart.
+    """
+    restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if env.launcher != "torchrun" or restarts is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    agent_store = torch.distributed.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False,
+                                             timeout=timedelta(seconds=timeout_s))
+    return torch.distributed.PrefixStore(f"anchorformer_start{restarts}/", agent_store)
 
 
 def shutdown() -> None:

@@ -18,13 +18,13 @@ import socket
 import time
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 from anchorformer import dist
 from anchorformer.atomic import atomic_write_bytes
 from anchorformer.run_folder import RunFolder
 
-__all__ = ["EX_TEMPFAIL", "Failure", "FailureLedger", "current_attempt"]
+__all__ = ["EX_TEMPFAIL", "Failure", "FailureHook", "FailureLedger", "current_attempt"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,11 @@ class Failure:
 
     def describe(self) -> str:
         return f"{self.kind} at step {self.step} on rank {self.rank} ({self.host}): {self.reason}"
+
+
+FailureHook = Callable[[Failure], None]
+"""Told of a failure this rank recorded (``engine.run_training(on_failure=...)``), from the thread
+that noticed it: the main thread after an exception, the watchdog's thread after a hang."""
 
 
 class FailureLedger:

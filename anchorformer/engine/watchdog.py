@@ -7,12 +7,14 @@ connections) waits inside a collective with no error and no log line until the c
 - It is armed by the first completed step (a slow first step, compilation or a large first batch,
   is not a hang), and times the gaps between steps from then on. The limit is
   ``health.hang_timeout_s``, or by default ``max(hang_floor_s, hang_steps x the measured step
-  time)``. Evaluations and checkpoint writes are not timed (:meth:`Watchdog.excused`): the
-  collective timeout bounds them.
-- Meanwhile it writes this rank's heartbeat (``RunFolder.heartbeat``: host, pid, step, time) a few
-  times per limit. A frozen process's heartbeat goes stale; a live one stuck in a collective keeps
-  writing.
-- When the limit passes, every rank that still runs writes the Python stacks of all its threads
+  time)``.
+- Meanwhile a second thread writes this rank's heartbeat (``RunFolder.heartbeat``: host, pid, step,
+  time) twenty times per limit (at most every 5 s). A frozen process's heartbeat goes stale; a live
+  one stuck in a collective keeps writing.
+- Evaluations and checkpoint writes take as long as they take (:meth:`Watchdog.excused`): past the
+  limit, the run is ended there only when a peer's heartbeat went stale (it froze or died), or once
+  the collective timeout has passed too (a write stuck on a hung file system).
+- When it ends the run, every rank that still runs writes the Python stacks of all its threads
   (faulthandler) to ``RUN/hang/``, logs the ranks whose heartbeat went stale (with their hosts),
   records the hang in the failures ledger, calls the hang hook (a SLURM job requeues itself
   there) and leaves with ``os._exit(EX_TEMPFAIL)``: the main thread, stuck in the collective,
@@ -20,7 +22,8 @@ connections) waits inside a collective with no error and no log line until the c
 
 What a partition looks like: when the ranks cannot reach each other but every one of them still
 writes to the shared run folder, no heartbeat goes stale; every rank reports the hang with the
-same step and the log says that all ranks are alive and stuck (a partition or a deadlock). On most
+same step and the log says that all ranks are alive and stuck (a partition or a deadlock). A
+partition during an evaluation or a checkpoint write lasts until the collective timeout. On most
 clusters a node that loses its network loses the shared file system with it, and its heartbeat
 goes stale like a frozen rank's. Heartbeat ages compare wall clocks of different hosts: they must
 agree to within a fraction of the limit (NTP does).
@@ -43,15 +46,12 @@ from typing import Callable, Iterator, Optional
 from anchorformer.atomic import atomic_output, atomic_write_bytes
 from anchorformer.config.schema import HealthConfig
 from anchorformer.dist import DistEnv
-from anchorformer.engine.failures import EX_TEMPFAIL, Failure, FailureLedger, current_attempt
+from anchorformer.engine.failures import EX_TEMPFAIL, Failure, FailureHook, FailureLedger, current_attempt
 from anchorformer.run_folder import RunFolder
 
-__all__ = ["HangHook", "Watchdog"]
+__all__ = ["Watchdog"]
 
 logger = logging.getLogger(__name__)
-
-HangHook = Callable[[Failure], None]
-"""Called from the watchdog's thread with the recorded hang, before the process exits."""
 
 _HOOK_BUDGET_S = 20.0
 """How long the hang hook may take (a requeue asks SLURM, which a partitioned node cannot reach);
@@ -80,8 +80,8 @@ class Watchdog:
                  clock: Callable[[], float] = time.monotonic, exit_process: Callable[[int], None] = os._exit):
         self.health, self.env, self.folder = health, env, folder
         self.attempt = current_attempt() if attempt is None else attempt
-        self.on_hang: Optional[HangHook] = None
-        """Set by whoever can restart the job (slurm_job through engine.run_training)."""
+        self.on_hang: Optional[FailureHook] = None
+        """Told of the recorded hang before the process exits (``run_training``'s ``on_failure``)."""
         self._clock, self._exit_process = clock, exit_process
         self._host = socket.gethostname()
         self._step = 0
@@ -152,19 +152,28 @@ class Watchdog:
 
     # ------------------------------------------------------------------ watchdog thread
     def _interval_s(self) -> float:
-        """Seconds between two looks (and heartbeats): a twentieth of the limit, 0.2 to 5 s."""
-        limit = self.limit_s()
-        return 5.0 if limit is None else min(max(limit / 20, 0.2), 5.0)
+        """Seconds between two looks (and heartbeats): a twentieth of the limit (the derived one's
+        floor before the first step), 0.2 to 5 s."""
+        limit = self.limit_s() or self.health.hang_timeout_s or self.health.hang_floor_s
+        return min(max(limit / 20, 0.2), 5.0)
 
     def _watch(self) -> None:
         while not self._stop.wait(self._interval_s()):
-            limit, last = self.limit_s(), self._last_beat
-            if limit is None or last is None or self._excused is not None:
+            limit, last, phase = self.limit_s(), self._last_beat, self._excused
+            if limit is None or last is None:
                 continue
             silent = self._clock() - last
-            if silent > limit:
-                self._end_hung_run(silent, limit)
+            if silent <= limit:
+                continue
+            stale, alive = self._peers(stale_after=self._stale_after(limit))
+            if phase is None or stale or silent > max(limit, self.health.collective_timeout_s):
+                self._end_hung_run(silent, limit, phase, stale, alive)
                 return
+
+    def _stale_after(self, limit: float) -> float:
+        """Seconds after which a peer's heartbeat counts as stale: half the limit (a peer that froze
+        just after this rank's last step is that stale when the limit passes), at least 3 writes."""
+        return max(3 * self._interval_s(), limit / 2)
 
     def _beat_on_disk(self) -> None:
         """This rank's heartbeat, rewritten every interval while the process runs."""
@@ -179,7 +188,8 @@ class Watchdog:
             if self._stop.wait(self._interval_s()):
                 return
 
-    def _end_hung_run(self, silent: float, limit: float) -> None:
+    def _end_hung_run(self, silent: float, limit: float, phase: Optional[str], stale: list[str],
+                       alive: int) -> None:
         """Stacks, the silent ranks, the ledger, the hook, exit (whatever fails on the way)."""
         faulthandler.dump_traceback_later(_EXIT_BUDGET_S, exit=True)  # the deadline, whatever blocks below
         try:
@@ -188,8 +198,12 @@ class Watchdog:
             except OSError as error:
                 faulthandler.dump_traceback(sys.stderr, all_threads=True)
                 where = f"stacks on stderr ({error})"
-            peers = self._silent_peers(stale_after=max(3 * self._interval_s(), limit / 2))
-            reason = f"no optimizer step for {silent:.0f} s after step {self._step} (limit {limit:.0f} s); {peers}"
+            during = f", {phase} in progress" if phase else ""
+            peers = (f"ranks that stopped answering: {', '.join(stale)}" if stale else
+                     f"every rank's heartbeat is fresh ({alive} alive, none advancing): a network partition between "
+                     "the ranks or a deadlock, see the stacks")
+            reason = (f"no optimizer step for {silent:.0f} s after step {self._step}{during} (limit {limit:.0f} s); "
+                      f"{peers}")
             logger.error("hang on rank %d (%s): %s; %s", self.env.rank, self._host, reason, where)
             failure = Failure.now(self.attempt, "hang", reason, self._step, self.env.rank)
             try:
@@ -219,9 +233,10 @@ class Watchdog:
             faulthandler.dump_traceback(out, all_threads=True)
         return path
 
-    def _silent_peers(self, stale_after: float) -> str:
-        """Which ranks stopped answering, by their heartbeats (one phrase for the log)."""
-        now, stale, alive = time.time(), [], []
+    def _peers(self, stale_after: float) -> tuple[list[str], int]:
+        """The ranks whose heartbeat is stale (one phrase each: rank, host, pid, age, step) and the
+        number of ranks alive."""
+        now, stale, alive = time.time(), [], 0
         for rank in range(self.env.world_size):
             try:
                 beat = json.loads(self.folder.heartbeat(rank).read_text())
@@ -235,8 +250,5 @@ class Watchdog:
                 stale.append(f"{rank} ({beat['host']}, pid {beat['pid']}, silent for {age:.0f} s, "
                              f"at step {beat['step']})")
             else:
-                alive.append(rank)
-        if stale:
-            return f"ranks that stopped answering: {', '.join(stale)}"
-        return (f"every rank's heartbeat is fresh ({len(alive)} alive, none advancing): a network partition between "
-                "the ranks or a deadlock, see the stacks")
+                alive += 1
+        return stale, alive
