@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             evaluation = "".join(f", {k} {v:.4g}" for k, v in metrics.items() if k.startswith("eval/"))
         print(f"\n{result.status}: epoch {result.epoch}, step {result.step}{evaluation}")
         print(f"run folder:  {folder.root}  (config.yaml, summary.json, checkpoints/)")
-        print(f"TensorBoard: tensorboard --logdir {folder.tensorboard}")
+        print(f"TensorBoard: tensorboard --logdir {folder.tensorboard}, then open "
+              "http://localhost:6006/#custom_scalars (the run at a glance; docs/tensorboard.md)")
     return 0
 
 

@@ -92,7 +92,11 @@ def test_run_writes_tensorboard_config_summary_and_checkpoints(uninterrupted):
                 "perf/step_time_s", "perf/data_wait_s", "perf/tflops_per_device", "perf/mfu",
                 "memory/peak_gb", "eval/top1", "eval/top5", "eval/loss", "eval_ema/top1", "eval_ema/top5"}
     assert expected <= scalars, expected - scalars
-    assert any(tag.startswith("data/skipped_") for tag in scalars)
+    assert any(tag.startswith("skipped/train/") for tag in scalars)
+    # the anchors at each evaluation (scalars, histograms, maps) and the inputs once, as the model got them
+    assert {"anchors/dead_total", "anchors/entropy/layer_00"} <= scalars
+    assert "anchors/degree/layer_00" in events.Tags()["histograms"]
+    assert {"inputs/train_batch", "anchors/maps/layer_00"} <= set(events.Tags()["images"])
     assert "config/text_summary" in events.Tags()["tensors"]
     assert len(events.Scalars("train/loss")) == STEPS
     assert len(events.Scalars("eval/top1")) == 2  # end of epoch 1, and at max_steps mid-epoch 2

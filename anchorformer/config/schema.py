@@ -480,6 +480,18 @@ class LoggingConfig:
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device at the training precision, for MFU (e.g. 989 for an H100
     SXM in bf16); 0 omits MFU."""
+    anchor_every_steps: int = 100
+    """Anchor diagnostics (degrees, dead anchors, entropy, anchor norms and cosines: scalars and
+    histograms) from a fixed probe batch every this many optimizer steps, and at each evaluation;
+    0 disables (AnchorFormer classifiers; docs/tensorboard.md)."""
+    anchor_probe_images: int = 16
+    """Validation images in the fixed probe batch (the first of rank 0's validation stream)."""
+    images_every_evals: int = 1
+    """Anchor maps (strongest anchor per patch, cls row of S; first, middle and last layer) of the
+    probe images at every this many evaluations; 0 disables."""
+    input_images: int = 32
+    """Training images logged once at the start, exactly as the model receives them
+    (denormalised); 0 disables."""
 
     def __post_init__(self) -> None:
         _require(bool(self.output_dir), "output_dir", "must be a folder path")
@@ -488,6 +500,9 @@ class LoggingConfig:
                      f"must be a plain folder name without '/', got {self.run_name!r}")
         _require(self.every_steps >= 1, "every_steps", f"must be >= 1, got {self.every_steps}")
         _require(self.peak_tflops >= 0.0, "peak_tflops", f"must be >= 0 (0 omits MFU), got {self.peak_tflops}")
+        for name in ("anchor_every_steps", "images_every_evals", "input_images"):
+            _require(getattr(self, name) >= 0, name, f"must be >= 0 (0 disables), got {getattr(self, name)}")
+        _require(self.anchor_probe_images >= 1, "anchor_probe_images", f"must be >= 1, got {self.anchor_probe_images}")
 
 
 @dataclass(frozen=True)

@@ -76,10 +76,13 @@ def select(cfg: RootConfig) -> None:
 
 
 def agree(model: nn.Module, cfg: RootConfig, device: torch.device, is_main: bool,
-          recorded: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+          recorded: Sequence[dict[str, Any]] = (), eval_batches: Sequence[int] = ()) -> list[dict[str, Any]]:
     """Make ``auto``'s decisions for the classifier's training and evaluation shapes, the same on
     every rank (a collective): a checkpoint's ``recorded`` table first (entries of this device
     type), then rank 0 measures what is still open, then every rank pins rank 0's table.
+
+    Args:
+        eval_batches: batch sizes of forward-only calls besides the micro-batch's (the anchor probe).
 
     Returns:
         Every decision of this process (``kernels.autotune.decisions()``).
@@ -92,9 +95,10 @@ def agree(model: nn.Module, cfg: RootConfig, device: torch.device, is_main: bool
         for shape in mix_shapes(model):
             if shape.tokens is None:
                 continue  # measured where each image size first occurs
-            for train in (True, False):
-                autotune.measure(cfg.train.micro_batch_size, shape.heads, shape.tokens, shape.head_dim,
-                                 shape.anchors, token_dtype, device, train, anchor_dtype)
+            micro = cfg.train.micro_batch_size
+            for batch, train in ((micro, True), *((size, False) for size in dict.fromkeys((micro, *eval_batches)))):
+                autotune.measure(batch, shape.heads, shape.tokens, shape.head_dim, shape.anchors, token_dtype, device,
+                                 train, anchor_dtype)
     table = dist.broadcast_object(autotune.decisions() if is_main else None)
     if not is_main:
         autotune.pin(table)

@@ -31,8 +31,9 @@ from anchorformer.engine.checkpoint import (
     Checkpointer, Resumed, RngState, find_resume_point, model_signature, run_meta,
 )
 from anchorformer.engine.ema import ShardedEma
+from anchorformer.engine.anchor_monitor import AnchorMonitor
 from anchorformer.engine.metrics import (
-    TensorBoardLogger, Throughput, measure_forward_flops, peak_memory_gb,
+    TensorBoardLogger, Throughput, measure_forward_flops, peak_memory_gb, skip_scalars,
 )
 from anchorformer.engine.optim import LrSchedule, build_optimizer, peak_lr, set_lr, skip_step_where
 from anchorformer.engine.preflight import RunPlan
@@ -177,7 +178,9 @@ class Trainer:
         self.resumed: Optional[Resumed] = None
         self._resume_done = False
 
-        self.tensorboard = TensorBoardLogger(self.folder.tensorboard, env.is_main and cfg.logging.tensorboard)
+        self.tensorboard = TensorBoardLogger(self.folder.tensorboard, env.is_main and cfg.logging.tensorboard,
+                                             main_metric=self.task.main_metric)
+        self.anchors = AnchorMonitor(cfg, self.engine.module, self.val_stream, self.tensorboard, env.is_main)
         self.throughput = Throughput(cfg.train.global_batch_size, self.flops_per_sample,
                                      env.world_size, cfg.logging.peak_tflops)
         self.stragglers = StragglerMonitor(cfg.health, self.engine, self.accumulation, self.device, self.tensorboard,
@@ -236,9 +239,10 @@ class Trainer:
             self.resume()
         self.tensorboard.text("config", "```yaml\n" + to_yaml(self.cfg) + "\n```", self.step)
         table = anchor_mix.agree(self.engine.module, self.cfg, self.device, self.env.is_main,
-                                 self.resumed.anchor_mix if self.resumed else ())
+                                 self.resumed.anchor_mix if self.resumed else (), self.anchors.probe_batches)
         if table:
             self.tensorboard.text("anchor_mix", "```\n" + autotune.format_table(table) + "\n```", self.step)
+        self.anchors.watch_inputs(self.engine.module, self.step)
         bar = self.env.is_main and self.cfg.logging.progress_bar
         with self.watchdog, logging_redirect_tqdm() if bar else nullcontext():
             try:
@@ -270,12 +274,13 @@ class Trainer:
             metrics.update({f"eval_ema/{k}": v for k, v in ema.items()})
         if hasattr(self.val_stream, "skip_counts"):
             skipped = self._summed_over_ranks(self.val_stream.skip_counts())
-            metrics.update({f"data/val_skipped_{k}": v for k, v in skipped.items()})
+            metrics.update(skip_scalars("val", skipped))
         main = metrics[f"eval/{self.task.main_metric}"]
         if self.best_metric is None or main > self.best_metric:
             self.best_metric = main
         metrics[f"eval/best_{self.task.main_metric}"] = self.best_metric
         self.tensorboard.scalars(metrics, self.step)
+        self.anchors.at_evaluation(self.engine.module, self.step)
         self.tensorboard.flush()
         logger.info("epoch %d step %d: %s", self.epoch, self.step,
                     ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("eval")))
@@ -327,6 +332,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{self._last_loss:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.3g}")
                 if log:
                     self._log_train()
+                if self.anchors.due(self.step):
+                    self.anchors.log(self.engine.module, self.step, maps=False)
                 if self._stopped:
                     return False
                 if save:
@@ -456,7 +463,7 @@ class Trainer:
         if grad_norm is not None:
             values["train/grad_norm"] = float(grad_norm)
         skips = self._summed_over_ranks(self.train_stream.skip_counts())
-        values.update({f"data/skipped_{reason}": n for reason, n in skips.items()})
+        values.update(skip_scalars("train", skips))
         self.tensorboard.scalars(values, self.step)
         if self.env.is_main:
             logger.info("step %d/%d loss %.4f lr %.3g %.0f samples/s %.2f TFLOP/s/device data wait %.3fs",
@@ -489,7 +496,7 @@ class Trainer:
         if self.best_metric is not None:
             totals[f"run/best_{self.task.main_metric}"] = self.best_metric
         skips = self._summed_over_ranks(self.train_stream.skip_counts())
-        totals.update({f"data/skipped_{k}": v for k, v in skips.items()})
+        totals.update(skip_scalars("train", skips))
         return totals
 
     def _write_summary(self, result: FitResult, diverged: Optional[TrainingDiverged] = None) -> None:
