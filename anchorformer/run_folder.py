@@ -11,6 +11,8 @@ name of its own.
       slurm_job_id.txt       .slurm_job_id   the last job submitted for the run
       eval/                  .evaluations    launch/eval.py results
       export/                .exports        tools/export.py's default outputs
+      init/from_vit.safetensors .warm_start  the ViT/DeiT the run starts from, as an AnchorFormer
+      linear_baseline.json   .baseline       the linear classifier on pixels beside a small run
       failures/              .failures       the failures ledger: one record per start and rank
         {attempt}_rank{r}.json .failure_record(attempt, r)  what ended that start on rank r (engine/failures.py)
       heartbeats/            .heartbeats     the hang watchdog's proof of life of each rank
@@ -116,6 +118,16 @@ class RunFolder:
     def hang_stacks(self, attempt: str, rank: int) -> Path:
         """Rank ``rank``'s Python stacks when start ``attempt`` hung."""
         return self.hang / f"{attempt}_rank{rank}.txt"
+
+    @property
+    def baseline(self) -> Path:
+        """The linear baseline beside a small run (engine/baseline.py)."""
+        return self.root / "linear_baseline.json"
+
+    @property
+    def warm_start(self) -> Path:
+        """The AnchorFormer export of the ViT/DeiT the run starts from (engine/warm_start.py)."""
+        return self.root / "init" / "from_vit.safetensors"
 
     @property
     def checkpoints(self) -> CheckpointFolder:

@@ -39,10 +39,12 @@ from anchorformer.convert import InferenceModel, load_for_inference  # noqa: E40
 from anchorformer.data.image_files import ImageFileBatches  # noqa: E402
 from anchorformer.data.sources import list_image_folder  # noqa: E402
 from anchorformer.data.transforms import build_eval_transform  # noqa: E402
+from anchorformer.engine.baseline import recorded_baseline  # noqa: E402
 from anchorformer.kernels import autotune  # noqa: E402
 from anchorformer.run_folder import RunFolder  # noqa: E402
 from anchorformer.tasks import Runtime  # noqa: E402
 from anchorformer.tasks.classification import ClassificationTask  # noqa: E402
+from anchorformer.tasks.linear_baseline import baseline_report  # noqa: E402
 
 logger = logging.getLogger("launch.eval")
 
@@ -188,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         top5 = next((key for key in result if key.startswith("top") and key != "top1"), None)
         print(f"top-1 {result['top1']:.2f}%" + (f", {top5[:3]}-{top5[3:]} {result[top5]:.2f}%" if top5 else "")
               + f", loss {result['loss']:.4f}, {int(result['samples'])} images, {result['images_per_s']:.1f} img/s")
+        # a run's own validation data: its linear baseline beside, and what to try when the model is below it
+        baseline = recorded_baseline(RunFolder(Path(args.model))) if args.data is None else None
+        if baseline is not None:
+            result["linear_baseline_top1"] = baseline.top1
+            print("\n".join(baseline_report(result["top1"], baseline)))
         output = _default_output(args)
         if output is not None:
             output.parent.mkdir(parents=True, exist_ok=True)

@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         metrics = result.metrics
         if "eval/top1" in metrics:
             evaluation = f", validation top-1 {metrics['eval/top1']:.2f}%" + (
-                f" (EMA {metrics['eval_ema/top1']:.2f}%)" if "eval_ema/top1" in metrics else "")
+                f" (EMA {metrics['eval_ema/top1']:.2f}%)" if "eval_ema/top1" in metrics else "") + (
+                f"; a linear classifier on the pixels: {metrics['eval/linear_baseline_top1']:.2f}%"
+                if "eval/linear_baseline_top1" in metrics else "")
         else:
             evaluation = "".join(f", {k} {v:.4g}" for k, v in metrics.items() if k.startswith("eval/"))
         print(f"\n{result.status}: epoch {result.epoch}, step {result.step}{evaluation}")

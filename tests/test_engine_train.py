@@ -95,6 +95,7 @@ def test_run_writes_tensorboard_config_summary_and_checkpoints(uninterrupted):
     assert any(tag.startswith("skipped/train/") for tag in scalars)
     # the anchors at each evaluation (scalars, histograms, maps) and the inputs once, as the model got them
     assert {"anchors/dead_total", "anchors/entropy/layer_00"} <= scalars
+    assert "eval/linear_baseline_top1" in scalars and (run_dir / "linear_baseline.json").is_file()
     assert "anchors/degree/layer_00" in events.Tags()["histograms"]
     assert {"inputs/train_batch", "anchors/maps/layer_00"} <= set(events.Tags()["images"])
     assert "config/text_summary" in events.Tags()["tensors"]

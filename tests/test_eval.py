@@ -35,6 +35,9 @@ def test_a_run_folder_alone_reproduces_the_trainers_evaluation(trained_run):
     assert result["loss"] == pytest.approx(trainer["eval/loss"], rel=1e-6)
     assert result["samples"] == 297 and result["images_per_s"] > 0 and result["step"] == 30
     assert f"top-1 {trainer['eval/top1']:.2f}%" in proc.stdout and "wrote" in proc.stdout
+    # the run's linear baseline beside it (a small run: 1500 training digits)
+    assert result["linear_baseline_top1"] == trainer["eval/linear_baseline_top1"]
+    assert f"linear baseline {result['linear_baseline_top1']:.2f} % top-1" in proc.stdout
 
     _ok(_eval(str(trained_run), "--weights", "ema", "--checkpoint", "step_30"))
     ema = json.loads((trained_run / "eval" / "step_30-ema.json").read_text())

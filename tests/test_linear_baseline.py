@@ -54,7 +54,7 @@ def test_the_report_says_what_to_try_only_below_the_baseline():
     above = baseline_report(90.0, baseline)
     assert len(above) == 1 and "83.20 %" in above[0] and "model 90.00 %" in above[0]
     below = baseline_report(74.5, baseline)
-    assert len(below) == 2 and "--from-vit" in below[1] and "model.pretrained_checkpoint" in below[1]
+    assert len(below) == 2 and "model.pretrained_checkpoint=VIT" in below[1] and "ViT/DeiT" in below[1]
     assert "schedule.epochs" in below[1]
     assert baseline_applies(5000) and baseline_applies(BASELINE_MAX_TRAIN)
     assert not baseline_applies(BASELINE_MAX_TRAIN + 1) and not baseline_applies(0)

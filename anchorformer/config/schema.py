@@ -75,8 +75,15 @@ class ModelConfig:
     """AnchorFormer block initialisation: reference (PyTorch defaults, as the authors' code) or timm
     (trunc-normal 0.02); null keeps the model's (reference)."""
     pretrained_checkpoint: Optional[str] = None
-    """Initial weights (safetensors / .pt / .pth) loaded through the model's checkpoint_filter_fn
-    (pos_embed resized, head dropped on class-count mismatch); null trains from scratch."""
+    """Initial weights loaded through the model's checkpoint_filter_fn (pos_embed resized, head
+    dropped on class-count mismatch): a safetensors / .pt / .pth file; for an AnchorFormer also a
+    timm ViT/DeiT (file, timm folder or a run of this framework), converted once into the run
+    folder (docs/training.md); null trains from scratch."""
+    init_images: int = 2000
+    """ViT/DeiT start: training images the anchors are clustered from (and the attention fitted on)."""
+    init_fit_steps: int = 100
+    """ViT/DeiT start: Adam steps per layer fitting qk and the anchors to the ViT's attention
+    (0: k-means only; the fit is what recovers accuracy, and the slow part on a CPU)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Further keyword arguments for timm.create_model, for options without a key of their own
     (e.g. {in_chans: 1, global_pool: avg}); the model's constructor judges them."""
@@ -88,6 +95,8 @@ class ModelConfig:
         _require(0.0 <= self.drop_path_rate < 1.0, "drop_path_rate",
                  f"must be in [0, 1), got {self.drop_path_rate}")
         _require(0.0 <= self.drop_rate < 1.0, "drop_rate", f"must be in [0, 1), got {self.drop_rate}")
+        _require(self.init_images >= 1, "init_images", f"must be >= 1, got {self.init_images}")
+        _require(self.init_fit_steps >= 0, "init_fit_steps", f"must be >= 0 (0: k-means only), got {self.init_fit_steps}")
         for name in (*_CLASSIFIER_ARGUMENTS, *ARCHITECTURE_ARGUMENTS, "drop_path_rate"):
             _require(name not in self.kwargs, f"kwargs.{name}",
                      f"duplicates model.{name}, which is passed to the model already; remove it from "

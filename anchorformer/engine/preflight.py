@@ -20,6 +20,7 @@ from anchorformer import dist
 from anchorformer.config import ConfigError, RootConfig, check_world_size
 from anchorformer.engine.anchor_mix import forced_backend_refusal
 from anchorformer.engine.checkpoint import CheckpointError, ResumePoint, find_resume_point, model_signature, run_meta
+from anchorformer.engine.warm_start import check_vit_source, vit_source_of
 from anchorformer.run_folder import RunFolder
 from anchorformer.tasks import task_class
 
@@ -56,6 +57,10 @@ def check_run(cfg: RootConfig, world_size: int) -> RunPlan:
         raise ConfigError("train.anchor_mix", f"{cfg.train.anchor_mix} cannot run on this {device} run: {refusal}; "
                                               f"use auto (the fastest that runs) or another backend")
     folder = RunFolder.of(cfg)
+    if not folder.warm_start.is_file():  # a resumed run has its ViT export: nothing to read again
+        source = vit_source_of(cfg)
+        if source is not None:
+            check_vit_source(source, network)
     _check_writable(folder.root, "logging.output_dir")
     expected = run_meta(model_signature(network, cfg.model.name), cfg, world_size)
     try:

@@ -14,6 +14,7 @@ from anchorformer.engine.failures import Failure, FailureHook, FailureLedger, cu
 from anchorformer.engine.preflight import RunPlan, check_run
 from anchorformer.engine.step_guard import TrainingDiverged
 from anchorformer.engine.trainer import FitResult, Trainer
+from anchorformer.engine.warm_start import start_from_vit
 from anchorformer.run_folder import RunFolder
 
 __all__ = ["run_training"]
@@ -69,7 +70,8 @@ def run_training(cfg: RootConfig, stop_signals: Sequence[int] = STOP_SIGNALS, en
         run_lock.check_free(folder, run_lock.LockHolder.this_process())  # at the door: no process group yet
         dist.init(env, timeout_s=cfg.health.collective_timeout_s)
         lock = _lock_run_folder(folder, env)
-        trainer = Trainer(cfg, env, plan=plan)
+        # a ViT/DeiT named by model.pretrained_checkpoint: converted once into the run folder, trained from there
+        trainer = Trainer(start_from_vit(cfg, folder, env.is_main), env, plan=plan)
         trainer.watchdog.on_hang = on_failure
         stop.forward_to(trainer.request_stop)
         result = trainer.fit()

@@ -32,6 +32,7 @@ from anchorformer.engine.checkpoint import (
 )
 from anchorformer.engine.ema import ShardedEma
 from anchorformer.engine.anchor_monitor import AnchorMonitor
+from anchorformer.engine.baseline import report_beside, run_baseline
 from anchorformer.engine.metrics import (
     TensorBoardLogger, Throughput, measure_forward_flops, peak_memory_gb, skip_scalars,
 )
@@ -45,6 +46,7 @@ from anchorformer.engine.watchdog import Watchdog
 from anchorformer.kernels import autotune
 from anchorformer.run_folder import RunFolder
 from anchorformer.tasks import Runtime, Task, build_task
+from anchorformer.tasks.linear_baseline import LinearBaseline
 
 __all__ = ["FitResult", "StepInfo", "TrainingDiverged", "Trainer"]
 
@@ -176,6 +178,7 @@ class Trainer:
         self.checkpointer.register(shared={"trainer": self, "guard": self.guard},
                                    per_rank={"data": self.train_stream, "rng": RngState(), "ema": self.ema})
         self.resumed: Optional[Resumed] = None
+        self.baseline: Optional[LinearBaseline] = None  # fit() fits it on the main rank
         self._resume_done = False
 
         self.tensorboard = TensorBoardLogger(self.folder.tensorboard, env.is_main and cfg.logging.tensorboard,
@@ -242,6 +245,7 @@ class Trainer:
                                  self.resumed.anchor_mix if self.resumed else (), self.anchors.probe_batches)
         if table:
             self.tensorboard.text("anchor_mix", "```\n" + autotune.format_table(table) + "\n```", self.step)
+        self.baseline = run_baseline(self.cfg) if self.env.is_main else None  # small runs: a linear classifier
         self.anchors.watch_inputs(self.engine.module, self.step)
         bar = self.env.is_main and self.cfg.logging.progress_bar
         with self.watchdog, logging_redirect_tqdm() if bar else nullcontext():
@@ -279,11 +283,15 @@ class Trainer:
         if self.best_metric is None or main > self.best_metric:
             self.best_metric = main
         metrics[f"eval/best_{self.task.main_metric}"] = self.best_metric
+        if self.baseline is not None:
+            metrics["eval/linear_baseline_top1"] = self.baseline.top1
         self.tensorboard.scalars(metrics, self.step)
         self.anchors.at_evaluation(self.engine.module, self.step)
         self.tensorboard.flush()
         logger.info("epoch %d step %d: %s", self.epoch, self.step,
                     ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("eval")))
+        if self.baseline is not None:
+            report_beside(metrics["eval/top1"], self.baseline)
         return metrics
 
     # ------------------------------------------------------------------ loop

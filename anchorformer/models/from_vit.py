@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["QK_RULES", "DEFAULT_QK_RULE", "ATTENTION_FIT_STEPS", "ATTENTION_FIT_TOKENS", "is_vit_state_dict", "vit_architecture", "merge_qk",
+__all__ = ["QK_RULES", "DEFAULT_QK_RULE", "ATTENTION_FIT_STEPS", "ATTENTION_FIT_TOKENS", "is_vit_state_dict", "vit_architecture", "check_same_shape", "merge_qk",
            "convert_vit_state_dict", "kmeans", "init_from_data"]
 
 QK_RULES = ("sym", "mean", "q", "k")
@@ -81,7 +81,9 @@ def vit_architecture(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, int]:
     return {"embed_dim": int(proj.shape[0]), "depth": depth, "patch_size": int(proj.shape[-1])}
 
 
-def _check_same_shape(source: Dict[str, int], model: nn.Module, source_heads: Optional[int]) -> None:
+def check_same_shape(source: Dict[str, int], model: nn.Module, source_heads: Optional[int]) -> None:
+    """Refuse a ViT (``vit_architecture``, and its heads when known) of another width, depth, patch
+    size or heads than the AnchorFormer ``model``, naming each mismatch (ValueError)."""
     target = {"embed_dim": int(model.embed_dim), "depth": len(model.blocks),
               "patch_size": int(model.patch_embed.proj.weight.shape[-1])}
     wrong = [f"{key} {source[key]} (source) vs {target[key]} (target)" for key in target if source[key] != target[key]]
@@ -170,7 +172,7 @@ def convert_vit_state_dict(vit: Mapping[str, torch.Tensor], model: nn.Module, qk
             count is kept as the source's; fine-tuning re-initialises it).
     """
     architecture = vit_architecture(vit)
-    _check_same_shape(architecture, model, source_heads)
+    check_same_shape(architecture, model, source_heads)
     target = model.state_dict()
     out: Dict[str, torch.Tensor] = {}
     carried, folded, errors = [], [], []

@@ -22,7 +22,7 @@ from anchorformer.tasks.base import Runtime
 from anchorformer.tasks.losses import ClassificationLoss, load_teacher
 from anchorformer.tasks.preflight import check_exists, check_registered, meta_network
 
-__all__ = ["ClassificationTask", "create_classifier", "load_pretrained"]
+__all__ = ["ClassificationTask", "create_classifier", "load_pretrained", "recipe_shards"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +120,16 @@ def _resolve_shards(shards: str, index: Optional[str], key: str, index_key: str,
     return specs
 
 
+def recipe_shards(cfg: RootConfig) -> tuple[tuple[Optional[str], Optional[str]], tuple[Optional[str], Optional[str]]]:
+    """``((train shards, index), (val shards, index))`` of a classification recipe; the embedded
+    digits are built on first use."""
+    d = cfg.data
+    if d.source == "embedded":
+        embedded = shards.prepare_embedded_dataset(d.cache_dir, image_size=d.image_size)
+        return (embedded.train_shards, embedded.train_index), (embedded.val_shards, embedded.val_index)
+    return (d.train_shards, d.train_index), (d.val_shards, d.val_index)
+
+
 class ClassificationTask:
     """Classification on webdataset shards (or the embedded digits).
 
@@ -168,7 +178,7 @@ class ClassificationTask:
     def build_data(self) -> dict[str, Any]:
         """Train and validation streams of this rank (the embedded digits are built on first use)."""
         d = self.cfg.data
-        (train, train_index), _ = self._shards()
+        (train, train_index), _ = recipe_shards(self.cfg)
         train_stream = shards.build_train_stream(
             train, index=train_index, seed=self.cfg.train.seed,
             image_size=d.image_size, augment=d.augment, mixup=d.mixup, label_smoothing=self.cfg.loss.label_smoothing,
@@ -186,20 +196,11 @@ class ClassificationTask:
             image_size: test resolution replacing ``data.image_size``; the images stay the recipe's.
             augment: preprocessing (crop, interpolation, normalisation) replacing ``data.augment``.
         """
-        _, (val, val_index) = self._shards()
+        _, (val, val_index) = recipe_shards(self.cfg)
         d = self.cfg.data
         return shards.build_val_stream(val, index=val_index,
                                        image_size=d.image_size if image_size is None else image_size,
                                        augment=d.augment if augment is None else augment, **self._stream_args())
-
-    def _shards(self) -> tuple[tuple[Optional[str], Optional[str]], tuple[Optional[str], Optional[str]]]:
-        """``((train shards, index), (val shards, index))`` of the recipe; the embedded digits are
-        built on first use."""
-        d = self.cfg.data
-        if d.source == "embedded":
-            embedded = shards.prepare_embedded_dataset(d.cache_dir, image_size=d.image_size)
-            return (embedded.train_shards, embedded.train_index), (embedded.val_shards, embedded.val_index)
-        return (d.train_shards, d.train_index), (d.val_shards, d.val_index)
 
     def _stream_args(self) -> dict[str, Any]:
         env = self.runtime.env

@@ -125,8 +125,7 @@ def baseline_report(model_top1: float, baseline: LinearBaseline) -> list[str]:
     if model_top1 < baseline.top1:
         lines.append(
             f"the model is below a linear classifier on pixels: a vision transformer trained from scratch on "
-            f"{baseline.train_samples} images is weak. Start from pre-trained weights (convert a ViT/DeiT: "
-            f"python tools/convert_checkpoint.py --from-vit SOURCE --anchor-data TRAIN_SHARDS --output "
-            f"af.safetensors, then model.pretrained_checkpoint=af.safetensors), or train more epochs "
-            f"(schedule.epochs)")
+            f"{baseline.train_samples} images is weak. Start from pre-trained weights: "
+            f"model.pretrained_checkpoint=VIT (a timm ViT/DeiT folder or file, converted once into the run "
+            f"folder; docs/training.md), or train more epochs (schedule.epochs)")
     return lines

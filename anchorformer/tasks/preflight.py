@@ -37,8 +37,8 @@ def meta_network(model: ModelConfig, build: Callable[[], nn.Module], size_key: s
         ConfigError: naming the key (an unknown argument also names the closest valid one).
     """
     check_registered(model.name, "model.name")
-    if model.pretrained_checkpoint:
-        check_exists(model.pretrained_checkpoint, "model.pretrained_checkpoint", "file")
+    if model.pretrained_checkpoint:  # a folder: a ViT/DeiT to convert (timm folder, run), see engine/warm_start.py
+        check_exists(model.pretrained_checkpoint, "model.pretrained_checkpoint", "file or folder")
     try:
         with torch.device("meta"):
             return build()
@@ -114,7 +114,7 @@ def check_registered(model_name: str, key: str) -> None:
 
 
 def check_exists(path: str, key: str, kind: str) -> None:
-    """Refuse ``path`` unless it is an existing ``kind`` ('file' or 'folder')."""
+    """Refuse ``path`` unless it is an existing ``kind`` ('file', 'folder' or 'file or folder')."""
     target = Path(path).expanduser()
-    if not (target.is_file() if kind == "file" else target.is_dir()):
+    if not {"file": target.is_file(), "folder": target.is_dir(), "file or folder": target.exists()}[kind]:
         raise ConfigError(key, f"{path!r} is not an existing {kind}; point {key} at one")
