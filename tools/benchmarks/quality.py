@@ -57,7 +57,7 @@ from anchorformer.engine.trainer import FitResult, Trainer
 from benchmarks.report import comma_separated, machine_description, markdown_table
 from benchmarks.results import record
 
-__all__ = ["Cell", "add_arguments", "run", "model_configs", "patch_size"]
+__all__ = ["Cell", "TimedRun", "add_arguments", "fit_timed", "run", "model_configs", "patch_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -175,12 +175,17 @@ def _finished_now() -> float:
 
 
 @dataclass
-class _Run:
+class TimedRun:
+    """One Trainer run as :func:`fit_timed` saw it (``time.perf_counter()`` seconds)."""
     result: FitResult
     params: int
     steps_per_epoch: int
     start: float
+    """When fit() was called."""
     step_ends: list[float]
+    """When each optimizer step's outcome reached the host (its step callback)."""
+    evaluations: list[tuple[float, float]]
+    """(start, end) of each evaluation, its logging (the anchor diagnostics among it) included."""
 
     @property
     def train_s(self) -> float:
@@ -194,8 +199,9 @@ class _Run:
         return (ends[-1] - ends[0]) / (len(ends) - 1)
 
 
-def _fit(cfg: config.RootConfig) -> _Run:
-    """Train ``cfg`` in this process as a single rank (whatever launcher started it)."""
+def fit_timed(cfg: config.RootConfig) -> TimedRun:
+    """Train ``cfg`` in this process as a single rank (whatever launcher started it), timing its
+    steps and evaluations."""
     env = dist.detect(environ={}, argv=[], cuda_available=cfg.train.device == "cuda")
     dist.init(env)
     trainer: Optional[Trainer] = None
@@ -203,9 +209,21 @@ def _fit(cfg: config.RootConfig) -> _Run:
         trainer = Trainer(cfg, env)
         step_ends: list[float] = []
         trainer.add_step_callback(lambda _trainer, _info: step_ends.append(_finished_now()))
+        evaluations: list[tuple[float, float]] = []
+        evaluate = trainer.evaluate
+
+        def timed_evaluate() -> dict[str, float]:
+            began = _finished_now()
+            metrics = evaluate()
+            evaluations.append((began, _finished_now()))
+            return metrics
+
+        # The Trainer has no evaluation callback; fit() calls self.evaluate, so this instance's
+        # attribute times every evaluation without touching the loop.
+        trainer.evaluate = timed_evaluate
         start = time.perf_counter()
         result = trainer.fit()
-        return _Run(result, trainer.run_meta.num_params, trainer.steps_per_epoch, start, step_ends)
+        return TimedRun(result, trainer.run_meta.num_params, trainer.steps_per_epoch, start, step_ends, evaluations)
     finally:
         if trainer is not None:
             trainer.close()
@@ -214,7 +232,7 @@ def _fit(cfg: config.RootConfig) -> _Run:
 
 @dataclass
 class _Calibration:
-    rounds: list[_Run]
+    rounds: list[TimedRun]
     """One short run per round, in order."""
 
     @property
@@ -249,26 +267,26 @@ class _Calibration:
 def _calibrate(bases: dict[Cell, dict[str, Any]], steps: int, rounds: int) -> dict[Cell, _Calibration]:
     """Alternate short runs of WARMUP_STEPS + ``steps`` steps (no evaluation or checkpoint before
     their end) of every model for ``rounds`` rounds."""
-    runs: dict[Cell, list[_Run]] = {cell: [] for cell in bases}
+    runs: dict[Cell, list[TimedRun]] = {cell: [] for cell in bases}
     for index in range(rounds):
         for cell, base in bases.items():
             cfg = _with(base, schedule={"epochs": _NEVER},
                         train={"seed": 0, "max_steps": WARMUP_STEPS + steps, "eval_every_epochs": _NEVER},
                         logging={"run_name": f"{cell.tokens}-{cell.label}-calibration{index}".replace(" ", "")})
-            runs[cell].append(_fit(cfg))
+            runs[cell].append(fit_timed(cfg))
             logger.info("quality: %d tokens %s calibration round %d: %.4f s/step", cell.tokens, cell.label, index,
                         runs[cell][-1].seconds_per_step(WARMUP_STEPS))
     return {cell: _Calibration(cell_runs) for cell, cell_runs in runs.items()}
 
 
-def _train_within_budget(cell: Cell, base: dict[str, Any], seed: int, epochs: int) -> _Run:
+def _train_within_budget(cell: Cell, base: dict[str, Any], seed: int, epochs: int) -> TimedRun:
     """One run of ``epochs`` epochs with the recipe's schedule shape and one final evaluation."""
     recipe = base["schedule"]
     warmup = recipe["warmup_epochs"] * epochs / recipe["epochs"]  # the recipe's warm-up fraction
     cfg = _with(base, schedule={"epochs": epochs, "warmup_epochs": warmup},
                 train={"seed": seed, "eval_every_epochs": epochs},
                 logging={"run_name": f"{cell.tokens}-{cell.label}-seed{seed}".replace(" ", "")})
-    result = _fit(cfg)
+    result = fit_timed(cfg)
     logger.info("quality: %d tokens %s seed %d: top-1 %.2f after %d steps in %.1f s", cell.tokens, cell.label,
                 seed, result.result.metrics["eval/top1"], result.result.step, result.train_s)
     return result
@@ -313,7 +331,7 @@ def run(args: argparse.Namespace) -> str:
             plans = {cell: cal.budget_epochs(budgets[cell.tokens]) for cell, cal in calibration.items()}
             logger.info("quality: %d runs, %.0f s of training planned", len(bases) * len(args.seeds),
                         len(args.seeds) * sum(budgets[cell.tokens] for cell in bases))
-            runs: dict[Cell, list[_Run]] = {cell: [] for cell in bases}
+            runs: dict[Cell, list[TimedRun]] = {cell: [] for cell in bases}
             for seed in args.seeds:  # models alternate: a slower phase of the machine hits all
                 for cell, base in bases.items():
                     logger.info("quality: %d tokens %s seed %d, %d epochs (%.0f steps planned for %.0f s)",
@@ -335,7 +353,7 @@ class _Stats:
     steps: list[int]
 
     @classmethod
-    def of(cls, runs: list[_Run]) -> "_Stats":
+    def of(cls, runs: list[TimedRun]) -> "_Stats":
         return cls([r.result.metrics["eval/top1"] for r in runs], [r.train_s for r in runs],
                    [r.result.step for r in runs])
 
