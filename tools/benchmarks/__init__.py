@@ -10,6 +10,7 @@ BENCHMARKS = {
     "model": "benchmarks.model",
     "backbone": "benchmarks.backbone",
     "quality": "benchmarks.quality",
+    "diagnostics": "benchmarks.diagnostics",
     "train": "benchmarks.train",
     "profile": "benchmarks.profile",
     "inference": "benchmarks.inference",
