@@ -41,8 +41,11 @@ def test_demo_reaches_95_percent(tmp_path, embedded_cache_dir):
     summary = json.loads((run_dir / "summary.json").read_text())
     steps = summary["step"]
     assert summary["status"] == "completed" and summary["epoch"] == cfg.schedule.epochs
+    # issue 23: a healthy demo ends with no dead anchor (the probe of its last evaluation)
+    dead = max(events.Scalars("anchors/dead_total"), key=lambda event: event.step)
+    assert (dead.step, dead.value) == (steps, 0.0)
     checkpoint = run_dir / "checkpoints" / f"step_{steps}"
     assert (run_dir / "checkpoints" / "latest").read_text() == checkpoint.name
     weights = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    model = timm.create_model(cfg.model.name, num_classes=10, img_size=cfg.model.img_size, **cfg.model.kwargs)
+    model = timm.create_model(cfg.model.name, **cfg.model.timm_kwargs())
     model.load_state_dict(weights)  # strict: the checkpoint holds the whole trained model
