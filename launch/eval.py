@@ -35,7 +35,7 @@ from tqdm import tqdm  # noqa: E402
 from anchorformer import dist  # noqa: E402
 from anchorformer.atomic import atomic_write_bytes  # noqa: E402
 from anchorformer.config import RootConfig  # noqa: E402
-from anchorformer.convert import InferenceModel, load_for_inference  # noqa: E402
+from anchorformer.convert import InferenceModel, add_model_arguments, load_for_inference  # noqa: E402
 from anchorformer.data.image_files import ImageFileBatches  # noqa: E402
 from anchorformer.data.sources import list_image_folder  # noqa: E402
 from anchorformer.data.transforms import build_eval_transform  # noqa: E402
@@ -51,12 +51,7 @@ logger = logging.getLogger("launch.eval")
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="run folder, checkpoint, export folder or timm model name")
-    parser.add_argument("--checkpoint", default=None,
-                        help="run folder: a checkpoint tag (step_N) or path instead of the latest; "
-                             "timm name: the weights file to load")
-    parser.add_argument("--weights", choices=("model", "ema"), default="model",
-                        help="the trained weights or their exponential moving average (train.ema.enabled)")
+    add_model_arguments(parser)
     parser.add_argument("--data", default=None,
                         help="validation shards (brace pattern or index JSON) or an ImageFolder tree "
                              "(default: the run's validation data)")

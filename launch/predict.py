@@ -30,7 +30,7 @@ from tqdm import tqdm  # noqa: E402
 
 from anchorformer import dist  # noqa: E402
 from anchorformer.atomic import atomic_write_bytes  # noqa: E402
-from anchorformer.convert import InferenceModel, load_for_inference  # noqa: E402
+from anchorformer.convert import InferenceModel, add_model_arguments, load_for_inference  # noqa: E402
 from anchorformer.data import build_val_stream  # noqa: E402
 from anchorformer.data.image_files import ImageFileBatches, expand_image_paths  # noqa: E402
 from anchorformer.data.transforms import build_eval_transform  # noqa: E402
@@ -40,14 +40,12 @@ Prediction = tuple[str, list[int], list[float]]
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="run folder, checkpoint, export folder or timm model name")
+    add_model_arguments(parser)
     parser.add_argument("inputs", nargs="+", help="image files, folders, glob patterns or shards")
     parser.add_argument("--top-k", type=int, default=5, help="classes reported per image")
     parser.add_argument("--output", type=Path, default=None, help="CSV or JSON file (default: CSV on stdout)")
     parser.add_argument("--format", choices=("csv", "json"), default=None,
                         help="output format (default: from --output's suffix, else csv)")
-    parser.add_argument("--checkpoint", default=None, help="as in launch/eval.py")
-    parser.add_argument("--weights", choices=("model", "ema"), default="model", help="model or EMA weights")
     parser.add_argument("--img-size", type=int, default=None, help="test resolution (pos_embed resampled)")
     parser.add_argument("--crop-pct", type=float, default=None, help="center-crop fraction in (0, 1]")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward")

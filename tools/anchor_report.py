@@ -38,7 +38,7 @@ from PIL import Image  # noqa: E402
 
 from anchorformer import dist  # noqa: E402
 from anchorformer.atomic import atomic_write_bytes  # noqa: E402
-from anchorformer.convert import InferenceModel, load_for_inference  # noqa: E402
+from anchorformer.convert import InferenceModel, add_model_arguments, load_for_inference  # noqa: E402
 from anchorformer.data.image_files import ImageFiles, expand_image_paths  # noqa: E402
 from anchorformer.data.transforms import build_eval_transform  # noqa: E402
 from anchorformer.models.anchor_diagnostics import (DEAD_FRACTION, AnchorDiagnostics, AnchorProbe,  # noqa: E402
@@ -52,12 +52,7 @@ logger = logging.getLogger("tools.anchor_report")
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="run folder, checkpoint, export folder or timm model name")
-    parser.add_argument("--checkpoint", default=None,
-                        help="run folder: a checkpoint tag (step_N) or path instead of the latest; "
-                             "timm name: the weights file to load")
-    parser.add_argument("--weights", choices=("model", "ema"), default="model",
-                        help="the trained weights or their exponential moving average (train.ema.enabled)")
+    add_model_arguments(parser)
     parser.add_argument("--images", nargs="+", default=None,
                         help="image files, folders or glob patterns (default: the run's validation images)")
     parser.add_argument("--count", type=int, default=8, help="images to probe and draw")

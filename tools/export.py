@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/: the benchmar
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from anchorformer.convert import FORMATS, export_graph, is_timm_folder, load_for_inference  # noqa: E402
+from anchorformer.convert import FORMATS, add_model_arguments, export_graph, is_timm_folder, load_for_inference  # noqa: E402
 from anchorformer.convert.graph_export import MIN_OPSET  # noqa: E402
 from anchorformer.data.image_files import expand_image_paths  # noqa: E402
 from anchorformer.data.transforms import build_eval_transform  # noqa: E402
@@ -58,13 +58,11 @@ def _parity_images(inputs: list[str] | None, count: int) -> list[Image.Image]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="run folder, checkpoint, export folder or timm model name")
+    add_model_arguments(parser)
     parser.add_argument("--format", choices=FORMATS, required=True, help="onnx or pt2 (torch.export)")
     parser.add_argument("--output", type=Path, default=None,
                         help="file to write (default: FOLDER/model.FORMAT for an export folder, "
                              "RUN/export/model.FORMAT for a run folder)")
-    parser.add_argument("--checkpoint", default=None, help="as in launch/eval.py")
-    parser.add_argument("--weights", choices=("model", "ema"), default="model", help="model or EMA weights")
     parser.add_argument("--img-size", type=int, default=None, help="input resolution (pos_embed resampled)")
     parser.add_argument("--opset", type=int, default=18, help=f"ONNX opset (>= {MIN_OPSET})")
     parser.add_argument("--images", nargs="+", default=None,

@@ -7,7 +7,7 @@ from anchorformer.convert.export import (
     export_classification, read_metadata,
 )
 from anchorformer.convert.graph_export import FORMATS, GraphExport, export_graph
-from anchorformer.convert.inference import InferenceModel, load_for_inference
+from anchorformer.convert.inference import InferenceModel, add_model_arguments, load_for_inference
 from anchorformer.convert.parity import backbone_parity, classification_parity, fixed_input
 from anchorformer.convert.source import SourceCheckpoint, find_tag_dir, load_source
 from anchorformer.convert.timm_folder import export_timm_folder, is_timm_folder, load_timm_folder
@@ -17,4 +17,5 @@ __all__ = [
     "export_classification", "export_backbone", "export_timm_folder", "load_timm_folder", "is_timm_folder",
     "read_metadata", "create_model_from_export", "config_path", "classification_parity", "backbone_parity",
     "fixed_input", "FORMATS", "GraphExport", "export_graph", "InferenceModel", "load_for_inference",
+    "add_model_arguments",
 ]

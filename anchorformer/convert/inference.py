@@ -5,6 +5,7 @@ recipe's, or the export's pretrained cfg) and its class names, optionally at ano
 resolution (``pos_embed`` resampled) and crop."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,19 @@ from anchorformer.convert.timm_folder import is_timm_folder, load_timm_folder, r
 from anchorformer.data.transforms import eval_preprocessing
 from anchorformer.run_folder import RunFolder
 
-__all__ = ["InferenceModel", "load_for_inference"]
+__all__ = ["InferenceModel", "load_for_inference", "add_model_arguments"]
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that name what :func:`load_for_inference` loads, for every command that takes a
+    trained model (launch/eval.py, launch/predict.py, tools/export.py, tools/anchor_report.py):
+    ``model`` (positional), ``--checkpoint`` and ``--weights``."""
+    parser.add_argument("model", help="run folder, checkpoint, export folder or timm model name")
+    parser.add_argument("--checkpoint", default=None,
+                        help="run folder: a checkpoint tag (step_N) or path instead of the latest; "
+                             "timm name: the weights file to load")
+    parser.add_argument("--weights", choices=("model", "ema"), default="model",
+                        help="the trained weights or their exponential moving average (train.ema.enabled)")
 
 
 @dataclass
