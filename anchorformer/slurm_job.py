@@ -272,22 +272,25 @@ class _RequeueOnFailure:
         continued.set_timeout(submitted._timeout_min, submitted._timeout_countdown)
         with atomic_output(pickle) as tmp:
             continued.dump(tmp)
-        if _slurm_command(["scontrol", "requeue", str(self.job_env.job_id)], self.job_env):
+        requeue = _slurm_command(["scontrol", "requeue", str(self.job_env.job_id)], self.job_env)
+        # The requeue signals every process of the job at once, this scontrol among them.
+        if requeue is not None and requeue.returncode in (0, -signal.SIGTERM):
             return "requeued"
+        if requeue is not None and "pending" in requeue.stderr:  # "Job is pending execution": requeued already
+            return "left to SLURM"
         state = _slurm_job_state(self.job_env, timeout_s=_SLURM_TIMEOUT_S)
-        return "left to SLURM" if state not in ("RUNNING", None) else "requeue failed (scontrol requeue)"
+        if state not in ("RUNNING", None):
+            return "left to SLURM"  # another rank's requeue came first
+        return f"requeue failed (scontrol requeue: {requeue.stderr.strip() if requeue else 'no answer'})"
 
 
-def _slurm_command(argv: list[str], job_env: submitit.JobEnvironment) -> bool:
-    """Run a SLURM command for the job; whether it succeeded (a failure is logged, not raised)."""
+def _slurm_command(argv: list[str], job_env: submitit.JobEnvironment) -> Optional[subprocess.CompletedProcess]:
+    """Run a SLURM command for the job; None when it could not run or timed out (logged, not raised)."""
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=_SLURM_TIMEOUT_S)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=_SLURM_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as error:
         logger.warning("%s for job %s: %s", argv[0], job_env.job_id, error)
-        return False
-    if done.returncode != 0:
-        logger.warning("%s for job %s failed: %s", " ".join(argv[:2]), job_env.job_id, done.stderr.strip())
-    return done.returncode == 0
+        return None
 
 
 def _slurm_job_state(job_env: submitit.JobEnvironment, timeout_s: float = 60) -> Optional[str]:

@@ -16,16 +16,16 @@ import logging
 import os
 import signal
 import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import pytest
 from helpers import BIN, REPO, cpu_env
 from slurm_cluster import NamespaceCluster
 from slurm_fixtures import (
-    assert_same_training, eval_metrics, job_segments, release_requeued, sacct_states, wait_for_end, wait_for_step,
+    assert_same_training, job_segments, release_requeued, sacct_states, wait_for_end, wait_for_step,
     wait_until,
 )
 from test_multinode import RANK_ENV, TINY, Run, _overrides, _submit, _submitted
@@ -85,6 +85,21 @@ def test_the_watchdog_waits_for_the_first_step_then_ends_a_hung_run(tmp_path):
     assert (beat["rank"], beat["step"], beat["attempt"]) == (0, 1, "start0")
 
 
+def test_a_process_that_was_stopped_and_continued_is_not_hung(tmp_path):
+    offset = [0.0]
+    watchdog = Watchdog(HealthConfig(hang_timeout_s=0.5), _env(), RunFolder(tmp_path), attempt="a",
+                        clock=lambda: time.monotonic() + offset[0])
+    exits = _started(watchdog)
+    try:
+        watchdog.beat(1)
+        offset[0] += 60  # the whole process stood still for a minute (SIGSTOP, then SIGCONT)
+        time.sleep(0.35)
+        assert exits == []
+        wait_until("the watchdog to end the run", lambda: exits, timeout=10, interval=0.05)  # no step since
+    finally:
+        watchdog.stop()
+
+
 def test_the_derived_hang_limit_follows_the_step_time_above_its_floor(tmp_path):
     now = [0.0]
     watchdog = Watchdog(HealthConfig(hang_floor_s=30, hang_steps=50), _env(), RunFolder(tmp_path), attempt="a",
@@ -133,6 +148,51 @@ def test_an_evaluation_is_not_timed_unless_a_peer_stopped_answering(tmp_path):
     [failure] = FailureLedger(folder).read()
     assert "evaluation in progress" in failure.reason
     assert "ranks that stopped answering: 1 (node2, pid 4242, silent for 60 s, at step 3)" in failure.reason
+
+
+def test_a_checkpoint_write_ends_when_every_rank_waits_in_a_collective(tmp_path):
+    folder = RunFolder(tmp_path)
+    folder.heartbeats.mkdir(parents=True)
+    # A blocking torch.distributed call as the watchdog sees it: a frame of distributed_c10d.py waiting in C.
+    collective: dict = {"time": time}
+    exec(compile("def barrier(seconds):\n    time.sleep(seconds)\n",
+                 "/site-packages/torch/distributed/distributed_c10d.py", "exec"), collective)
+    peer_waits = [0.0]  # the peer, alive: its heartbeat every 0.1 s
+    peer = _PeerHeartbeat(folder, lambda: {"rank": 1, "host": "node2", "pid": 4242, "attempt": "a", "step": 3,
+                                           "gap_s": 0.1, "time": time.time(), "waiting_s": peer_waits[0]})
+    watchdog = Watchdog(HealthConfig(hang_timeout_s=0.5), _env(0, 2), folder, attempt="a")
+    exits = _started(watchdog)
+    try:
+        watchdog.beat(3)
+        with watchdog.excused("checkpoint"):
+            time.sleep(1.5)  # writing a slow checkpoint, the peer at work: no hang
+            assert exits == []
+            peer_waits[0] = 5.0
+            collective["barrier"](3)  # both ranks wait in a collective, alive: a partition or a deadlock
+    finally:
+        watchdog.stop()
+        peer.stop()
+    assert exits == [EX_TEMPFAIL]
+    [failure] = FailureLedger(folder).read()
+    assert "checkpoint in progress" in failure.reason and "every one waiting in a collective" in failure.reason
+
+
+class _PeerHeartbeat:
+    """Another rank's heartbeat, rewritten every 0.1 s from ``beat()`` until :meth:`stop`."""
+
+    def __init__(self, folder: RunFolder, beat):
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._write, args=(folder, beat), daemon=True)
+        self._thread.start()
+
+    def _write(self, folder: RunFolder, beat) -> None:
+        while not self._stopped.is_set():
+            folder.heartbeat(beat()["rank"]).write_text(json.dumps(beat()))
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
 
 
 def _failure(attempt: str, kind: str, step: int, rank: int = 0, at: str = "2026-01-01T00:00:00.000",
@@ -238,11 +298,12 @@ def _children(pid: int) -> list[int]:
 
 
 def _slurm_task(cluster: NamespaceCluster, job_id: str, rank: int) -> tuple[str, int]:
-    """(node, pid) of the training process of rank ``rank`` of SLURM job ``job_id``: the task that
-    slurmstepd started (its loader workers are its children)."""
+    """(node, pid) of the training process of rank ``rank`` of SLURM job ``job_id``: the python task
+    that slurmstepd started (not the batch script, not its loader workers)."""
     def launched_by_slurm(pid: int) -> bool:
         try:
-            return Path(f"/proc/{_parent(pid)}/comm").read_text().strip() == "slurmstepd"
+            return (Path(f"/proc/{pid}/comm").read_text().startswith("python")
+                    and Path(f"/proc/{_parent(pid)}/comm").read_text().strip() == "slurmstepd")
         except OSError:
             return False
     [found] = [(node, pid) for node in cluster.node_names() for pid in cluster.processes(node)
@@ -303,3 +364,164 @@ def test_torchrun_restarts_its_group_after_a_rank_is_killed_and_the_run_resumes(
     [entry] = json.loads((run_dir / "summary.json").read_text())["requeues"]
     assert entry["kind"] == "crash" and entry["attempt"].endswith(".0") and entry["step"] >= 4, entry
     assert_same_training(run_dir, reference, MAX_STEPS)
+
+
+# ---------------------------------------------------------------------------- SLURM: 3 nodes, each a network namespace
+
+class Timeline:
+    """Seconds from a failure to what followed it, printed at the end of a test."""
+
+    def __init__(self, what: str):
+        self.what, self.start, self.events = what, time.monotonic(), {}
+
+    def mark(self, event: str) -> float:
+        self.events[event] = time.monotonic() - self.start
+        return self.events[event]
+
+    def __str__(self) -> str:
+        return f"{self.what}: " + ", ".join(f"{event} +{seconds:.1f} s" for event, seconds in self.events.items())
+
+
+def _submit_failing(cluster: NamespaceCluster, workdir: Path, run_name: str, nodes: int, *overrides: str) -> Run:
+    """A job of ``nodes`` nodes, one rank each, of the shrunk recipe with a short hang limit."""
+    return _submitted(_submit(cluster, workdir, run_name, nodes, 1, *FAILING, *overrides), workdir, run_name)
+
+
+def _requeued(cluster: NamespaceCluster, run: Run, timeline: Timeline) -> None:
+    """Wait until the job requeued itself, lift SLURM's hold, and wait until it trains again."""
+    wait_until("the job to requeue itself", lambda: "Restarts=1" in cluster.run(
+        ["scontrol", "show", "job", run.job_id]).stdout, timeout=120, interval=0.2)
+    timeline.mark("requeued")
+    release_requeued(cluster, run.job_id)
+    timeline.mark("hold released")
+    wait_until("the requeued job to resume", lambda: "resumed from" in run.log.read_text(), timeout=300, interval=0.2)
+    timeline.mark("training again")
+
+
+def _only_entry(run: Run) -> dict:
+    """The one requeue of the run's summary.json."""
+    [entry] = json.loads((run.run_dir / "summary.json").read_text())["requeues"]
+    return entry
+
+
+@pytest.mark.slow
+def test_a_crashed_rank_requeues_the_job_which_resumes_to_the_same_result(multinode_cluster, reference, workdir,
+                                                                          repeated):
+    # (``repeated``: that job runs meanwhile)
+    run = _submit_failing(multinode_cluster, workdir, "crash", 2)
+    wait_for_step(run.log, 5, MAX_STEPS)  # after the checkpoint of step 4
+    node, pid = _slurm_task(multinode_cluster, run.job_id, 1)
+    os.kill(pid, signal.SIGKILL)  # the training process alone: its node lives on
+    timeline = Timeline(f"rank 1 killed on {node}")
+    _requeued(multinode_cluster, run, timeline)
+    assert wait_for_end(multinode_cluster, run.job_id, run.log, runs=2) == "COMPLETED"
+    timeline.mark("completed")
+    print(f"\n{timeline}")
+    assert sacct_states(multinode_cluster, run.job_id) == ["REQUEUED", "COMPLETED"]
+    entry = _only_entry(run)
+    assert (entry["kind"], entry["action"], entry["attempt"]) == ("crash", "requeued", f"slurm{run.job_id}.0"), entry
+    assert "Connection" in entry["reason"] and entry["step"] >= 4, entry
+    assert_same_training(run.run_dir, reference, MAX_STEPS)
+
+
+def _wait_for_exits(pids: dict[int, str], timeline: Timeline, limit_s: float) -> None:
+    """Wait until every process of ``pids`` ({pid: rank and node}) ended; each must within ``limit_s``."""
+    for pid, who in pids.items():
+        wait_until(f"{who} to exit", lambda: not _alive(pid), timeout=limit_s + 60, interval=0.1)
+        assert timeline.mark(f"{who} exited") <= limit_s, timeline
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_ends_every_survivor_and_the_job_resumes(multinode_cluster, workdir):
+    run = _submit_failing(multinode_cluster, workdir, "frozen", 3)
+    wait_for_step(run.log, 5, MAX_STEPS)
+    tasks = {rank: _slurm_task(multinode_cluster, run.job_id, rank) for rank in range(3)}
+    frozen_node, frozen = tasks[1]
+    os.kill(frozen, signal.SIGSTOP)  # connections stay open; SLURM sees nothing
+    timeline = Timeline(f"rank 1 frozen on {frozen_node}")
+    try:
+        _wait_for_exits({pid: f"rank {rank} ({node})" for rank, (node, pid) in tasks.items() if rank != 1},
+                        timeline, HANG_TIMEOUT_S + 30)
+        _requeued(multinode_cluster, run, timeline)
+        assert not _alive(frozen)  # SLURM ended it with the job
+        assert wait_for_end(multinode_cluster, run.job_id, run.log, runs=2) == "COMPLETED"
+        timeline.mark("completed")
+    finally:
+        if _alive(frozen):
+            os.kill(frozen, signal.SIGKILL)
+    print(f"\n{timeline}")
+    for rank in (0, 2):
+        stacks = (run.run_dir / "hang" / f"slurm{run.job_id}.0_rank{rank}.txt").read_text()
+        assert "no optimizer step" in stacks and "most recent call first" in stacks
+    entry = _only_entry(run)
+    assert (entry["kind"], entry["action"]) == ("hang", "requeued"), entry
+    assert f"ranks that stopped answering: 1 ({frozen_node}" in entry["reason"], entry
+    summary = json.loads((run.run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["step"] == MAX_STEPS
+
+
+@pytest.fixture(scope="module")
+def repeated(multinode_cluster, deepspeed_ops_built, workdir: Path) -> Iterator[tuple[Run, threading.Thread,
+                                                                                     Timeline]]:
+    """A job whose every start fails at step 0 (its nodes name an anchor-mix backend that does not
+    exist), submitted early so that it runs beside the tests before its own; a thread lifts SLURM's
+    hold once the job requeued itself."""
+    run = _submit_failing(multinode_cluster, workdir, "repeated", 2,
+                          'slurm.setup=["export ANCHORFORMER_ANCHOR_MIX=bogus"]')
+    timeline = Timeline("a job with a deterministic bug submitted")
+
+    def release() -> None:
+        wait_until("the job to requeue itself", lambda: "Restarts=1" in multinode_cluster.run(
+            ["scontrol", "show", "job", run.job_id]).stdout, timeout=600, interval=0.2)
+        timeline.mark("requeued")
+        release_requeued(multinode_cluster, run.job_id)
+    releaser = threading.Thread(target=release, daemon=True)
+    releaser.start()
+    yield run, releaser, timeline
+    multinode_cluster.run(["scancel", run.job_id], check=False)
+
+
+@pytest.mark.slow
+def test_a_failure_repeating_at_the_same_step_stops_the_job_with_one_error(multinode_cluster, repeated):
+    run, releaser, timeline = repeated
+    releaser.join(timeout=600)
+    assert wait_for_end(multinode_cluster, run.job_id, run.log, runs=2) == "FAILED"
+    timeline.mark("failed")
+    print(f"\n{timeline}")
+    assert sacct_states(multinode_cluster, run.job_id) == ["REQUEUED", "FAILED"]
+    log = run.log.read_text()
+    assert "RunFailed: the run failed at step 0 in two starts in a row" in log, log[-3000:]
+    assert "unknown anchor-mix backend 'bogus'" in log
+    actions = {(f.attempt, f.action) for f in FailureLedger(RunFolder(run.run_dir)).read()}
+    assert (f"slurm{run.job_id}.0", "requeued") in actions and (f"slurm{run.job_id}.1", "not requeued") in actions
+
+
+@pytest.mark.slow
+def test_a_node_cut_off_the_network_ends_its_ranks_and_the_job_resumes_elsewhere(multinode_cluster, reference,
+                                                                                 workdir):
+    run = _submit_failing(multinode_cluster, workdir, "cut_off", 2)
+    wait_for_step(run.log, 5, MAX_STEPS)
+    tasks = {rank: _slurm_task(multinode_cluster, run.job_id, rank) for rank in range(2)}
+    cut_node = tasks[1][0]
+    link = ["ip", "-n", multinode_cluster.namespace(cut_node), "link", "set", "eth0"]
+    subprocess.run([*link, "down"], check=True)  # silently: no connection is closed
+    timeline = Timeline(f"{cut_node}'s network down")
+    try:
+        _wait_for_exits({pid: f"rank {rank} ({node})" for rank, (node, pid) in tasks.items()}, timeline,
+                        HANG_TIMEOUT_S + 30)
+        _requeued(multinode_cluster, run, timeline)
+        # (accounting may keep no record of the first run: it ended while its node was unreachable)
+        assert wait_for_end(multinode_cluster, run.job_id, run.log) == "COMPLETED"
+        timeline.mark("completed")
+    finally:
+        subprocess.run([*link, "up"], check=True)
+    print(f"\n{timeline}")
+    segments = job_segments(multinode_cluster, run.job_id)
+    assert cut_node not in segments[-1][1], segments
+    for rank in (0, 1):  # the cut-off rank hung too, and wrote to the shared run folder
+        assert (run.run_dir / "hang" / f"slurm{run.job_id}.0_rank{rank}.txt").is_file()
+    entry = _only_entry(run)
+    assert entry["kind"] == "hang" and entry["action"] in ("requeued", "left to SLURM"), entry
+    assert_same_training(run.run_dir, reference, MAX_STEPS)
+    wait_until(f"{cut_node} to rejoin", lambda: multinode_cluster.node_states().get(cut_node, "").startswith(
+        ("idle", "mix", "alloc")), timeout=120, interval=0.5)

@@ -105,15 +105,15 @@ class FailureLedger:
 
     def history(self) -> list[dict[str, object]]:
         """One entry per start that ended early, oldest first (summary.json's ``requeues``): the
-        record of the rank that decided what followed, else the lowest rank's; ``reports`` counts
-        the ranks that wrote one."""
+        record of the rank that requeued the job, else a hang's over a crash's (a peer's death
+        reaches the others as a crash), else the lowest rank's; ``reports`` counts the ranks that
+        wrote one."""
         by_attempt: dict[str, list[Failure]] = {}
         for record in self.read():
             by_attempt.setdefault(record.attempt, []).append(record)
         entries = []
         for records in by_attempt.values():
-            chosen = min(records, key=lambda r: (r.action not in ("requeued", "left to SLURM"), r.kind == "crash",
-                                                 r.rank))
+            chosen = min(records, key=lambda r: (r.action != "requeued", r.kind == "crash", r.rank))
             entries.append({**asdict(chosen), "reports": len(records)})
         return sorted(entries, key=lambda e: str(e["time"]))
 

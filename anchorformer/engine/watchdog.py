@@ -12,8 +12,13 @@ connections) waits inside a collective with no error and no log line until the c
   time) twenty times per limit (at most every 5 s). A frozen process's heartbeat goes stale; a live
   one stuck in a collective keeps writing.
 - Evaluations and checkpoint writes take as long as they take (:meth:`Watchdog.excused`): past the
-  limit, the run is ended there only when a peer's heartbeat went stale (it froze or died), or once
-  the collective timeout has passed too (a write stuck on a hung file system).
+  limit, the run is ended there only when a peer's heartbeat went stale (it froze or died), when
+  every rank has been waiting in the same torch.distributed call for half the limit (nobody works:
+  a partition or a deadlock; the heartbeat says how long its rank has been waiting), or once the
+  collective timeout has passed too (a write stuck on a hung file system). A rank writing a slow
+  checkpoint is not waiting, so its peers at the barrier are no hang. Waits outside
+  torch.distributed's Python calls (a CUDA synchronisation after an NCCL collective, DeepSpeed
+  waiting on a handle) do not count: there the collective timeout bounds them.
 - When it ends the run, every rank that still runs writes the Python stacks of all its threads
   (faulthandler) to ``RUN/hang/``, logs the ranks whose heartbeat went stale (with their hosts),
   records the hang in the failures ledger, calls the hang hook (a SLURM job requeues itself
@@ -22,9 +27,8 @@ connections) waits inside a collective with no error and no log line until the c
 
 What a partition looks like: when the ranks cannot reach each other but every one of them still
 writes to the shared run folder, no heartbeat goes stale; every rank reports the hang with the
-same step and the log says that all ranks are alive and stuck (a partition or a deadlock). A
-partition during an evaluation or a checkpoint write lasts until the collective timeout. On most
-clusters a node that loses its network loses the shared file system with it, and its heartbeat
+same step and the log says that all ranks are alive and waiting in a collective (a partition or a
+deadlock). On most clusters a node that loses its network loses the shared file system with it, and its heartbeat
 goes stale like a frozen rank's. Heartbeat ages compare wall clocks of different hosts: they must
 agree to within a fraction of the limit (NTP does).
 """
@@ -41,6 +45,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
+from types import FrameType
 from typing import Callable, Iterator, Optional
 
 from anchorformer.atomic import atomic_output, atomic_write_bytes
@@ -56,6 +61,8 @@ logger = logging.getLogger(__name__)
 _HOOK_BUDGET_S = 20.0
 """How long the hang hook may take (a requeue asks SLURM, which a partitioned node cannot reach);
 the process exits when it returns or after this long."""
+_GRACE_MAX_S = 6.0
+"""The most the hook waits for the other ranks to notice the same hang (see ``_end_hung_run``)."""
 _EXIT_BUDGET_S = 28.0
 """The process is gone this long after the hang was noticed, whatever blocks (a hung file system
 under the stacks or the ledger): faulthandler's own timer ends it then."""
@@ -91,6 +98,8 @@ class Watchdog:
         self._excused: Optional[str] = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._trainer_thread: Optional[int] = None  # the thread that runs the steps (start()'s caller)
+        self._waiting: tuple[Optional[FrameType], float] = (None, 0.0)  # its torch.distributed call, since when
 
     # ------------------------------------------------------------------ main thread
     def __enter__(self) -> Watchdog:
@@ -107,6 +116,7 @@ class Watchdog:
         """
         if self.health.hang_timeout_s < 0 or self._threads:
             return
+        self._trainer_thread = threading.get_ident()
         self._stop.clear()
         self._threads = [threading.Thread(target=target, name=name, daemon=True) for target, name in
                          ((self._watch, "hang-watchdog"), (self._beat_on_disk, "hang-heartbeat"))]
@@ -158,16 +168,27 @@ class Watchdog:
         return min(max(limit / 20, 0.2), 5.0)
 
     def _watch(self) -> None:
+        looked = self._clock()
         while not self._stop.wait(self._interval_s()):
             limit, last, phase = self.limit_s(), self._last_beat, self._excused
+            now, interval = self._clock(), self._interval_s()
+            late, looked = now - looked - interval, now
             if limit is None or last is None:
                 continue
-            silent = self._clock() - last
+            if late > self._stale_after(limit):
+                # This whole process stood still (SIGSTOP and SIGCONT, a paused VM): not a hang of
+                # the run, and its peers' own watchdogs judge whether they waited for it too long.
+                logger.warning("rank %d was stopped for %.0f s; the hang watchdog restarts its clock",
+                               self.env.rank, late)
+                self._last_beat = last = last + late
+            silent = now - last
             if silent <= limit:
                 continue
-            stale, alive = self._peers(stale_after=self._stale_after(limit))
-            if phase is None or stale or silent > max(limit, self.health.collective_timeout_s):
-                self._end_hung_run(silent, limit, phase, stale, alive)
+            stale_after = self._stale_after(limit)
+            stale, alive, least_wait = self._peers(stale_after)
+            if (phase is None or stale or least_wait > stale_after
+                    or silent > max(limit, self.health.collective_timeout_s)):
+                self._end_hung_run(silent, limit, phase, stale, alive, least_wait)
                 return
 
     def _stale_after(self, limit: float) -> float:
@@ -176,10 +197,14 @@ class Watchdog:
         return max(3 * self._interval_s(), limit / 2)
 
     def _beat_on_disk(self) -> None:
-        """This rank's heartbeat, rewritten every interval while the process runs."""
+        """This rank's heartbeat, rewritten every interval while the process runs; ``gap_s`` is the
+        time since the previous one (a process that was stopped and continued shows its silence)."""
+        previous = time.time()
         while True:
+            now = time.time()
             beat = {"rank": self.env.rank, "host": self._host, "pid": os.getpid(), "attempt": self.attempt,
-                    "step": self._step, "time": time.time()}
+                    "step": self._step, "time": now, "gap_s": now - previous, "waiting_s": self._waiting_s(now)}
+            previous = now
             try:
                 self.folder.heartbeats.mkdir(parents=True, exist_ok=True)
                 atomic_write_bytes(self.folder.heartbeat(self.env.rank), json.dumps(beat).encode())
@@ -188,8 +213,22 @@ class Watchdog:
             if self._stop.wait(self._interval_s()):
                 return
 
+    def _waiting_s(self, now: float) -> float:
+        """How long the trainer's thread has been blocked in one torch.distributed call (0: not in
+        one). A call is one frame object: while this holds it, a later call cannot be it."""
+        frame = sys._current_frames().get(self._trainer_thread or -1)
+        inside = frame is not None and frame.f_code.co_filename.endswith("distributed_c10d.py")
+        waited, since = self._waiting
+        if not inside:
+            self._waiting = (None, 0.0)
+            return 0.0
+        if frame is not waited:
+            self._waiting = (frame, now)
+            return 0.0
+        return now - since
+
     def _end_hung_run(self, silent: float, limit: float, phase: Optional[str], stale: list[str],
-                       alive: int) -> None:
+                      alive: int, least_wait: float) -> None:
         """Stacks, the silent ranks, the ledger, the hook, exit (whatever fails on the way)."""
         faulthandler.dump_traceback_later(_EXIT_BUDGET_S, exit=True)  # the deadline, whatever blocks below
         try:
@@ -199,10 +238,14 @@ class Watchdog:
                 faulthandler.dump_traceback(sys.stderr, all_threads=True)
                 where = f"stacks on stderr ({error})"
             during = f", {phase} in progress" if phase else ""
-            peers = (f"ranks that stopped answering: {', '.join(stale)}" if stale else
-                     f"every rank's heartbeat is fresh ({alive} alive, none advancing): a network partition between "
-                     "the ranks or a deadlock, see the stacks")
-            reason = (f"no optimizer step for {silent:.0f} s after step {self._step}{during} (limit {limit:.0f} s); "
+            if stale:
+                peers = f"ranks that stopped answering: {', '.join(stale)}"
+            else:
+                waits = (f"every one waiting in a collective for {least_wait:.0f} s or more" if least_wait
+                         else "none advancing")
+                peers = (f"every rank's heartbeat is fresh ({alive} alive, {waits}): a network partition between "
+                         "the ranks or a deadlock, see the stacks")
+            reason = (f"no optimizer step for {silent:.3g} s after step {self._step}{during} (limit {limit:.3g} s); "
                       f"{peers}")
             logger.error("hang on rank %d (%s): %s; %s", self.env.rank, self._host, reason, where)
             failure = Failure.now(self.attempt, "hang", reason, self._step, self.env.rank)
@@ -211,6 +254,9 @@ class Watchdog:
             except OSError as error:
                 logger.error("cannot record the hang in the failures ledger: %s", error)
             if self.on_hang is not None:
+                # The other ranks notice the same hang within a look and a step of this one. Let them write
+                # their stacks first: the hook's requeue ends the frozen rank, and that ends them with an error.
+                time.sleep(min(2 * self._interval_s() + (self._step_time or 0.0), _GRACE_MAX_S))
                 hook = threading.Thread(target=self.on_hang, args=(failure,), name="hang-hook", daemon=True)
                 hook.start()
                 hook.join(_HOOK_BUDGET_S)
@@ -233,11 +279,15 @@ class Watchdog:
             faulthandler.dump_traceback(out, all_threads=True)
         return path
 
-    def _peers(self, stale_after: float) -> tuple[list[str], int]:
-        """The ranks whose heartbeat is stale (one phrase each: rank, host, pid, age, step) and the
-        number of ranks alive."""
-        now, stale, alive = time.time(), [], 0
+    def _peers(self, stale_after: float) -> tuple[list[str], int, float]:
+        """The other ranks whose heartbeat is stale, or came back after a silence (one phrase each:
+        rank, host, pid, silence, step), the number of ranks alive (this one included), and the
+        least time any rank has been waiting in its torch.distributed call."""
+        now, stale, alive = time.time(), [], 1
+        least_wait = self._waiting_s(now)
         for rank in range(self.env.world_size):
+            if rank == self.env.rank:
+                continue
             try:
                 beat = json.loads(self.folder.heartbeat(rank).read_text())
             except (OSError, ValueError):
@@ -249,6 +299,10 @@ class Watchdog:
             elif age > stale_after:
                 stale.append(f"{rank} ({beat['host']}, pid {beat['pid']}, silent for {age:.0f} s, "
                              f"at step {beat['step']})")
+            elif beat.get("gap_s", 0.0) > stale_after:  # continued meanwhile (SLURM sends SIGCONT to end it)
+                stale.append(f"{rank} ({beat['host']}, pid {beat['pid']}, silent for {beat['gap_s']:.0f} s until "
+                             f"{age:.0f} s ago, at step {beat['step']})")
             else:
                 alive += 1
-        return stale, alive
+                least_wait = min(least_wait, beat["waiting_s"] + age if beat.get("waiting_s") else 0.0)
+        return stale, alive, least_wait
