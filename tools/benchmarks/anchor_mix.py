@@ -192,20 +192,14 @@ def run(args: argparse.Namespace) -> str:
     dtype = _DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")]
     if min(tokens_list + [batch, args.heads, args.head_dim, args.anchors]) < 1:
         raise ValueError("--tokens, --batch, --heads, --head-dim and --anchors must all be >= 1")
-    rows, auto_rows = [], []
+    rows, auto_rows, all_timings = [], [], []
     for tokens in tokens_list:
         shape = (batch, args.heads, tokens, args.head_dim)
         qk = torch.randn(shape, device=device, dtype=dtype)
         v = torch.randn(shape, device=device, dtype=dtype)
         anchors = torch.randn(args.anchors, args.head_dim, device=device, dtype=dtype)
         timings = [_time_backend(backend, plan, qk, anchors, v, device) for backend, plan in _TIMED]
-        eager = timings[0][1]
-        row = [tokens]
-        for first, median in timings:
-            if median is None:
-                row += [f"n/a: {first}", "-", "-"]
-            else:
-                row += [f"{median * 1e3:.3f}", f"{eager / median:.2f}x", f"{first:.1f}"]
+        all_timings.append(timings)
         case = f"n={tokens} B={batch} h={args.heads} dh={args.head_dim}"
         for (backend, forced), (_, median) in zip(_TIMED, timings):
             if median is not None:
@@ -222,9 +216,20 @@ def run(args: argparse.Namespace) -> str:
             met = record(case, "auto GPU time / HBM floor", gpu / floor, TARGET_FLOOR_RATIO, "at_most")
             floor_cells = [f"{gpu * 1e3:.3f}", f"{floor * 1e3:.3f}",
                            f"{gpu / floor:.1f}x, {verdict(met, TARGET_FLOOR_RATIO)}"]
-        rows.append(row + [auto, plan, *floor_cells])
+        rows.append([auto, plan, *floor_cells])
+    # a backend that ran nowhere (the kernels on a CPU) gets a sentence instead of a column of reasons
+    shown = [j for j in range(len(_TIMED)) if any(timings[j][1] is not None for timings in all_timings)]
+    not_run = [f"{_label(*_TIMED[j])} ({all_timings[0][j][0]})" for j in range(len(_TIMED)) if j not in shown]
+    for i, (tokens, timings) in enumerate(zip(tokens_list, all_timings)):
+        eager = timings[0][1]
+        cells = []
+        for j in shown:
+            first, median = timings[j]
+            cells += ["n/a", "-", "-"] if median is None else [f"{median * 1e3:.3f}", f"{eager / median:.2f}x",
+                                                               f"{first:.1f}"]
+        rows[i] = [tokens, *cells, *rows[i]]
     header = ["n"]
-    for backend, plan in _TIMED:
+    for backend, plan in (_TIMED[j] for j in shown):
         label = _label(backend, plan)
         header += [f"{label} ms", f"{label} speedup", f"{label} first call s"]
     return "\n".join([
@@ -236,7 +241,7 @@ def run(args: argparse.Namespace) -> str:
         "'auto' = the backend auto chose; 'plan' = the kernels' launch plan under auto (one-program: one launch "
         "forward, two backward; token-split: three and four). 'GPU ms' sums the auto path's kernels over one "
         f"fwd+bwd (CUDA); 'HBM floor' moves its {_TENSORS_MOVED} (B, h, n, dh) tensors once at the device's "
-        "bandwidth.",
+        "bandwidth." + (f" Not run on this device: {'; '.join(not_run)}." if not_run else ""),
         "",
         markdown_table(header + ["auto", "plan", "auto GPU ms", "HBM floor ms", "GPU / floor"], rows),
         "",
