@@ -141,8 +141,9 @@ class Watchdog:
 
     @contextlib.contextmanager
     def excused(self, what: str) -> Iterator[None]:
-        """Do not time ``what`` (an evaluation, a checkpoint write): its length has nothing to do
-        with a step's, and the collective timeout bounds it. The clock restarts after it."""
+        """Do not time ``what`` (an evaluation, a checkpoint write) as a step: its length has nothing
+        to do with a step's. Past the limit it ends only when a peer stopped answering or every rank
+        waits in a collective (see the module docstring). The clock restarts after it."""
         self._excused = what
         try:
             yield
@@ -153,7 +154,10 @@ class Watchdog:
                 self._last_beat = self._clock()
 
     def limit_s(self) -> Optional[float]:
-        """Seconds without a step after which the run is ended; None until the first step."""
+        """Seconds without a step after which the run is ended; None until the first step, or
+        with the watchdog off."""
+        if self.health.hang_timeout_s < 0:
+            return None
         if self.health.hang_timeout_s > 0:
             return self.health.hang_timeout_s if self._last_beat is not None else None
         if self._step_time is None:
@@ -164,7 +168,7 @@ class Watchdog:
     def _interval_s(self) -> float:
         """Seconds between two looks (and heartbeats): a twentieth of the limit (the derived one's
         floor before the first step), 0.2 to 5 s."""
-        limit = self.limit_s() or self.health.hang_timeout_s or self.health.hang_floor_s
+        limit = self.limit_s() or self.health.hang_timeout_s or self.health.hang_floor_s  # (never -1: not started)
         return min(max(limit / 20, 0.2), 5.0)
 
     def _watch(self) -> None:
