@@ -5,13 +5,14 @@ once the training images exactly as the model receives them (``logging.input_ima
 
 Rank 0 computes and writes; every rank enters the probe (under ZeRO-3 the weights are gathered
 once per probe, a collective). The probe batch is the first ``logging.anchor_probe_images`` images
-of rank 0's validation stream, taken once. The input grid comes from a forward pre-hook that
+of rank 0's validation stream, taken once: from the first evaluation as it passes (:meth:`watching`),
+or, when a probe is due before any evaluation, by reading the stream's first batch. The input grid comes from a forward pre-hook that
 removes itself after the first training forward, so the step itself is untouched.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -67,6 +68,19 @@ class AnchorMonitor:
                                                                        max_images=self.cfg.input_images)}, step)
 
         handle = model.register_forward_pre_hook(capture)
+
+    def watching(self, batches: Iterable[Any]) -> Iterable[Any]:
+        """An evaluation's ``batches``, the probe taken from the first as it passes (main rank, once);
+        ``batches`` themselves where there is nothing to take."""
+        if self._probe is not None or not (self.is_main and self.enabled):
+            return batches
+        return self._taking_probe(batches)
+
+    def _taking_probe(self, batches: Iterable[Any]) -> Iterator[Any]:
+        for batch in batches:
+            if self._probe is None:
+                self._probe = AnchorProbe.from_batch(batch[0], count=self.cfg.anchor_probe_images)
+            yield batch
 
     def due(self, step: int) -> bool:
         """Whether optimizer step ``step`` asks for a probe (the same answer on every rank)."""

@@ -271,7 +271,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Evaluate the model (and its EMA) on the validation stream; log and return the metrics."""
-        metrics = {f"eval/{k}": v for k, v in self.task.evaluate(self.engine, self.val_stream).items()}
+        validation = self.anchors.watching(self.val_stream)  # the anchor probe batch taken as it passes, once
+        metrics = {f"eval/{k}": v for k, v in self.task.evaluate(self.engine, validation).items()}
         if self.ema is not None:
             with self.ema.swapped_in():
                 ema = self.task.evaluate(self.engine, self.val_stream)
