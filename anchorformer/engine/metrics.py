@@ -115,7 +115,8 @@ def run_layout(main_metric: str = "top1") -> dict[str, dict[str, list]]:
             "MFU": chart(r"^perf/mfu$"),
             "data-wait share of wall time": chart(r"^perf/data_wait_share$"),
             "peak memory (GB)": chart(r"^memory/"),
-            "step time (s): mean, per-rank median and max": chart(r"^perf/step_time(_median|_max)?_s$"),
+            "step time (s): mean wall; per-rank busy time (data wait + forward), median and max":
+                chart(r"^perf/step_time(_median|_max)?_s$"),
         },
         "Training": {
             "gradient norm": chart(r"^train/grad_norm$"),
