@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from slurm_cluster import DEFAULT_NODES_STATE_DIR, ClusterPaths, NamespaceCluster
+from slurm_cluster import DEFAULT_NODES_STATE_DIR, DEFAULT_STATE_DIR, ClusterPaths, NamespaceCluster, OneNodeCluster
+from slurm_fixtures import restore_nodes
 
 # DeepSpeed's JIT-built ops (the CPU shared-memory all-reduce) are cached per checkout, for this
 # process and every subprocess and SLURM job of the tests: another checkout's build lock never stalls us.
@@ -37,11 +38,12 @@ def _running_cluster(*options: str) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[None]:
+def slurm_cluster() -> Iterator[OneNodeCluster]:
     """A real single-node SLURM with accounting (tests/slurm_cluster.py; starting one that already
-    runs is a no-op), stopped at the end of the session if the session started it."""
+    runs is a no-op), stopped at the end of the session if the session started it; run its clients
+    with ``cluster.run`` (tests/slurm_fixtures.py takes it)."""
     with _running_cluster():
-        yield
+        yield OneNodeCluster(ClusterPaths(DEFAULT_STATE_DIR))
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +53,15 @@ def multinode_cluster() -> Iterator[NamespaceCluster]:
     with ``cluster.run`` / ``cluster.command`` (the login node) or ``cluster.node_command``."""
     with _running_cluster("--nodes", "3"):
         yield NamespaceCluster(ClusterPaths(DEFAULT_NODES_STATE_DIR), 3)
+
+
+@pytest.fixture
+def nodes_back(multinode_cluster: NamespaceCluster) -> Iterator[None]:
+    """After the test, every node of the multi-node cluster usable again: one SLURM left down or
+    drained is resumed (so that the next tests can run) and fails this test with its reason."""
+    yield
+    lost = restore_nodes(multinode_cluster)
+    assert not lost, f"the test left nodes unusable (now resumed): {lost}"
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """Following jobs on the local SLURM clusters of tests/slurm_cluster.py (imported explicitly): their
 accounting records, the end of a job, a step in its log, releasing a requeued job, and comparing a
-run's training with a reference run's.
+run's training with a reference run's; and the jobs the multi-node tests submit (the demo recipe
+shrunk to seconds, through launch/submit.py on the login node).
 
 Every SLURM command goes through ``cluster.run`` (a :class:`slurm_cluster.SlurmCluster`): on the
 one-node cluster it runs here, on the multi-node one on its login node, with the cluster's
@@ -10,13 +11,16 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from helpers import train_losses
-from slurm_cluster import SlurmCluster
+from helpers import REPO, train_losses
+from slurm_cluster import NamespaceCluster, SlurmCluster
 
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                 "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
@@ -51,6 +55,30 @@ def hostnames(cluster: SlurmCluster, node_list: str) -> list[str]:
     return cluster.run(["scontrol", "show", "hostnames", node_list]).stdout.split()
 
 
+def job_report(cluster: SlurmCluster, job_id: str) -> str:
+    """The job's state and pending reason as the controller sees it, and every node's state and
+    reason: what a timeout's message needs to tell a job that never started from a slow one."""
+    info = cluster.run(["scontrol", "show", "job", job_id], check=False).stdout
+    job = " ".join(re.findall(r"\b(?:JobState|Reason|Restarts|NodeList|StartTime)=\S+", info)) or "unknown to the controller"
+    nodes = cluster.run(["sinfo", "-N", "-h", "-o", "%N %T %E"], check=False).stdout.strip()
+    return f"job {job_id}: {job}; nodes: " + "; ".join(nodes.splitlines())
+
+
+def restore_nodes(cluster: SlurmCluster, timeout: float = 90) -> dict[str, str]:
+    """Wait until every node is usable again (a node a test cut off rejoins by itself); resume those
+    SLURM still keeps down or drained after ``timeout`` and return their {node: "state reason"}."""
+    def unusable() -> dict[str, str]:
+        lines = cluster.run(["sinfo", "-N", "-h", "-o", "%N|%T|%E"], check=False).stdout.splitlines()
+        return {node: f"{state} ({reason})" for node, state, reason in (line.split("|", 2) for line in lines)
+                if not state.rstrip("*").startswith(("idle", "mixed", "allocated", "completing"))}
+    deadline = time.monotonic() + timeout
+    while (lost := unusable()) and time.monotonic() < deadline:
+        time.sleep(1)
+    for node in lost:
+        cluster.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], check=False)
+    return lost
+
+
 def wait_for_end(cluster: SlurmCluster, job_id: str, log: Path, runs: int = 1, timeout: float = 600) -> str:
     """Wait until the ``runs``-th run of the job (``runs - 1`` requeues) reached a final state and
     return it; on timeout cancel the job and fail with its states and the end of ``log``.
@@ -69,15 +97,20 @@ def wait_for_end(cluster: SlurmCluster, job_id: str, log: Path, runs: int = 1, t
         return wait_until(f"job {job_id} to finish", final_state, timeout)
     except AssertionError:
         states = sacct_states(cluster, job_id)
+        report = job_report(cluster, job_id)
         cluster.run(["scancel", job_id], check=False)
-        raise AssertionError(f"job {job_id} did not finish {runs} run(s) (states {states}); log {log}:\n"
+        raise AssertionError(f"job {job_id} did not finish {runs} run(s) (states {states}); {report}; log {log}:\n"
                              f"{log.read_text()[-4000:] if log.exists() else '(none)'}") from None
 
 
-def wait_for_step(log: Path, step: int, max_steps: int, timeout: float = 600) -> None:
-    """Wait until rank 0's log reports optimizer step ``step`` (of ``max_steps``)."""
-    wait_until(f"step {step} in {log}", lambda: log.exists() and f"step {step}/{max_steps}" in log.read_text(),
-               timeout=timeout, interval=0.05)
+def wait_for_step(cluster: SlurmCluster, job_id: str, log: Path, step: int, max_steps: int,
+                  timeout: float = 600) -> None:
+    """Wait until rank 0's log (``log``) of the job reports optimizer step ``step`` (of ``max_steps``)."""
+    try:
+        wait_until(f"step {step} in {log}", lambda: log.exists() and f"step {step}/{max_steps}" in log.read_text(),
+                   timeout=timeout, interval=0.05)
+    except AssertionError as error:
+        raise AssertionError(f"{error}; {job_report(cluster, job_id)}") from None
 
 
 def release_requeued(cluster: SlurmCluster, job_id: str, restarts: int = 1, timeout: float = 180) -> None:
@@ -100,7 +133,9 @@ def release_requeued(cluster: SlurmCluster, job_id: str, restarts: int = 1, time
     # slurmd revokes the old run's credential with a 1 s timestamp: a restart within that same
     # second is killed ("Job credential revoked"), which is what SLURM's hold guards against.
     time.sleep(2)
-    cluster.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+    lifted = cluster.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
+    # SLURM may have started it meanwhile (a node marked down frees the job's hold at once)
+    assert lifted.returncode == 0 or "no longer pending" in lifted.stderr, lifted.stderr
 
 
 def eval_metrics(run_dir: Path) -> dict[str, float]:
@@ -117,3 +152,56 @@ def assert_same_training(run_dir: Path, reference_dir: Path, max_steps: int) -> 
     assert sorted(losses) == list(range(1, max_steps + 1))
     assert losses == pytest.approx(train_losses(reference_dir), rel=1e-6)
     assert eval_metrics(run_dir) == pytest.approx(eval_metrics(reference_dir), rel=1e-6)
+
+
+# ---------------------------------------------------------------- jobs of the multi-node tests
+MAX_STEPS = 30
+"""Enough that a signal after step 3 arrives well before the end (steps take ~0.05 s)."""
+# The demo recipe shrunk so that a job takes seconds: one 32-wide block, one loader worker per rank.
+# The global batch of 24 splits over 2 and 3 ranks (micro-batch 4: 3 or 2 accumulation steps).
+TINY = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.num_anchors=4", "data.num_workers=1",
+        "train.global_batch_size=24", "train.micro_batch_size=4", f"train.max_steps={MAX_STEPS}",
+        "schedule.epochs=1", "schedule.warmup_epochs=0", "logging.every_steps=1", "logging.progress_bar=false"]
+# Every rank computes alike wherever it runs: one thread each (the ranks share 2 cores), and the
+# same anchor-mix kernel (auto would time the kernels in each process and may pick differently).
+RANK_ENV = {"OMP_NUM_THREADS": "1", "ANCHORFORMER_ANCHOR_MIX": "torch"}
+
+
+@dataclass(frozen=True)
+class Run:
+    """A job submitted for one run folder."""
+
+    job_id: str
+    run_dir: Path
+    log: Path
+    """Rank 0's log (or the batch script's output)."""
+
+
+
+def job_overrides(workdir: Path, run_name: str) -> list[str]:
+    return [*TINY, f"logging.output_dir={workdir / 'runs'}", f"logging.run_name={run_name}",
+            f"data.cache_dir={workdir / 'cache'}"]
+
+
+def submit(cluster: NamespaceCluster, workdir: Path, run_name: str, nodes: int, tasks_per_node: int = 1,
+            *overrides: str) -> subprocess.Popen:
+    """Start ``launch/submit.py`` on the login node (it prints the job id once submitted)."""
+    command = [sys.executable, str(REPO / "launch" / "submit.py"), "--nodes", str(nodes),
+               "--gpus-per-node", str(tasks_per_node), "--cpus-per-task", "1", "--no-exclusive", "--time", "20",
+               "--signal-delay", "60", str(REPO / "configs" / "demo.yaml"), *job_overrides(workdir, run_name),
+               *overrides]
+    return subprocess.Popen(cluster.command(command), env={**cluster.env(), **RANK_ENV}, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def submitted(submission: subprocess.Popen, workdir: Path, run_name: str) -> Run:
+    """The job that a :func:`submit` call submitted."""
+    out, err = submission.communicate(timeout=600)
+    assert submission.returncode == 0, f"submit failed:\n{out}{err}"
+    job_id = out.split("submitted job ", 1)[1].split()[0]
+    run_dir = workdir / "runs" / run_name
+    return Run(job_id, run_dir, run_dir / "slurm" / f"{job_id}_0_log.err")
+
+
+def submit_one(cluster: NamespaceCluster, workdir: Path, run_name: str, nodes: int, *overrides: str) -> Run:
+    return submitted(submit(cluster, workdir, run_name, nodes, 1, *overrides), workdir, run_name)

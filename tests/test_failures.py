@@ -23,12 +23,11 @@ from typing import Iterator, Optional
 
 import pytest
 from helpers import BIN, REPO, cpu_env
-from slurm_cluster import ClusterError, NamespaceCluster
+from slurm_cluster import NamespaceCluster
 from slurm_fixtures import (
-    assert_same_training, job_segments, release_requeued, sacct_states, wait_for_end, wait_for_step,
-    wait_until,
+    RANK_ENV, Run, assert_same_training, job_overrides, job_report, job_segments, release_requeued, sacct_states, submit,
+    submitted, wait_for_end, wait_for_step, wait_until,
 )
-from test_multinode import RANK_ENV, TINY, Run, _overrides, _submit, _submitted
 
 from anchorformer.config import ConfigError, load
 from anchorformer.config.schema import HealthConfig
@@ -324,7 +323,7 @@ def _torchrun(workdir: Path, run_name: str, *options: str) -> subprocess.Popen:
     """2 ranks of the shrunk demo recipe under torchrun on this machine."""
     command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", *options,
                str(REPO / "launch" / "train.py"), str(REPO / "configs" / "demo.yaml"),
-               *_overrides(workdir, run_name), *FAILING]
+               *job_overrides(workdir, run_name), *FAILING]
     return subprocess.Popen(command, cwd=REPO, env=cpu_env(**RANK_ENV), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -386,7 +385,7 @@ class Timeline:
 
 def _submit_failing(cluster: NamespaceCluster, workdir: Path, run_name: str, nodes: int, *overrides: str) -> Run:
     """A job of ``nodes`` nodes, one rank each, of the shrunk recipe with a short hang limit."""
-    return _submitted(_submit(cluster, workdir, run_name, nodes, 1, *FAILING, *overrides), workdir, run_name)
+    return submitted(submit(cluster, workdir, run_name, nodes, 1, *FAILING, *overrides), workdir, run_name)
 
 
 def _requeued(cluster: NamespaceCluster, run: Run, timeline: Timeline) -> None:
@@ -394,13 +393,13 @@ def _requeued(cluster: NamespaceCluster, run: Run, timeline: Timeline) -> None:
     wait_until("the job to requeue itself", lambda: "Restarts=1" in cluster.run(
         ["scontrol", "show", "job", run.job_id]).stdout, timeout=120, interval=0.2)
     timeline.mark("requeued")
-    try:
-        release_requeued(cluster, run.job_id)
-    except ClusterError as error:  # it started by itself meanwhile: SLURM marked a lost node down
-        if "no longer pending" not in str(error):
-            raise
+    release_requeued(cluster, run.job_id)
     timeline.mark("hold released")
-    wait_until("the requeued job to resume", lambda: "resumed from" in run.log.read_text(), timeout=300, interval=0.2)
+    try:
+        wait_until("the requeued job to resume", lambda: "resumed from" in run.log.read_text(), timeout=300,
+                   interval=0.2)
+    except AssertionError as error:
+        raise AssertionError(f"{error}; {job_report(cluster, run.job_id)}") from None
     timeline.mark("training again")
 
 
@@ -411,11 +410,12 @@ def _only_entry(run: Run) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("nodes_back")
 def test_a_crashed_rank_requeues_the_job_which_resumes_to_the_same_result(multinode_cluster, reference, workdir,
                                                                           repeated):
     # (``repeated``: that job runs meanwhile)
     run = _submit_failing(multinode_cluster, workdir, "crash", 2)
-    wait_for_step(run.log, 5, MAX_STEPS)  # after the checkpoint of step 4
+    wait_for_step(multinode_cluster, run.job_id, run.log, 5, MAX_STEPS)  # after the checkpoint of step 4
     node, pid = _slurm_task(multinode_cluster, run.job_id, 1)
     os.kill(pid, signal.SIGKILL)  # the training process alone: its node lives on
     timeline = Timeline(f"rank 1 killed on {node}")
@@ -438,9 +438,10 @@ def _wait_for_exits(pids: dict[int, str], timeline: Timeline, limit_s: float) ->
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("nodes_back")
 def test_a_frozen_rank_ends_every_survivor_and_the_job_resumes(multinode_cluster, workdir):
     run = _submit_failing(multinode_cluster, workdir, "frozen", 3)
-    wait_for_step(run.log, 5, MAX_STEPS)
+    wait_for_step(multinode_cluster, run.job_id, run.log, 5, MAX_STEPS)
     tasks = {rank: _slurm_task(multinode_cluster, run.job_id, rank) for rank in range(3)}
     frozen_node, frozen = tasks[1]
     os.kill(frozen, signal.SIGSTOP)  # connections stay open; SLURM sees nothing
@@ -488,6 +489,7 @@ def repeated(multinode_cluster, deepspeed_ops_built, workdir: Path) -> Iterator[
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("nodes_back")
 def test_a_failure_repeating_at_the_same_step_stops_the_job_with_one_error(multinode_cluster, repeated):
     run, releaser, timeline = repeated
     releaser.join(timeout=600)
@@ -503,10 +505,11 @@ def test_a_failure_repeating_at_the_same_step_stops_the_job_with_one_error(multi
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("nodes_back")
 def test_a_node_cut_off_the_network_ends_its_ranks_and_the_job_resumes_elsewhere(multinode_cluster, reference,
                                                                                  workdir):
     run = _submit_failing(multinode_cluster, workdir, "cut_off", 2)
-    wait_for_step(run.log, 5, MAX_STEPS)
+    wait_for_step(multinode_cluster, run.job_id, run.log, 5, MAX_STEPS)
     tasks = {rank: _slurm_task(multinode_cluster, run.job_id, rank) for rank in range(2)}
     cut_node = tasks[1][0]
     link = ["ip", "-n", multinode_cluster.namespace(cut_node), "link", "set", "eth0"]

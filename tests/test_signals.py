@@ -77,8 +77,8 @@ def test_stop_request_keeps_a_signal_until_the_trainer_exists_then_forwards_each
 MAX_STEPS = 30
 SIGNAL_AFTER_STEP = 5
 GRACE_S = 30  # what torchrun (--shutdown-timeout) and DeepSpeed's launcher wait before SIGKILL
-TINY = ["configs/demo.yaml", "model.kwargs.depth=1", "model.kwargs.embed_dim=32", "model.kwargs.num_heads=2",
-        "model.kwargs.num_anchors=4", "data.num_workers=2", "train.global_batch_size=32",
+TINY = ["configs/demo.yaml", "model.depth=1", "model.embed_dim=32", "model.num_heads=2",
+        "model.num_anchors=4", "data.num_workers=2", "train.global_batch_size=32",
         "train.micro_batch_size=16", f"train.max_steps={MAX_STEPS}", "schedule.epochs=1", "schedule.warmup_epochs=0",
         "logging.every_steps=1", "logging.progress_bar=false"]
 LAUNCHERS = {

@@ -20,6 +20,9 @@ import pytest
 import submitit
 from helpers import BIN, REPO, train_losses
 from omegaconf import OmegaConf
+from slurm_fixtures import (
+    assert_same_training, release_requeued, sacct_states, wait_for_end, wait_for_step, wait_until,
+)
 
 from anchorformer.config import SlurmConfig, from_dict, load
 from anchorformer.run_folder import RunFolder
@@ -219,14 +222,12 @@ MAX_STEPS = 40
 SIGNAL_AFTER_STEP = 5
 # The demo recipe, shrunk so that a run takes seconds: one 32-wide block, 40 steps of 2 x 16, two
 # DataLoader workers per rank (SLURM signals them too).
-TINY = ["model.kwargs.depth=1", "model.kwargs.embed_dim=32", "model.kwargs.num_heads=2",
-        "model.kwargs.num_anchors=4", "data.num_workers=2", "train.global_batch_size=32",
+TINY = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2",
+        "model.num_anchors=4", "data.num_workers=2", "train.global_batch_size=32",
         "train.micro_batch_size=16", f"train.max_steps={MAX_STEPS}", "schedule.epochs=1",
         "schedule.warmup_epochs=0", "logging.every_steps=1", "logging.progress_bar=false"]
 JOB_OPTIONS = ["--nodes", "1", "--gpus-per-node", "2", "--cpus-per-task", "1", "--time", "20",
                "--signal-delay", "60"]
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-                "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
 
 
 @pytest.fixture(scope="module")
@@ -252,75 +253,19 @@ def _submit_cli(workdir: Path, run_name: str, *extra: str) -> tuple[str, str]:
     return match.group(1), done.stdout
 
 
-def _sacct_states(job_id: str) -> list[str]:
-    """Accounting records of the job (one per run of it, requeues included), oldest first."""
-    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "--duplicates", "-o", "State"],
-                         capture_output=True, text=True, check=True).stdout
-    return [line.split()[0] for line in out.splitlines() if line.strip()]
-
-
-def _wait_until(what: str, probe, timeout: float, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def _wait_for_end(job_id: str, log: Path, timeout: float = 600) -> str:
-    def final_state():
-        states = _sacct_states(job_id)
-        return states[-1] if states and states[-1] in FINAL_STATES else None
-    try:
-        return _wait_until(f"job {job_id} to finish", final_state, timeout)
-    except AssertionError:
-        subprocess.run(["scancel", job_id])
-        raise AssertionError(f"job {job_id} did not finish; rank 0 log:\n"
-                             f"{log.read_text()[-4000:] if log.exists() else '(none)'}") from None
-
-
-def _wait_for_step(log: Path, step: int) -> None:
-    """Wait until rank 0's log reports optimizer step ``step``."""
-    _wait_until(f"step {step} in {log}",
-                lambda: log.exists() and f"step {step}/{MAX_STEPS}" in log.read_text(),
-                timeout=600, interval=0.05)
-
-
-def _release_requeued(job_id: str) -> None:
-    """Wait until the job was requeued (pending, one restart) and its old allocation is gone,
-    then lift SLURM's ~2 min hold (Reason=BeginTime) with ``scontrol update StartTime=now``."""
-    def requeued_and_node_idle():
-        info = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True,
-                              text=True).stdout
-        node = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True,
-                              text=True).stdout.strip()
-        return "JobState=PENDING" in info and "Restarts=1" in info and node == "idle"
-    _wait_until(f"job {job_id} to be requeued", requeued_and_node_idle, timeout=180, interval=0.2)
-    # slurmd revokes the old run's credential with a 1 s timestamp: a restart within that same
-    # second is killed ("Job credential revoked"), which is what SLURM's hold guards against.
-    time.sleep(2)
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
-
-
-def _eval_metrics(summary: dict) -> dict[str, float]:
-    return {k: v for k, v in summary["metrics"].items() if k.startswith("eval/")}
-
-
 @pytest.fixture(scope="module")
 def reference_run(slurm_cluster, workdir: Path) -> dict:
     """The demo config submitted to SLURM and run to the end without interruption."""
     job_id, out = _submit_cli(workdir, "reference")
     run_dir = workdir / "runs" / "reference"
-    state = _wait_for_end(job_id, run_dir / "slurm" / f"{job_id}_0_log.err")
-    return {"job_id": job_id, "out": out, "run_dir": run_dir, "state": state}
+    state = wait_for_end(slurm_cluster, job_id, run_dir / "slurm" / f"{job_id}_0_log.err")
+    return {"job_id": job_id, "out": out, "run_dir": run_dir, "state": state, "cluster": slurm_cluster}
 
 
 @pytest.mark.slow
 def test_submitted_demo_job_finishes_with_metrics_and_checkpoint_in_the_run_folder(reference_run):
     job_id, run_dir, out = reference_run["job_id"], reference_run["run_dir"], reference_run["out"]
-    assert reference_run["state"] == "COMPLETED", _sacct_states(job_id)
+    assert reference_run["state"] == "COMPLETED", sacct_states(reference_run["cluster"], job_id)
     # What submit printed, and the job id kept in the run folder.
     assert f"tensorboard --logdir {run_dir}" in out and "2 tasks on CPU" in out
     assert RunFolder(run_dir).slurm_job_id.read_text().strip() == job_id
@@ -350,12 +295,13 @@ def test_submitted_demo_job_finishes_with_metrics_and_checkpoint_in_the_run_fold
 def test_preemption_checkpoints_requeues_and_resumes_to_the_same_result(reference_run, workdir: Path,
                                                                         interruption: str, record_property):
     run_name = interruption.split()[-1].removeprefix("--signal=").lower()
+    cluster = reference_run["cluster"]
     job_id, _ = _submit_cli(workdir, run_name)
     run_dir = workdir / "runs" / run_name
     log = run_dir / "slurm" / f"{job_id}_0_log.err"
     latest = run_dir / "checkpoints" / "latest"
 
-    _wait_for_step(log, SIGNAL_AFTER_STEP)
+    wait_for_step(cluster, job_id, log, SIGNAL_AFTER_STEP, MAX_STEPS)
     assert not latest.exists()
     signalled = time.time()
     # TERM reaches every process of the step, the loader workers included. scancel --signal: the
@@ -371,10 +317,10 @@ def test_preemption_checkpoints_requeues_and_resumes_to_the_same_result(referenc
         except subprocess.TimeoutExpired:
             break
         time.sleep(0.05)
-    _wait_until("the checkpoint written on the signal", latest.exists, timeout=30, interval=0.05)
+    wait_until("the checkpoint written on the signal", latest.exists, timeout=30, interval=0.05)
     signal_to_checkpoint = latest.stat().st_mtime - signalled
-    _wait_until("the job to leave RUNNING", lambda: "JobState=RUNNING" not in subprocess.run(
-        ["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout, timeout=30, interval=0.1)
+    wait_until("the job to leave RUNNING", lambda: "JobState=RUNNING" not in cluster.run(
+        ["scontrol", "show", "job", job_id], check=False).stdout, timeout=30, interval=0.1)
     signal_to_exit = time.time() - signalled
     record_property("signal_to_checkpoint_s", round(signal_to_checkpoint, 3))
     record_property("signal_to_exit_s", round(signal_to_exit, 3))
@@ -385,35 +331,36 @@ def test_preemption_checkpoints_requeues_and_resumes_to_the_same_result(referenc
     assert "killed by signal" not in log.read_text()
 
     # Requeued (same id); SLURM holds requeued jobs ~2 min: release it now.
-    _release_requeued(job_id)
+    release_requeued(cluster, job_id)
 
-    assert _wait_for_end(job_id, log) == "COMPLETED"
-    assert _sacct_states(job_id) == ["REQUEUED", "COMPLETED"]
+    assert wait_for_end(cluster, job_id, log, runs=2) == "COMPLETED"
+    assert sacct_states(cluster, job_id) == ["REQUEUED", "COMPLETED"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["step"] == MAX_STEPS
     assert summary["resumed_from"].endswith(f"step_{stopped_at}")
     results = submitit.SlurmJob(run_dir / "slurm", job_id, tasks=(0, 1)).results()
     assert [(r.status, r.requeues) for r in results] == [("completed", 1)] * 2
 
-    _assert_same_training(run_dir, reference_run["run_dir"])
+    assert_same_training(run_dir, reference_run["run_dir"], MAX_STEPS)
 
 
 @pytest.mark.slow
 def test_scancel_still_ends_the_job_after_its_checkpoint_and_a_busy_folder_is_refused(reference_run,
                                                                                       workdir: Path):
+    cluster = reference_run["cluster"]
     job_id, _ = _submit_cli(workdir, "cancelled")
     run_dir = workdir / "runs" / "cancelled"
     log = run_dir / "slurm" / f"{job_id}_0_log.err"
-    _wait_for_step(log, SIGNAL_AFTER_STEP)
+    wait_for_step(cluster, job_id, log, SIGNAL_AFTER_STEP, MAX_STEPS)
     # A second run on the folder, while the job uses it: refused at the door.
     second = subprocess.run(_submit_command(workdir, "cancelled"), capture_output=True, text=True, cwd=REPO,
                             timeout=600)
     assert second.returncode == 2 and "nothing was submitted" in second.stderr, second.stderr[-3000:]
     assert f"is in use by SLURM job {job_id}" in second.stderr and "logging.run_name" in second.stderr
     subprocess.run(["scancel", job_id], check=True)
-    assert _wait_for_end(job_id, log) == "CANCELLED"
+    assert wait_for_end(cluster, job_id, log) == "CANCELLED"
     time.sleep(3)  # a requeue from the job (which would revive it) would show by now
-    assert _sacct_states(job_id) == ["CANCELLED"]
+    assert sacct_states(cluster, job_id) == ["CANCELLED"]
     assert (run_dir / "checkpoints" / "latest").exists()
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "stopped"
 
@@ -439,7 +386,7 @@ def test_local_executor_runs_the_same_job(reference_run, workdir: Path):
     assert "finished: completed" in out
     run_dir = workdir / "runs" / "local"
     assert (run_dir / "slurm" / f"{job_id}_0_log.err").is_file()
-    _assert_same_training(run_dir, reference_run["run_dir"])
+    assert_same_training(run_dir, reference_run["run_dir"], MAX_STEPS)
 
 
 def _sbatch_template(template: str, workdir: Path, run_name: str, *options: str,
@@ -454,28 +401,19 @@ def _sbatch_template(template: str, workdir: Path, run_name: str, *options: str,
     return done.stdout.strip().split(";")[0], output
 
 
-def _assert_same_training(run_dir: Path, reference_dir: Path) -> None:
-    """Same loss at every step and same final metrics as the reference run."""
-    assert train_losses(run_dir) == pytest.approx(train_losses(reference_dir), rel=1e-6)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    reference = json.loads((reference_dir / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["step"] == MAX_STEPS
-    assert _eval_metrics(summary) == pytest.approx(_eval_metrics(reference), rel=1e-6)
-
-
 @pytest.mark.slow
 def test_srun_template_requeues_itself_after_usr1_and_resumes(reference_run, workdir: Path):
     job_id, output = _sbatch_template("train_srun.sbatch", workdir, "srun_template",
                                       "--ntasks-per-node=2", "--cpus-per-task=1")
-    run_dir = workdir / "runs" / "srun_template"
-    _wait_for_step(output, SIGNAL_AFTER_STEP)
+    run_dir, cluster = workdir / "runs" / "srun_template", reference_run["cluster"]
+    wait_for_step(cluster, job_id, output, SIGNAL_AFTER_STEP, MAX_STEPS)
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
-    _release_requeued(job_id)
-    assert _wait_for_end(job_id, output) == "COMPLETED"
+    release_requeued(cluster, job_id)
+    assert wait_for_end(cluster, job_id, output, runs=2) == "COMPLETED"
     log = output.read_text()
     assert "requeuing job" in log and "resumed from" in log
-    assert _sacct_states(job_id) == ["REQUEUED", "COMPLETED"]
-    _assert_same_training(run_dir, reference_run["run_dir"])
+    assert sacct_states(cluster, job_id) == ["REQUEUED", "COMPLETED"]
+    assert_same_training(run_dir, reference_run["run_dir"], MAX_STEPS)
 
 
 @pytest.mark.slow
@@ -484,17 +422,18 @@ def test_deepspeed_template_trains_from_a_hostfile_and_requeues_itself_after_ter
     job_id, output = _sbatch_template("train_deepspeed.sbatch", workdir, "deepspeed_template",
                                       "--cpus-per-task=2",
                                       env={"DEEPSPEED": deepspeed, "SLOTS_PER_NODE": "2"})
-    _wait_for_step(output, SIGNAL_AFTER_STEP)
+    cluster = reference_run["cluster"]
+    wait_for_step(cluster, job_id, output, SIGNAL_AFTER_STEP, MAX_STEPS)
     # TERM reaches both launcher processes, the ranks and their workers: the `deepspeed` command
     # must outlive it (the template ignores TERM for it), else the step ends and kills the ranks.
     subprocess.run(["scancel", "--signal=TERM", job_id], check=True)
-    _release_requeued(job_id)
-    assert _wait_for_end(job_id, output) == "COMPLETED", output.read_text()[-4000:]
+    release_requeued(cluster, job_id)
+    assert wait_for_end(cluster, job_id, output, runs=2) == "COMPLETED", output.read_text()[-4000:]
     log = output.read_text()
     assert "task 0: Terminated" not in log and "requeuing job" in log and "resumed from" in log
-    assert _sacct_states(job_id) == ["REQUEUED", "COMPLETED"]
+    assert sacct_states(cluster, job_id) == ["REQUEUED", "COMPLETED"]
     run_dir = workdir / "runs" / "deepspeed_template"
     host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
     assert (run_dir / f"hostfile.{job_id}").read_text() == f"{host} slots=2\n"
     assert "deepspeed launcher" in log  # the ranks came from the DeepSpeed launcher
-    _assert_same_training(run_dir, reference_run["run_dir"])
+    assert_same_training(run_dir, reference_run["run_dir"], MAX_STEPS)
