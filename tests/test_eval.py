@@ -73,7 +73,7 @@ def test_bad_input_is_one_error_line(trained_run, arguments, message):
 def test_two_processes_count_every_sample_exactly_once(trained_run, tmp_path):
     _ok(_eval(str(trained_run), "--output", str(tmp_path / "one.json")))
     single = json.loads((tmp_path / "one.json").read_text())
-    torchrun = (str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29561")
+    torchrun = (str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29563")
     _ok(_eval(str(trained_run), "--output", str(tmp_path / "two.json"), launcher=torchrun))
     double = json.loads((tmp_path / "two.json").read_text())
     assert double["world_size"] == 2 and double["samples"] == single["samples"] == 297  # 5 shards over 2 ranks
