@@ -21,16 +21,11 @@ $(STAMP): setup.py constraints.txt
 demo: $(STAMP)
 	$(BIN)/python launch/train.py configs/demo.yaml
 
-# The suite runs on TEST_WORKERS processes (pytest-xdist): each test module stays on one worker, and
-# every module that uses a SLURM cluster shares one (tests/conftest.py groups them).
-TEST_WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
-
 test: $(STAMP)
-	$(PYTEST)
+	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)
-	$(PYTEST) -m "not slow"
+	$(BIN)/python -m pytest -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python tools/benchmark.py --write-docs all

@@ -33,7 +33,7 @@ setup(
         "segmentation": [],
         "plots": ["matplotlib>=3.8"],  # the quality map's PNG (tools/benchmark.py quality)
         "export": ["onnx>=1.17", "onnxruntime>=1.20", "onnxscript>=0.2"],  # tools/export.py --format onnx
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.6", "pycocotools>=2.0.7", "matplotlib>=3.8", "onnx>=1.17",
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pycocotools>=2.0.7", "matplotlib>=3.8", "onnx>=1.17",
                 "onnxruntime>=1.20", "onnxscript>=0.2"],
     },
 )

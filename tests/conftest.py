@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections import Counter
 import subprocess
 import sys
 from pathlib import Path
@@ -16,26 +15,6 @@ from slurm_fixtures import restore_nodes
 # DeepSpeed's JIT-built ops (the CPU shared-memory all-reduce) are cached per checkout, for this
 # process and every subprocess and SLURM job of the tests: another checkout's build lock never stalls us.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
-
-
-SLURM_CLUSTERS = {"slurm_cluster", "multinode_cluster"}
-"""The fixtures of this machine's SLURM clusters: one pytest process at a time may use them."""
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Group the tests for ``pytest -n N --dist loadgroup`` (``make test``): each module is one group,
-    so that its module-scoped fixtures run once, and every module that uses a SLURM cluster joins one
-    group ``slurm`` (a worker stops the clusters it started); groups with the most slow tests first,
-    so that the long ones start early and no worker is left alone with one at the end."""
-    on_slurm = {item.module.__name__ for item in items if SLURM_CLUSTERS & set(item.fixturenames)}
-
-    def group(item: pytest.Item) -> str:
-        return "slurm" if item.module.__name__ in on_slurm else item.module.__name__
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group(item)))
-    slow_tests = Counter(group(item) for item in items if item.get_closest_marker("slow"))
-    items.sort(key=lambda item: -slow_tests[group(item)])
 
 
 @pytest.fixture(scope="session")
