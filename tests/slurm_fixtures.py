@@ -59,7 +59,8 @@ def job_report(cluster: SlurmCluster, job_id: str) -> str:
     """The job's state and pending reason as the controller sees it, and every node's state and
     reason: what a timeout's message needs to tell a job that never started from a slow one."""
     info = cluster.run(["scontrol", "show", "job", job_id], check=False).stdout
-    job = " ".join(re.findall(r"\b(?:JobState|Reason|Restarts|NodeList|StartTime)=\S+", info)) or "unknown to the controller"
+    fields = re.findall(r"\b(?:JobState|Reason|Restarts|NodeList|StartTime)=\S+", info)
+    job = " ".join(fields) or "unknown to the controller"
     nodes = cluster.run(["sinfo", "-N", "-h", "-o", "%N %T %E"], check=False).stdout.strip()
     return f"job {job_id}: {job}; nodes: " + "; ".join(nodes.splitlines())
 
@@ -177,14 +178,14 @@ class Run:
     """Rank 0's log (or the batch script's output)."""
 
 
-
 def job_overrides(workdir: Path, run_name: str) -> list[str]:
+    """TINY, with the run folder ``workdir/runs/run_name`` and the dataset cache under ``workdir``."""
     return [*TINY, f"logging.output_dir={workdir / 'runs'}", f"logging.run_name={run_name}",
             f"data.cache_dir={workdir / 'cache'}"]
 
 
 def submit(cluster: NamespaceCluster, workdir: Path, run_name: str, nodes: int, tasks_per_node: int = 1,
-            *overrides: str) -> subprocess.Popen:
+           *overrides: str) -> subprocess.Popen:
     """Start ``launch/submit.py`` on the login node (it prints the job id once submitted)."""
     command = [sys.executable, str(REPO / "launch" / "submit.py"), "--nodes", str(nodes),
                "--gpus-per-node", str(tasks_per_node), "--cpus-per-task", "1", "--no-exclusive", "--time", "20",
@@ -204,4 +205,5 @@ def submitted(submission: subprocess.Popen, workdir: Path, run_name: str) -> Run
 
 
 def submit_one(cluster: NamespaceCluster, workdir: Path, run_name: str, nodes: int, *overrides: str) -> Run:
+    """Submit a job of ``nodes`` nodes, one rank each, and wait until SLURM took it."""
     return submitted(submit(cluster, workdir, run_name, nodes, 1, *overrides), workdir, run_name)

@@ -25,8 +25,8 @@ import pytest
 from helpers import BIN, REPO, cpu_env
 from slurm_cluster import NamespaceCluster
 from slurm_fixtures import (
-    RANK_ENV, Run, assert_same_training, job_overrides, job_report, job_segments, release_requeued, sacct_states, submit,
-    submitted, wait_for_end, wait_for_step, wait_until,
+    RANK_ENV, Run, assert_same_training, job_overrides, job_report, job_segments, release_requeued, sacct_states,
+    submit, submitted, wait_for_end, wait_for_step, wait_until,
 )
 
 from anchorformer.config import ConfigError, load
