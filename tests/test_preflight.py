@@ -82,11 +82,57 @@ def _train(args: list[str], environment: dict[str, str]) -> subprocess.Completed
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("overrides, environment, key, fragment", [case[1:] for case in BAD_INPUTS],
+_REFUSALS = """
+import importlib.util, json, os, sys, traceback
+spec = importlib.util.spec_from_file_location("train", sys.argv[1])
+train = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train)
+codes = {}
+for name, argv, environment, streams in json.loads(sys.argv[2]):
+    pid = os.fork()
+    if pid == 0:  # a process of its own: its environment, its standard output and error
+        os.environ.update(environment)
+        for fd, stream in zip((1, 2), streams):
+            os.dup2(os.open(stream, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        try:
+            code = train.main(argv)
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    codes[name] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+print(json.dumps(codes))
+"""
+
+
+@pytest.fixture(scope="module")
+def refusals(inputs, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """Every case of BAD_INPUTS through launch/train.py's main() in a process of its own, each forked
+    from one process that imported launch/train.py once (the imports are most of a refusal's time):
+    {case: (its exit code and output, the output folder it was given)}."""
+    root = tmp_path_factory.mktemp("refusals")
+    cases, outputs = [], {}
+    for name, overrides, environment, _, _ in BAD_INPUTS:
+        out, streams = root / name / "runs", [str(root / f"{name}.stdout"), str(root / f"{name}.stderr")]
+        outputs[name] = out, streams
+        cases.append([name, [DEMO, f"logging.output_dir={out}", *(o.format(**inputs) for o in overrides)],
+                      environment, streams])
+    proc = subprocess.run([sys.executable, "-c", _REFUSALS, TRAIN, json.dumps(cases)], cwd=REPO, env=cpu_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    codes = json.loads(proc.stdout.splitlines()[-1])
+    return {name: (subprocess.CompletedProcess(name, codes[name], *(Path(s).read_text() for s in streams)), out)
+            for name, (out, streams) in outputs.items()}
+
+
+@pytest.mark.parametrize("case, key, fragment", [(case[0], *case[3:]) for case in BAD_INPUTS],
                          ids=[case[0] for case in BAD_INPUTS])
-def test_bad_input_exits_2_with_one_line_before_any_work(overrides, environment, key, fragment, inputs, tmp_path):
-    out = tmp_path / "runs"
-    proc = _train([f"logging.output_dir={out}", *(o.format(**inputs) for o in overrides)], environment)
+def test_bad_input_exits_2_with_one_line_before_any_work(case, key, fragment, refusals):
+    proc, out = refusals[case]
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stdout == ""
     lines = proc.stderr.splitlines()
