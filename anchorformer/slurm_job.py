@@ -273,8 +273,7 @@ class _RequeueOnFailure:
         with atomic_output(pickle) as tmp:
             continued.dump(tmp)
         requeue = _slurm_command(["scontrol", "requeue", str(self.job_env.job_id)], self.job_env)
-        # The requeue signals every process of the job at once, this scontrol among them.
-        if requeue is not None and requeue.returncode in (0, -signal.SIGTERM):
+        if _succeeded(requeue):
             return "requeued"
         if requeue is not None and "pending" in requeue.stderr:  # "Job is pending execution": requeued already
             return "left to SLURM"
@@ -285,12 +284,22 @@ class _RequeueOnFailure:
 
 
 def _slurm_command(argv: list[str], job_env: submitit.JobEnvironment) -> Optional[subprocess.CompletedProcess]:
-    """Run a SLURM command for the job; None when it could not run or timed out (logged, not raised)."""
+    """Run a SLURM command on the job (``scontrol requeue``, ``scancel``); None when it could not run
+    or timed out. A failure is logged, not raised."""
     try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=_SLURM_TIMEOUT_S)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=_SLURM_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as error:
         logger.warning("%s for job %s: %s", argv[0], job_env.job_id, error)
         return None
+    if not _succeeded(done):
+        logger.warning("%s for job %s failed: %s", " ".join(argv[:2]), job_env.job_id, done.stderr.strip())
+    return done
+
+
+def _succeeded(done: Optional[subprocess.CompletedProcess]) -> bool:
+    """Whether a :func:`_slurm_command` on this job did its work: it ended with 0, or SLURM's TERM
+    to every process of the job (a requeue's, a cancel's) ended the command itself."""
+    return done is not None and done.returncode in (0, -signal.SIGTERM)
 
 
 def _slurm_job_state(job_env: submitit.JobEnvironment, timeout_s: float = 60) -> Optional[str]:

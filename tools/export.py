@@ -24,7 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/: the benchmar
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from anchorformer.convert import FORMATS, add_model_arguments, export_graph, is_timm_folder, load_for_inference  # noqa: E402
+from anchorformer.convert import (  # noqa: E402
+    FORMATS, add_model_arguments, export_graph, is_timm_folder, load_for_inference,
+)
 from anchorformer.convert.graph_export import MIN_OPSET  # noqa: E402
 from anchorformer.data.image_files import expand_image_paths  # noqa: E402
 from anchorformer.data.transforms import build_eval_transform  # noqa: E402

@@ -6,8 +6,9 @@ once the training images exactly as the model receives them (``logging.input_ima
 Rank 0 computes and writes; every rank enters the probe (under ZeRO-3 the weights are gathered
 once per probe, a collective). The probe batch is the first ``logging.anchor_probe_images`` images
 of rank 0's validation stream, taken once: from the first evaluation as it passes (:meth:`watching`),
-or, when a probe is due before any evaluation, by reading the stream's first batch. The input grid comes from a forward pre-hook that
-removes itself after the first training forward, so the step itself is untouched.
+or, when a probe is due before any evaluation, by reading the stream's first batch. The input grid
+comes from a forward pre-hook that removes itself after the first training forward, so the step
+itself is untouched.
 """
 from __future__ import annotations
 

@@ -168,7 +168,8 @@ class Watchdog:
     def _interval_s(self) -> float:
         """Seconds between two looks (and heartbeats): a twentieth of the limit (the derived one's
         floor before the first step), 0.2 to 5 s."""
-        limit = self.limit_s() or self.health.hang_timeout_s or self.health.hang_floor_s  # (never -1: not started)
+        # (hang_timeout_s is never -1 here: the watchdog off starts no thread that asks)
+        limit = self.limit_s() or self.health.hang_timeout_s or self.health.hang_floor_s
         return min(max(limit / 20, 0.2), 5.0)
 
     def _watch(self) -> None:
