@@ -201,8 +201,8 @@ def _wait_for(what: str, probe: Callable[[], bool], timeout: float, log_hint: Pa
     raise ClusterError(f"timed out after {timeout:.0f} s waiting for {what}{hint}")
 
 
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` exists and is not a zombie."""
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (running or stopped) and is not a zombie."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -217,16 +217,16 @@ def _read_pid(pid_file: Path) -> int | None:
         pid = int(pid_file.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
-    return pid if _alive(pid) else None
+    return pid if alive(pid) else None
 
 
 def _stop_pid(name: str, pid: int, timeout: float = 30) -> None:
     """SIGTERM process ``pid`` and wait until it is gone (SIGKILL at timeout)."""
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _alive(pid):
+    while time.monotonic() < deadline and alive(pid):
         time.sleep(0.2)
-    if _alive(pid):
+    if alive(pid):
         logger.warning("%s (pid %d) ignored SIGTERM for %.0f s; killing it", name, pid, timeout)
         os.kill(pid, signal.SIGKILL)
     logger.info("stopped %s (pid %d)", name, pid)
@@ -783,7 +783,7 @@ class NamespaceCluster(SlurmCluster):
                 inside = os.stat(entry / "ns" / "net")
             except OSError:  # exited meanwhile, or a kernel thread
                 continue
-            if (inside.st_ino, inside.st_dev) == (namespace.st_ino, namespace.st_dev) and _alive(int(entry.name)):
+            if (inside.st_ino, inside.st_dev) == (namespace.st_ino, namespace.st_dev) and alive(int(entry.name)):
                 pids.append(int(entry.name))
         return pids
 
@@ -991,11 +991,11 @@ def main(argv: list[str] | None = None) -> int:
             where = cluster.node_command(args.on, command, Path.cwd()) if args.on else cluster.command(command)
             return subprocess.run(where, env=cluster.env()).returncode
         else:
-            alive = cluster.status()
-            for daemon, running in alive.items():
+            daemons = cluster.status()
+            for daemon, running in daemons.items():
                 print(f"{daemon:10s} {'running' if running else 'stopped'}")
             print(f"started by {cluster.owner() or 'unknown'}")
-            if not all(alive.values()):
+            if not all(daemons.values()):
                 return 3
             print(cluster.run(["sinfo"], check=False).stdout, end="")
     except ClusterError as error:

@@ -23,7 +23,7 @@ from typing import Iterator, Optional
 
 import pytest
 from helpers import BIN, REPO, cpu_env
-from slurm_cluster import NamespaceCluster
+from slurm_cluster import NamespaceCluster, alive
 from slurm_fixtures import (
     RANK_ENV, Run, assert_same_training, job_overrides, job_report, job_segments, release_requeued, sacct_states,
     submit, submitted, wait_for_end, wait_for_step, wait_until,
@@ -286,14 +286,6 @@ def _environ(pid: int) -> dict[str, str]:
     return dict(line.split("=", 1) for line in text.split("\0") if "=" in line)
 
 
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (or is stopped): not gone, not a zombie."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _children(pid: int) -> list[int]:
     return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(int(p.name)) == pid]
 
@@ -433,7 +425,7 @@ def test_a_crashed_rank_requeues_the_job_which_resumes_to_the_same_result(multin
 def _wait_for_exits(pids: dict[int, str], timeline: Timeline, limit_s: float) -> None:
     """Wait until every process of ``pids`` ({pid: rank and node}) ended; each must within ``limit_s``."""
     for pid, who in pids.items():
-        wait_until(f"{who} to exit", lambda: not _alive(pid), timeout=limit_s + 60, interval=0.1)
+        wait_until(f"{who} to exit", lambda: not alive(pid), timeout=limit_s + 60, interval=0.1)
         assert timeline.mark(f"{who} exited") <= limit_s, timeline
 
 
@@ -450,11 +442,11 @@ def test_a_frozen_rank_ends_every_survivor_and_the_job_resumes(multinode_cluster
         _wait_for_exits({pid: f"rank {rank} ({node})" for rank, (node, pid) in tasks.items() if rank != 1},
                         timeline, HANG_TIMEOUT_S + 30)
         _requeued(multinode_cluster, run, timeline)
-        assert not _alive(frozen)  # SLURM ended it with the job
+        assert not alive(frozen)  # SLURM ended it with the job
         assert wait_for_end(multinode_cluster, run.job_id, run.log, runs=2) == "COMPLETED"
         timeline.mark("completed")
     finally:
-        if _alive(frozen):
+        if alive(frozen):
             os.kill(frozen, signal.SIGKILL)
     print(f"\n{timeline}")
     for rank in (0, 2):
